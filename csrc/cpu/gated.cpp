@@ -1,0 +1,57 @@
+// CPU implementation of ember_C::gated_act / gated_act_backward: act(gate) * up in one pass
+// (SwiGLU with silu, GeGLU with gelu / gelu_tanh), backward recomputing act(gate).
+#include <torch/library.h>
+#include <ATen/ATen.h>
+
+#include "cpu/kernels.h"
+#include "ops.h"
+
+namespace ember::cpu {
+namespace {
+
+void check_pair(const at::Tensor& gate, const at::Tensor& up, const char* op) {
+  check_rows(gate, op, "gate");
+  check_rows(up, op, "up");
+  TORCH_CHECK(gate.sizes() == up.sizes(), "ember_C.", op, ": gate and up must have the same shape, got ",
+              gate.sizes(), " and ", up.sizes());
+  TORCH_CHECK(gate.scalar_type() == up.scalar_type(), "ember_C.", op, ": gate and up must have the same dtype, got ",
+              gate.scalar_type(), " and ", up.scalar_type());
+}
+
+at::Tensor gated_act(const at::Tensor& gate, const at::Tensor& up, c10::string_view act) {
+  check_pair(gate, up, "gated_act");
+  const DType dtype = to_dtype(gate.scalar_type(), "gated_act", "gate");
+  const Act a = parse_act(std::string(act));
+  at::Tensor out = at::empty(gate.sizes(), gate.options());
+  if (out.numel() > 0)
+    kernels().gated_act(gate.const_data_ptr(), up.const_data_ptr(), out.mutable_data_ptr(), gate.size(0),
+                        gate.size(1), gate.stride(0), up.stride(0), dtype, a);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> gated_act_backward(const at::Tensor& grad_out, const at::Tensor& gate,
+                                                      const at::Tensor& up, c10::string_view act) {
+  check_pair(gate, up, "gated_act_backward");
+  TORCH_CHECK(grad_out.sizes() == gate.sizes() && grad_out.scalar_type() == gate.scalar_type(),
+              "ember_C.gated_act_backward: grad_out must match gate in shape and dtype, got ", grad_out.sizes(), " ",
+              grad_out.scalar_type(), " and ", gate.sizes(), " ", gate.scalar_type());
+  const DType dtype = to_dtype(gate.scalar_type(), "gated_act_backward", "gate");
+  const Act a = parse_act(std::string(act));
+  const at::Tensor gc = grad_out.contiguous();
+  at::Tensor dgate = at::empty(gate.sizes(), gate.options());
+  at::Tensor dup = at::empty(gate.sizes(), gate.options());
+  if (gate.numel() > 0)
+    kernels().gated_act_backward(gc.const_data_ptr(), gate.const_data_ptr(), up.const_data_ptr(),
+                                 dgate.mutable_data_ptr(), dup.mutable_data_ptr(), gate.size(0), gate.size(1),
+                                 gate.stride(0), up.stride(0), dtype, a);
+  return {dgate, dup};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ember_C, CPU, m) {
+  m.impl("gated_act", &gated_act);
+  m.impl("gated_act_backward", &gated_act_backward);
+}
+
+}  // namespace ember::cpu

@@ -1,0 +1,35 @@
+// Entry points of ember's CUDA kernels: raw device pointers, sizes and a stream. Plain C++ (no torch)
+// so the .cu files compile with nvcc alone; the torch glue (*_glue.cpp) checks tensors and calls these.
+//
+// Every launcher is asynchronous on `stream`, returns cudaSuccess without launching when there is
+// nothing to do, and otherwise returns cudaGetLastError() after the launch. Outputs must not alias
+// inputs. Any alignment is accepted: 16-byte aligned pointers (and row strides) take the vectorised
+// path, anything else a scalar one.
+#pragma once
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#include "activation.h"
+
+namespace ember::cuda {
+
+// y = act(x); n elements, contiguous.
+cudaError_t unary_act(const void* x, void* y, int64_t n, DType dtype, Act act, cudaStream_t stream);
+
+// dx = grad * act'(x); n elements, contiguous.
+cudaError_t unary_act_backward(const void* grad, const void* x, void* dx, int64_t n, DType dtype, Act act,
+                               cudaStream_t stream);
+
+// out = act(gate) * up over (rows, cols). Row r of gate / up starts at gate + r * gate_row_stride /
+// up + r * up_row_stride (in elements) and its cols elements are contiguous; out is contiguous.
+cudaError_t gated_act(const void* gate, const void* up, void* out, int64_t rows, int64_t cols,
+                      int64_t gate_row_stride, int64_t up_row_stride, DType dtype, Act act, cudaStream_t stream);
+
+// dgate = grad * up * act'(gate), dup = grad * act(gate); gate / up strided as in gated_act, grad,
+// dgate and dup contiguous (rows, cols).
+cudaError_t gated_act_backward(const void* grad, const void* gate, const void* up, void* dgate, void* dup,
+                               int64_t rows, int64_t cols, int64_t gate_row_stride, int64_t up_row_stride,
+                               DType dtype, Act act, cudaStream_t stream);
+
+}  // namespace ember::cuda

@@ -1,0 +1,125 @@
+"""Elementwise activations in Triton: relu, silu, gelu (erf) and gelu (tanh), forward and backward.
+
+Each element is read once and written once (2 x dtype bytes forward, 3 x backward), so the kernels
+are memory bound: the math runs in fp32 (fp64 for fp64 tensors) between one load and one store.
+The ``act_forward`` / ``act_backward`` helpers are shared with the gated kernels (gated.py).
+"""
+import torch
+import triton
+import triton.language as tl
+
+# Same numbering as ember::Act in csrc/activation.h.
+ACT_IDS = {"relu": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3}
+
+_SQRT1_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+_SQRT_2_OVER_PI = 0.7978845608028654
+_TANH_COEFF = 0.044715
+
+
+@triton.jit
+def _tanh(x):
+    # tanh(x) = 1 - 2 / (exp(2x) + 1): saturates correctly at both ends (exp -> inf gives 1, exp -> 0
+    # gives -1) and needs only exp, which every Triton backend (and the interpreter) provides.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def act_forward(x, ACT: tl.constexpr):
+    """act(x) for a block already converted to the compute dtype."""
+    if ACT == 0:
+        y = tl.where(x < 0.0, 0.0, x)  # NaN < 0 is false: NaN passes through, as in torch.relu
+    elif ACT == 1:
+        y = x / (1.0 + tl.exp(-x))
+    elif ACT == 2:
+        y = 0.5 * x * (1.0 + tl.math.erf(x * _SQRT1_2))
+    else:
+        y = 0.5 * x * (1.0 + _tanh(_SQRT_2_OVER_PI * (x + _TANH_COEFF * x * x * x)))
+    return y
+
+
+@triton.jit
+def act_backward(g, x, ACT: tl.constexpr):
+    """g * act'(x). ReLU selects instead of multiplying so inf/NaN grads where x <= 0 give 0, as torch."""
+    if ACT == 0:
+        dx = tl.where(x > 0.0, g, 0.0)
+    elif ACT == 1:
+        s = 1.0 / (1.0 + tl.exp(-x))
+        dx = g * s * (1.0 + x * (1.0 - s))
+    elif ACT == 2:
+        cdf = 0.5 * (1.0 + tl.math.erf(x * _SQRT1_2))
+        pdf = _INV_SQRT_2PI * tl.exp(-0.5 * x * x)
+        dx = g * (cdf + x * pdf)
+    else:
+        x2 = x * x
+        t = _tanh(_SQRT_2_OVER_PI * (x + _TANH_COEFF * x2 * x))
+        dx = g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_COEFF * x2))
+    return dx
+
+
+@triton.jit
+def _unary_act_fwd_kernel(
+    x_ptr,  # input, contiguous, n elements
+    y_ptr,  # output, contiguous, n elements, same dtype
+    n,  # number of elements
+    ACT: tl.constexpr,  # index in ACT_IDS
+    COMPUTE: tl.constexpr,  # tl.float32, or tl.float64 for fp64 tensors
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask).to(COMPUTE)
+    tl.store(y_ptr + offs, act_forward(x, ACT).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _unary_act_bwd_kernel(
+    g_ptr,  # grad of the output, contiguous
+    x_ptr,  # forward input, contiguous
+    dx_ptr,  # grad of the input (output), contiguous
+    n,
+    ACT: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
+    x = tl.load(x_ptr + offs, mask=mask).to(COMPUTE)
+    tl.store(dx_ptr + offs, act_backward(g, x, ACT).to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def compute_dtype(dtype: torch.dtype):
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def launch_config(x: torch.Tensor):
+    """(BLOCK, num_warps): 16 bytes per thread per access on GPU; one wide block under the CPU
+    interpreter, where each program costs a Python round trip."""
+    if x.device.type == "cpu":
+        return 8192, 1
+    return 2048, 8
+
+
+def unary_act(x: torch.Tensor, act: str) -> torch.Tensor:
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    n = x.numel()
+    if n:
+        block, warps = launch_config(x)
+        _unary_act_fwd_kernel[(triton.cdiv(n, block),)](
+            x, y, n, ACT=ACT_IDS[act], COMPUTE=compute_dtype(x.dtype), BLOCK=block, num_warps=warps
+        )
+    return y
+
+
+def unary_act_backward(grad: torch.Tensor, x: torch.Tensor, act: str) -> torch.Tensor:
+    grad, x = grad.contiguous(), x.contiguous()
+    dx = torch.empty_like(x)
+    n = x.numel()
+    if n:
+        block, warps = launch_config(x)
+        _unary_act_bwd_kernel[(triton.cdiv(n, block),)](
+            grad, x, dx, n, ACT=ACT_IDS[act], COMPUTE=compute_dtype(x.dtype), BLOCK=block, num_warps=warps
+        )
+    return dx

@@ -1,0 +1,25 @@
+"""ember: fused Triton / CUDA C++ / C++ kernels for PyTorch, as drop-in modules and ops.
+
+    import ember
+    y = ember.ops.swiglu(gate, up)             # one op, backend chosen for the device
+    report = ember.swap(model)                 # replace activations / gated MLPs in place
+    with ember.backend("triton"): ...          # force a backend
+"""
+from ._backend import BACKENDS, backend, get_backend, set_backend
+from . import ops, nn  # noqa: E402  (ops registers the torch.library custom ops)
+from .swap import swap, unswap  # noqa: E402
+
+__version__ = "0.1.0"
+
+
+def available_backends(device="cpu") -> dict:
+    """{backend: None if usable on ``device`` else the reason it is not}."""
+    import torch
+
+    from ._backend import why_unavailable
+
+    dev = torch.device(device)
+    return {name: why_unavailable(name, dev) for name in BACKENDS}
+
+
+__all__ = ["ops", "nn", "swap", "unswap", "backend", "set_backend", "get_backend", "available_backends", "BACKENDS"]

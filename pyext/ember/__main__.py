@@ -1,0 +1,43 @@
+"""``python -m ember {info,bench,demo}``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _info(_args) -> int:
+    from .info import describe
+
+    print(describe())
+    return 0
+
+
+def _bench(args) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args.rest)
+
+
+def _demo(args) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(args.rest)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ember", description="ember: fused kernels for PyTorch")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="what was built and which backends are live here").set_defaults(fn=_info)
+    for name, fn, text in (
+        ("bench", _bench, "kernel benchmark suite (see `python -m ember bench --help`)"),
+        ("demo", _demo, "swap ember into a real model; print speed and output difference"),
+    ):
+        p = sub.add_parser(name, help=text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(fn=fn)
+    args = parser.parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

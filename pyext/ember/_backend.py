@@ -1,0 +1,144 @@
+"""Which implementation runs an op: the backend registry and the rules for choosing one.
+
+Backends:
+  "reference"  pure PyTorch (the test oracle; runs anywhere)
+  "cpu"        ember's C++ CPU kernels (ember._C)
+  "cuda"       ember's CUDA C++ kernels (ember._C built with CUDA)
+  "triton"     ember's Triton kernels (GPU; on CPU tensors only under TRITON_INTERPRET=1)
+  "auto"       the fastest backend available for the tensors' device
+
+Precedence: the op's ``backend=`` argument, then the innermost ``with ember.backend(...)``, then
+``ember.set_backend(...)``, then the ``EMBER_BACKEND`` environment variable, then "auto".
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+import threading
+
+import torch
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+_CHOICES = BACKENDS + ("auto",)
+
+_local = threading.local()
+_global_choice: str | None = None
+
+
+def _check_name(name: str) -> str:
+    if name not in _CHOICES:
+        raise ValueError(f"ember: unknown backend {name!r}; expected one of {_CHOICES}")
+    return name
+
+
+def set_backend(name: str | None) -> None:
+    """Set the process-wide default backend (None restores the EMBER_BACKEND/auto default)."""
+    global _global_choice
+    _global_choice = None if name is None else _check_name(name)
+
+
+def get_backend() -> str:
+    """The backend an op called without ``backend=`` would request (may be "auto")."""
+    stack = getattr(_local, "stack", None)
+    if stack:
+        return stack[-1]
+    if _global_choice is not None:
+        return _global_choice
+    return _check_name(os.environ.get("EMBER_BACKEND", "auto"))
+
+
+@contextlib.contextmanager
+def backend(name: str):
+    """Context manager: ops inside run on ``name`` unless a call passes ``backend=`` itself."""
+    _check_name(name)
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    stack.append(name)
+    try:
+        yield
+    finally:
+        stack.pop()
+
+
+# ----------------------------------------------------------------------------------------------
+# What is available on this machine.
+# ----------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def extension():
+    """The compiled ember._C module, or None (pure-Python install or failed import)."""
+    try:
+        return importlib.import_module("ember._C")
+    except ImportError as err:  # keep the reason for `python -m ember info`
+        extension.error = str(err)  # type: ignore[attr-defined]
+        return None
+
+
+def extension_has_cuda() -> bool:
+    ext = extension()
+    return bool(ext is not None and ext.with_cuda())
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def why_unavailable(name: str, device: torch.device) -> str | None:
+    """None when backend ``name`` can run on ``device``, else a sentence saying what is missing."""
+    kind = device.type
+    if name == "reference":
+        return None
+    if name == "cpu":
+        if kind != "cpu":
+            return f"the 'cpu' backend runs on CPU tensors, got tensors on {device}"
+        if extension() is None:
+            return "ember._C is not built (pure-Python install); reinstall with a C++ compiler"
+        return None
+    if name == "cuda":
+        if kind != "cuda":
+            return f"the 'cuda' backend runs on CUDA tensors, got tensors on {device}"
+        if not extension_has_cuda():
+            return "ember._C was built without CUDA (needs a CUDA build of torch and a CUDA toolkit at install time)"
+        return None
+    if name == "triton":
+        if triton_version() is None:
+            return "triton is not installed (pip install triton)"
+        if kind == "cuda":
+            return None
+        if kind == "cpu":
+            if triton_interpret():
+                return None
+            return "Triton kernels run on CPU tensors only under TRITON_INTERPRET=1"
+        return f"the 'triton' backend does not support device {device}"
+    raise ValueError(f"ember: unknown backend {name!r}")
+
+
+# Fastest first, per device type. Triton before CUDA C++ would be a per-op choice; for the
+# memory-bound ops so far the CUDA C++ kernels are the default and Triton the fallback.
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+
+def resolve(requested: str | None, device: torch.device, op: str) -> str:
+    """Turn a request (None = use the ambient choice) into a concrete, available backend name."""
+    name = _check_name(requested) if requested is not None else get_backend()
+    if name == "auto":
+        for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
+            if why_unavailable(candidate, device) is None:
+                return candidate
+        return "reference"
+    reason = why_unavailable(name, device)
+    if reason is not None:
+        raise RuntimeError(f"ember.ops.{op}: backend {name!r} is unavailable: {reason}")
+    return name

@@ -1,0 +1,4 @@
+"""Drop-in ``torch.nn`` modules backed by ember's fused ops."""
+from .activation import GELU, GeGLU, ReLU, SiLU, SwiGLU
+
+__all__ = ["GELU", "SiLU", "ReLU", "SwiGLU", "GeGLU"]

@@ -1,0 +1,7 @@
+"""ember's ops. Each is a ``torch.library`` custom op in namespace ``ember`` (schema, fake kernel,
+autograd) with reference, C++ CPU, Triton and CUDA implementations chosen per call; see
+``ember.backend``."""
+from .activation import gelu, relu, silu
+from .gated import geglu, swiglu
+
+__all__ = ["gelu", "silu", "relu", "swiglu", "geglu"]

@@ -1,0 +1,104 @@
+"""swiglu and geglu: the ``ember::gated_act`` op, ``act(gate) * up`` in one pass, and its backward.
+
+Torch eager computes ``F.silu(gate) * up`` as two kernels with an intermediate tensor; the fused op
+reads gate and up once and writes the product once. Backward keeps only gate and up (what the
+product's backward needs anyway) and recomputes act(gate), so it holds less than eager, which also
+keeps act(gate).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+from ._common import as_rows, check_float, check_same
+from .activation import _gelu_act, act_backward_reference, act_reference
+
+
+def gated_reference(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
+    y = act_reference(gate.float() if gate.dtype != torch.float64 else gate, act)
+    return (y * (up.float() if up.dtype != torch.float64 else up)).to(gate.dtype)
+
+
+def gated_backward_reference(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str):
+    wide = torch.float64 if gate.dtype == torch.float64 else torch.float32
+    g, gt, u = grad.to(wide), gate.to(wide), up.to(wide)
+    dgate = act_backward_reference(g * u, gt, act)
+    dup = g * act_reference(gt, act)
+    return dgate.to(gate.dtype), dup.to(gate.dtype)
+
+
+def _forward(gate, up, act, backend):
+    if backend == "reference":
+        return gated_reference(gate, up, act)
+    g2, u2 = as_rows(gate), as_rows(up)
+    if backend == "triton":
+        from ember.kernels import gated as tk
+
+        return tk.gated_act(g2, u2, act)
+    return torch.ops.ember_C.gated_act(g2, u2, act)
+
+
+def _backward(grad, gate, up, act, backend):
+    if backend == "reference":
+        return gated_backward_reference(grad, gate, up, act)
+    g2, u2, d2 = as_rows(gate), as_rows(up), grad.reshape(as_rows(gate).shape)
+    if backend == "triton":
+        from ember.kernels import gated as tk
+
+        return tk.gated_act_backward(d2, g2, u2, act)
+    return torch.ops.ember_C.gated_act_backward(d2, g2, u2, act)
+
+
+@torch.library.custom_op("ember::gated_act", mutates_args=())
+def gated_act(gate: torch.Tensor, up: torch.Tensor, act: str, backend: str) -> torch.Tensor:
+    return _forward(gate, up, act, backend).view(gate.shape)
+
+
+@gated_act.register_fake
+def _(gate, up, act, backend):
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("ember::gated_act_backward", mutates_args=())
+def gated_act_backward(
+    grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    dgate, dup = _backward(grad_out, gate, up, act, backend)
+    return dgate.view(gate.shape), dup.view(gate.shape)
+
+
+@gated_act_backward.register_fake
+def _(grad_out, gate, up, act, backend):
+    return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    gate, up, act, backend = inputs
+    ctx.save_for_backward(gate, up)
+    ctx.act, ctx.backend = act, backend
+
+
+def _autograd_backward(ctx, grad):
+    gate, up = ctx.saved_tensors
+    dgate, dup = gated_act_backward(grad, gate, up, ctx.act, ctx.backend)
+    return dgate, dup, None, None
+
+
+gated_act.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+def _apply(op: str, gate: torch.Tensor, up: torch.Tensor, act: str, backend: str | None) -> torch.Tensor:
+    check_float(op, "gate", gate)
+    check_float(op, "up", up)
+    check_same(op, ("gate", "up"), gate, up)
+    return gated_act(gate, up, act, _backend.resolve(backend, gate.device, op))
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """SwiGLU: ``silu(gate) * up`` in one fused pass."""
+    return _apply("swiglu", gate, up, "silu", backend)
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none", *, backend: str | None = None) -> torch.Tensor:
+    """GeGLU: ``gelu(gate, approximate) * up`` in one fused pass."""
+    return _apply("geglu", gate, up, _gelu_act("geglu", approximate), backend)
