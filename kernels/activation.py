@@ -25,6 +25,22 @@ def _tanh(x):
 
 
 @triton.jit
+def to_output(y, out_ptr, INTERPRET_BF16: tl.constexpr):
+    """Cast fp32 results to the output element type with round-to-nearest-even.
+
+    The Triton interpreter (triton 3.9, how CI runs these kernels on CPU) truncates fp32 -> bf16
+    casts, even with fp_downcast_rounding="rtne"; GPUs round to nearest. Under the interpreter, bf16
+    outputs are therefore rounded by hand on the bit pattern first (NaN kept as is), so both paths
+    give torch's result bit for bit.
+    """
+    if INTERPRET_BF16:
+        bits = y.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        y = tl.where(y != y, y, bits.to(tl.float32, bitcast=True))
+    return y.to(out_ptr.dtype.element_ty)
+
+
+@triton.jit
 def act_forward(x, ACT: tl.constexpr):
     """act(x) for a block already converted to the compute dtype."""
     if ACT == 0:
@@ -40,9 +56,10 @@ def act_forward(x, ACT: tl.constexpr):
 
 @triton.jit
 def act_backward(g, x, ACT: tl.constexpr):
-    """g * act'(x). ReLU selects instead of multiplying so inf/NaN grads where x <= 0 give 0, as torch."""
+    """g * act'(x). ReLU selects instead of multiplying, like torch's threshold_backward: grad passes
+    where x is not <= 0 (NaN included), and an inf/NaN grad where x <= 0 still gives 0."""
     if ACT == 0:
-        dx = tl.where(x > 0.0, g, 0.0)
+        dx = tl.where(x <= 0.0, 0.0, g)
     elif ACT == 1:
         s = 1.0 / (1.0 + tl.exp(-x))
         dx = g * s * (1.0 + x * (1.0 - s))
@@ -64,12 +81,13 @@ def _unary_act_fwd_kernel(
     n,  # number of elements
     ACT: tl.constexpr,  # index in ACT_IDS
     COMPUTE: tl.constexpr,  # tl.float32, or tl.float64 for fp64 tensors
+    INTERPRET_BF16: tl.constexpr,  # see to_output
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask).to(COMPUTE)
-    tl.store(y_ptr + offs, act_forward(x, ACT).to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + offs, to_output(act_forward(x, ACT), y_ptr, INTERPRET_BF16), mask=mask)
 
 
 @triton.jit
@@ -80,17 +98,23 @@ def _unary_act_bwd_kernel(
     n,
     ACT: tl.constexpr,
     COMPUTE: tl.constexpr,
+    INTERPRET_BF16: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(g_ptr + offs, mask=mask).to(COMPUTE)
     x = tl.load(x_ptr + offs, mask=mask).to(COMPUTE)
-    tl.store(dx_ptr + offs, act_backward(g, x, ACT).to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + offs, to_output(act_backward(g, x, ACT), dx_ptr, INTERPRET_BF16), mask=mask)
 
 
-def compute_dtype(dtype: torch.dtype):
-    return tl.float64 if dtype == torch.float64 else tl.float32
+def dtype_args(t: torch.Tensor) -> dict:
+    """The constexprs that depend on the element type: compute precision and the interpreter's
+    bf16 rounding fix (see to_output)."""
+    return {
+        "COMPUTE": tl.float64 if t.dtype == torch.float64 else tl.float32,
+        "INTERPRET_BF16": t.device.type == "cpu" and t.dtype == torch.bfloat16,
+    }
 
 
 def launch_config(x: torch.Tensor):
@@ -108,7 +132,7 @@ def unary_act(x: torch.Tensor, act: str) -> torch.Tensor:
     if n:
         block, warps = launch_config(x)
         _unary_act_fwd_kernel[(triton.cdiv(n, block),)](
-            x, y, n, ACT=ACT_IDS[act], COMPUTE=compute_dtype(x.dtype), BLOCK=block, num_warps=warps
+            x, y, n, ACT=ACT_IDS[act], **dtype_args(x), BLOCK=block, num_warps=warps
         )
     return y
 
@@ -120,6 +144,6 @@ def unary_act_backward(grad: torch.Tensor, x: torch.Tensor, act: str) -> torch.T
     if n:
         block, warps = launch_config(x)
         _unary_act_bwd_kernel[(triton.cdiv(n, block),)](
-            grad, x, dx, n, ACT=ACT_IDS[act], COMPUTE=compute_dtype(x.dtype), BLOCK=block, num_warps=warps
+            grad, x, dx, n, ACT=ACT_IDS[act], **dtype_args(x), BLOCK=block, num_warps=warps
         )
     return dx

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .activation import ACT_IDS, act_backward, act_forward, compute_dtype, launch_config
+from .activation import ACT_IDS, act_backward, act_forward, dtype_args, launch_config, to_output
 
 
 @triton.jit
@@ -36,6 +36,7 @@ def _gated_act_fwd_kernel(
     up_row_stride,
     ACT: tl.constexpr,
     COMPUTE: tl.constexpr,
+    INTERPRET_BF16: tl.constexpr,
     FLAT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -44,7 +45,7 @@ def _gated_act_fwd_kernel(
     g_off, u_off = _row_offsets(offs, cols, gate_row_stride, up_row_stride, FLAT)
     g = tl.load(gate_ptr + g_off, mask=mask).to(COMPUTE)
     u = tl.load(up_ptr + u_off, mask=mask).to(COMPUTE)
-    tl.store(out_ptr + offs, (act_forward(g, ACT) * u).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs, to_output(act_forward(g, ACT) * u, out_ptr, INTERPRET_BF16), mask=mask)
 
 
 @triton.jit
@@ -60,6 +61,7 @@ def _gated_act_bwd_kernel(
     up_row_stride,
     ACT: tl.constexpr,
     COMPUTE: tl.constexpr,
+    INTERPRET_BF16: tl.constexpr,
     FLAT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -69,8 +71,8 @@ def _gated_act_bwd_kernel(
     grad = tl.load(grad_ptr + offs, mask=mask).to(COMPUTE)
     g = tl.load(gate_ptr + g_off, mask=mask).to(COMPUTE)
     u = tl.load(up_ptr + u_off, mask=mask).to(COMPUTE)
-    tl.store(dgate_ptr + offs, act_backward(grad * u, g, ACT).to(dgate_ptr.dtype.element_ty), mask=mask)
-    tl.store(dup_ptr + offs, (grad * act_forward(g, ACT)).to(dup_ptr.dtype.element_ty), mask=mask)
+    tl.store(dgate_ptr + offs, to_output(act_backward(grad * u, g, ACT), dgate_ptr, INTERPRET_BF16), mask=mask)
+    tl.store(dup_ptr + offs, to_output(grad * act_forward(g, ACT), dup_ptr, INTERPRET_BF16), mask=mask)
 
 
 def _layout(gate: torch.Tensor, up: torch.Tensor):
@@ -86,7 +88,7 @@ def gated_act(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
         block, warps = launch_config(gate)
         _gated_act_fwd_kernel[(triton.cdiv(n, block),)](
             gate, up, out, n, cols, gs, us,
-            ACT=ACT_IDS[act], COMPUTE=compute_dtype(gate.dtype), FLAT=flat, BLOCK=block, num_warps=warps,
+            ACT=ACT_IDS[act], **dtype_args(gate), FLAT=flat, BLOCK=block, num_warps=warps,
         )
     return out
 
@@ -100,6 +102,6 @@ def gated_act_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
         block, warps = launch_config(gate)
         _gated_act_bwd_kernel[(triton.cdiv(n, block),)](
             grad, gate, up, dgate, dup, n, cols, gs, us,
-            ACT=ACT_IDS[act], COMPUTE=compute_dtype(gate.dtype), FLAT=flat, BLOCK=block, num_warps=warps,
+            ACT=ACT_IDS[act], **dtype_args(gate), FLAT=flat, BLOCK=block, num_warps=warps,
         )
     return dgate, dup

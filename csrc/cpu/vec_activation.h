@@ -35,14 +35,14 @@ inline V act_forward(const V& x) {
   }
 }
 
-// grad * act'(x). ReLU selects rather than multiplies so that an infinite grad where x <= 0 gives 0,
-// exactly like torch's threshold_backward.
+// grad * act'(x). ReLU selects rather than multiplies, exactly like torch's threshold_backward: grad
+// passes where x is not <= 0 (NaN included), and an infinite grad where x <= 0 still gives 0.
 template <Act A, typename V>
 inline V act_backward(const V& grad, const V& x) {
   using T = typename V::value_type;
   const V one(T(1));
   if constexpr (A == Act::kRelu) {
-    return V::blendv(V(T(0)), grad, x > V(T(0)));
+    return V::blendv(grad, V(T(0)), x <= V(T(0)));
   } else if constexpr (A == Act::kSilu) {
     const V s = one / (one + x.neg().exp());
     return grad * s * (one + x * (one - s));

@@ -130,6 +130,10 @@ def why_unavailable(name: str, device: torch.device) -> str | None:
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 
+# Under torch.compile the choice is made once, at trace time, and baked into the graph as the op's
+# `backend` string argument (the function reads thread-locals, the environment and imports, none of
+# which belong in a graph).
+@torch.compiler.assume_constant_result
 def resolve(requested: str | None, device: torch.device, op: str) -> str:
     """Turn a request (None = use the ambient choice) into a concrete, available backend name."""
     name = _check_name(requested) if requested is not None else get_backend()

@@ -19,6 +19,14 @@ def _cpu_flags() -> str:
     return " ".join(w for w in wanted if w in flags) or platform.machine()
 
 
+def _build_archs() -> str:
+    try:
+        from ._build_info import CUDA_ARCHS
+    except ImportError:
+        return "unknown"
+    return CUDA_ARCHS
+
+
 def describe() -> str:
     ext = _backend.extension()
     lines = [
@@ -35,7 +43,7 @@ def describe() -> str:
         f"CPU          {platform.processor() or platform.machine()}, {os.cpu_count()} cores; ISA: {_cpu_flags()}",
     ]
     if ext is not None and ext.with_cuda():
-        lines.append(f"CUDA archs   {' '.join(ext.cuda_archs()) if hasattr(ext, 'cuda_archs') else 'see build'}")
+        lines.append(f"CUDA archs   {_build_archs()}")
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         lines.append(f"GPU          {props.name}, sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB")

@@ -49,7 +49,7 @@ def act_backward_reference(grad: torch.Tensor, x: torch.Tensor, act: str) -> tor
     """grad * act'(x)."""
     g, xf = _opmath(grad), _opmath(x)
     if act == "relu":
-        dx = torch.where(xf > 0, g, torch.zeros_like(g))
+        dx = torch.where(xf <= 0, torch.zeros_like(g), g)  # NaN passes grad, as torch
     elif act == "silu":
         s = torch.sigmoid(xf)
         dx = g * s * (1.0 + xf * (1.0 - s))
