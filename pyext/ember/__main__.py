@@ -32,10 +32,10 @@ def main(argv=None) -> int:
         ("bench", _bench, "kernel benchmark suite (see `python -m ember bench --help`)"),
         ("demo", _demo, "swap ember into a real model; print speed and output difference"),
     ):
-        p = sub.add_parser(name, help=text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(fn=fn)
-    args = parser.parse_args(argv)
+        sub.add_parser(name, help=text, add_help=False).set_defaults(fn=fn)
+    # bench/demo own their options: everything after the sub-command is passed on untouched
+    args, rest = parser.parse_known_args(argv)
+    args.rest = rest
     return args.fn(args)
 
 

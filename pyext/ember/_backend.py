@@ -130,10 +130,6 @@ def why_unavailable(name: str, device: torch.device) -> str | None:
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 
-# Under torch.compile the choice is made once, at trace time, and baked into the graph as the op's
-# `backend` string argument (the function reads thread-locals, the environment and imports, none of
-# which belong in a graph).
-@torch.compiler.assume_constant_result
 def resolve(requested: str | None, device: torch.device, op: str) -> str:
     """Turn a request (None = use the ambient choice) into a concrete, available backend name."""
     name = _check_name(requested) if requested is not None else get_backend()
@@ -146,3 +142,14 @@ def resolve(requested: str | None, device: torch.device, op: str) -> str:
     if reason is not None:
         raise RuntimeError(f"ember.ops.{op}: backend {name!r} is unavailable: {reason}")
     return name
+
+
+# Under torch.compile / torch.export the request is read once, at trace time, and baked into the
+# graph as the op's `backend` string argument (it reads thread-locals and the environment, which do
+# not belong in a graph). "auto" stays "auto" in the graph and is resolved per call from the tensors'
+# device, so an exported program still runs on another device.
+@torch.compiler.assume_constant_result
+def request(backend: str | None, device: torch.device, op: str) -> str:
+    """What an op call asks for: "auto", or an explicit backend checked to be available here."""
+    name = _check_name(backend) if backend is not None else get_backend()
+    return name if name == "auto" else resolve(name, device, op)

@@ -1,4 +1,5 @@
 """Drop-in ``torch.nn`` modules backed by ember's fused ops."""
 from .activation import GELU, GeGLU, ReLU, SiLU, SwiGLU
+from .gated_mlp import GatedMLP
 
-__all__ = ["GELU", "SiLU", "ReLU", "SwiGLU", "GeGLU"]
+__all__ = ["GELU", "SiLU", "ReLU", "SwiGLU", "GeGLU", "GatedMLP"]

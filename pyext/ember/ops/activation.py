@@ -70,6 +70,7 @@ def act_backward_reference(grad: torch.Tensor, x: torch.Tensor, act: str) -> tor
 # Backends. "cpu" and "cuda" are the same ember_C op; the dispatcher picks the device's kernel.
 # ---------------------------------------------------------------------------------------------
 def _forward(x: torch.Tensor, act: str, backend: str) -> torch.Tensor:
+    backend = _backend.resolve(backend, x.device, "unary_act")
     if backend == "reference":
         return act_reference(x, act)
     if backend == "triton":
@@ -80,6 +81,7 @@ def _forward(x: torch.Tensor, act: str, backend: str) -> torch.Tensor:
 
 
 def _backward(grad: torch.Tensor, x: torch.Tensor, act: str, backend: str) -> torch.Tensor:
+    backend = _backend.resolve(backend, x.device, "unary_act_backward")
     if backend == "reference":
         return act_backward_reference(grad, x, act)
     if backend == "triton":
@@ -91,7 +93,7 @@ def _backward(grad: torch.Tensor, x: torch.Tensor, act: str, backend: str) -> to
 
 @torch.library.custom_op("ember::unary_act", mutates_args=())
 def unary_act(x: torch.Tensor, act: str, backend: str) -> torch.Tensor:
-    return _forward(x, act, backend).view(x.shape)
+    return _forward(x, act, backend)
 
 
 @unary_act.register_fake
@@ -101,7 +103,7 @@ def _(x, act, backend):
 
 @torch.library.custom_op("ember::unary_act_backward", mutates_args=())
 def unary_act_backward(grad_out: torch.Tensor, x: torch.Tensor, act: str, backend: str) -> torch.Tensor:
-    return _backward(grad_out, x, act, backend).view(x.shape)
+    return _backward(grad_out, x, act, backend)
 
 
 @unary_act_backward.register_fake
@@ -128,7 +130,7 @@ unary_act.register_autograd(_autograd_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 def _apply(op: str, x: torch.Tensor, act: str, backend: str | None) -> torch.Tensor:
     check_float(op, "x", x)
-    return unary_act(x, act, _backend.resolve(backend, x.device, op))
+    return unary_act(x, act, _backend.request(backend, x.device, op))
 
 
 def _gelu_act(op: str, approximate: str) -> str:

@@ -27,7 +27,14 @@ def gated_backward_reference(grad: torch.Tensor, gate: torch.Tensor, up: torch.T
     return dgate.to(gate.dtype), dup.to(gate.dtype)
 
 
+def _reshaped(t: torch.Tensor, shape) -> torch.Tensor:
+    # The kernels return (rows, cols); a custom op must not return a view (autograd would then
+    # refuse in-place ops on the result), and _unsafe_view reshapes without creating one.
+    return torch.ops.aten._unsafe_view.default(t, shape)
+
+
 def _forward(gate, up, act, backend):
+    backend = _backend.resolve(backend, gate.device, "gated_act")
     if backend == "reference":
         return gated_reference(gate, up, act)
     g2, u2 = as_rows(gate), as_rows(up)
@@ -39,6 +46,7 @@ def _forward(gate, up, act, backend):
 
 
 def _backward(grad, gate, up, act, backend):
+    backend = _backend.resolve(backend, gate.device, "gated_act_backward")
     if backend == "reference":
         return gated_backward_reference(grad, gate, up, act)
     g2, u2, d2 = as_rows(gate), as_rows(up), grad.reshape(as_rows(gate).shape)
@@ -51,7 +59,7 @@ def _backward(grad, gate, up, act, backend):
 
 @torch.library.custom_op("ember::gated_act", mutates_args=())
 def gated_act(gate: torch.Tensor, up: torch.Tensor, act: str, backend: str) -> torch.Tensor:
-    return _forward(gate, up, act, backend).view(gate.shape)
+    return _reshaped(_forward(gate, up, act, backend), gate.shape)
 
 
 @gated_act.register_fake
@@ -64,7 +72,7 @@ def gated_act_backward(
     grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str, backend: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     dgate, dup = _backward(grad_out, gate, up, act, backend)
-    return dgate.view(gate.shape), dup.view(gate.shape)
+    return _reshaped(dgate, gate.shape), _reshaped(dup, gate.shape)
 
 
 @gated_act_backward.register_fake
@@ -91,7 +99,7 @@ def _apply(op: str, gate: torch.Tensor, up: torch.Tensor, act: str, backend: str
     check_float(op, "gate", gate)
     check_float(op, "up", up)
     check_same(op, ("gate", "up"), gate, up)
-    return gated_act(gate, up, act, _backend.resolve(backend, gate.device, op))
+    return gated_act(gate, up, act, _backend.request(backend, gate.device, op))
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
