@@ -1,0 +1,287 @@
+"""GEMM with fused epilogues in Triton: ``act(x @ W^T + b) [+ residual]`` and the gated
+``act(x @ Wg^T + bg) * (x @ Wu^T + bu)``, plus the launchers the backward pass is built from.
+
+One kernel, specialised by constexprs:
+  ACT       -1 none, else the index in activation.ACT_IDS; applied to the fp32 accumulator
+  HAS_BIAS  bias added to the accumulator before the activation
+  HAS_RES   residual (same shape as the output) added after the activation
+  GATED     a second weight (and bias) read with the same x tile: two accumulators, out = act(a1) * a2.
+            This is the gate and up projections of a gated MLP in one pass over x; the two weights
+            are read through their own pointers, so no concatenated [Wg; Wu] has to exist
+  SAVE_PRE  also store the pre-activation(s) for backward (rounded to the output dtype, as torch's
+            addmm output would be)
+Every operand is addressed through its strides, so transposed views (W^T for dx = dpre @ W,
+dpre^T and x^T for dW = dpre^T @ x, a Conv1D weight) need no copies.
+
+FLOPs: 2 M N K per GEMM (4 M N K gated). On GPU the tile sizes come from a small per-problem tuner
+whose choices persist in a JSON file (see ``_Tuner``); under TRITON_INTERPRET=1 (CPU CI) one fixed
+small tile is used so masking at every edge is exercised.
+
+Backward (launchers below): dpre = grad * act'(pre) by the elementwise kernels of activation.py /
+gated.py, db = column sums of dpre, then two GEMMs with this same kernel.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import threading
+
+import torch
+import triton
+import triton.language as tl
+
+from .activation import ACT_IDS, act_forward, to_output
+from . import activation as _act
+from . import gated as _gated
+
+
+@triton.jit
+def _linear_fwd_kernel(
+    x_ptr,  # (M, K) left operand, strides (stride_xm, stride_xk)
+    w_ptr,  # (N, K) weight as nn.Linear stores it, strides (stride_wn, stride_wk)
+    w2_ptr,  # (N, K) second weight (GATED: the up projection), same strides as w
+    b_ptr,  # (N,) bias, or a dummy when not HAS_BIAS
+    b2_ptr,  # (N,) second bias (GATED)
+    r_ptr,  # (M, N) residual, row stride stride_rm, contiguous columns
+    out_ptr,  # (M, N) output, row stride stride_om, contiguous columns
+    pre_ptr,  # SAVE_PRE: (M, N) pre-activation, or (M, 2N) [gate | up] when GATED; row stride stride_pm
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_rm, stride_om, stride_pm,
+    ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    GATED: tl.constexpr,
+    SAVE_PRE: tl.constexpr,
+    PRECISION: tl.constexpr,  # tl.dot input_precision: "ieee" or "tf32" for fp32 operands
+    INTERPRET_BF16: tl.constexpr,  # see activation.to_output
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped launch order: GROUP_M row-blocks share each column block of W while it is in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_size = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_size
+    pid_n = (pid % per_group) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
+    w_off = offs_k[:, None] * stride_wk + offs_n[None, :].to(tl.int64) * stride_wn  # a (K, N) tile of W^T
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = tl.load(x_ptrs, mask=mask_m[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptr + w_off, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if GATED:
+            b2 = tl.load(w2_ptr + w_off, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
+            acc2 = tl.dot(a, b2, acc2, input_precision=PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        w_off += BLOCK_K * stride_wk
+
+    # Epilogue, on the fp32 accumulator while it is still in registers.
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc2 += tl.load(b2_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    rows = offs_m[:, None].to(tl.int64)
+    if SAVE_PRE:
+        pre_ptrs = pre_ptr + rows * stride_pm + offs_n[None, :]
+        tl.store(pre_ptrs, to_output(acc, pre_ptr, INTERPRET_BF16), mask=mask)
+        if GATED:
+            tl.store(pre_ptrs + N, to_output(acc2, pre_ptr, INTERPRET_BF16), mask=mask)
+    if ACT >= 0:
+        y = act_forward(acc, ACT)
+    else:
+        y = acc
+    if GATED:
+        y = y * acc2
+    if HAS_RES:
+        y += tl.load(r_ptr + rows * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows * stride_om + offs_n[None, :], to_output(y, out_ptr, INTERPRET_BF16), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tile choice: a per-problem tuner with a persistent cache.
+# ---------------------------------------------------------------------------------------------
+# (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): large tiles for big problems, narrow
+# M tiles for decode-like M, small K tiles for the gated kernel's two accumulators.
+_GPU_CONFIGS = [
+    (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4), (128, 128, 32, 8, 4, 4),
+    (128, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4), (64, 64, 64, 8, 4, 4), (64, 256, 32, 8, 4, 4),
+    (32, 128, 64, 8, 4, 4), (16, 128, 128, 8, 4, 4), (16, 64, 256, 8, 4, 3), (64, 64, 32, 8, 2, 5),
+]
+_INTERPRET_CONFIG = (32, 32, 32, 4, 1, 1)
+
+
+def _cache_path() -> str:
+    root = os.environ.get("EMBER_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "ember")
+    return os.path.join(root, "linear_configs.json")
+
+
+class _Tuner:
+    """Chooses a tile config per (device, problem) by timing every candidate once, then remembers it:
+    in memory, and in ``~/.cache/ember/linear_configs.json`` (``EMBER_CACHE_DIR`` overrides) keyed by
+    device name, triton version, dtype, flags, N, K and M rounded up to a power of two, so a new
+    process (or a new M of the same bucket) does not tune again."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._mem: dict[str, list] | None = None
+
+    def _load(self) -> dict:
+        if self._mem is None:
+            try:
+                with open(_cache_path()) as f:
+                    self._mem = json.load(f)
+            except (OSError, ValueError):
+                self._mem = {}
+        return self._mem
+
+    def _save(self) -> None:
+        path = _cache_path()
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(self._mem, f, indent=0, sort_keys=True)
+            os.replace(tmp, path)  # atomic: concurrent processes never read half a file
+        except OSError:
+            pass  # read-only home: the in-memory choice still holds for this process
+
+    def config(self, key: str, launch) -> tuple:
+        with self._lock:
+            hit = self._load().get(key)
+        if hit is not None:
+            return tuple(hit)
+        best, best_ms = None, float("inf")
+        for cfg in _GPU_CONFIGS:
+            try:
+                ms = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20)
+            except Exception:  # noqa: BLE001  (out of shared memory / registers for this tile)
+                continue
+            if ms < best_ms:
+                best, best_ms = cfg, ms
+        if best is None:
+            raise RuntimeError(f"ember.kernels.linear: no tile config compiled for {key}")
+        with self._lock:
+            self._load()[key] = list(best)
+            self._save()
+        return best
+
+
+TUNER = _Tuner()
+
+
+def _precision(dtype: torch.dtype, device: torch.device) -> str:
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _check_dtype(t: torch.Tensor) -> None:
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"ember triton linear: float16, bfloat16 or float32 tensors only, got {t.dtype}")
+
+
+def gemm(x, w, bias=None, residual=None, act="none", *, w2=None, b2=None, save_pre=False):
+    """Launch the kernel: returns (out, pre). x (M, K), w / w2 (N, K) with any strides; residual
+    (M, N) with contiguous columns. pre is None unless save_pre."""
+    _check_dtype(x)
+    M, K = x.shape
+    N = w.shape[0]
+    gated = w2 is not None
+    out = torch.empty((M, N), device=x.device, dtype=x.dtype)
+    pre = torch.empty((M, 2 * N if gated else N), device=x.device, dtype=x.dtype) if save_pre else None
+    if M == 0 or N == 0:
+        return out, pre
+    if K == 0:  # no K loop: the epilogue alone on zeros
+        z = torch.zeros((M, K + 1), device=x.device, dtype=x.dtype)
+        zw = torch.zeros((N, 1), device=x.device, dtype=x.dtype)
+        return gemm(z, zw, bias, residual, act, w2=None if w2 is None else zw, b2=b2, save_pre=save_pre)
+    if residual is not None and residual.shape[1] > 1 and residual.stride(1) != 1:
+        residual = residual.contiguous()
+    dummy = out
+    args = dict(
+        ACT=ACT_IDS.get(act, -1),
+        HAS_BIAS=bias is not None,
+        HAS_RES=residual is not None,
+        GATED=gated,
+        SAVE_PRE=save_pre,
+        PRECISION=_precision(x.dtype, x.device),
+        INTERPRET_BF16=x.device.type == "cpu" and x.dtype == torch.bfloat16,
+    )
+
+    def launch(cfg):
+        bm, bn, bk, gm, warps, stages = cfg
+        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+        _linear_fwd_kernel[grid](
+            x, w, w2 if gated else w, bias if bias is not None else dummy, b2 if b2 is not None else dummy,
+            residual if residual is not None else dummy, out, pre if save_pre else dummy,
+            M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+            residual.stride(0) if residual is not None else 0, out.stride(0), pre.stride(0) if save_pre else 0,
+            **args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=warps, num_stages=stages,
+        )
+
+    if x.device.type == "cpu":
+        cfg = _INTERPRET_CONFIG
+    else:
+        m_bucket = 1 << max(0, (M - 1).bit_length())
+        flags = "".join(str(int(v)) for v in (args["HAS_BIAS"], args["HAS_RES"], gated, save_pre))
+        key = (f"{torch.cuda.get_device_name(x.device)}|triton{triton.__version__}|{x.dtype}|{args['PRECISION']}|"
+               f"act{args['ACT']}|{flags}|M{m_bucket}|N{N}|K{K}|x{int(x.stride(1) == 1)}w{int(w.stride(1) == 1)}")
+        cfg = TUNER.config(key, launch)
+    launch(cfg)
+    return out, pre
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor-level entry points used by ember.ops.linear.
+# ---------------------------------------------------------------------------------------------
+def linear_act(x, weight, bias, residual, act: str, save_preact: bool):
+    out, pre = gemm(x, weight, bias, residual, act, save_pre=save_preact and act != "none")
+    return out, pre if pre is not None else x.new_empty((0,))
+
+
+def _bias_grad(dpre: torch.Tensor) -> torch.Tensor:
+    return dpre.sum(0, dtype=torch.float32).to(dpre.dtype)
+
+
+def linear_act_backward(grad, x, weight, pre, act: str, need_dx: bool, need_dw: bool, need_db: bool):
+    dpre = grad if act == "none" else _act.unary_act_backward(grad, pre, act)
+    empty = x.new_empty((0,))
+    # dx = dpre @ W: W^T (a view) plays the (N, K) weight operand; dW = dpre^T @ x likewise.
+    dx = gemm(dpre, weight.t())[0] if need_dx else empty
+    dw = gemm(dpre.t(), x.t())[0] if need_dw else empty
+    return dx, dw, _bias_grad(dpre) if need_db else empty
+
+
+def gated_linear(x, w_gate, w_up, b_gate, b_up, act: str, save_preact: bool):
+    h, pre = gemm(x, w_gate, b_gate, None, act, w2=w_up, b2=b_up, save_pre=save_preact)
+    return h, pre if pre is not None else x.new_empty((0,))
+
+
+def gated_linear_backward(grad, x, w_gate, w_up, pre, act: str, need_dx: bool, need_dw: bool, need_db: bool):
+    inter = w_gate.shape[0]
+    dgate, dup = _gated.gated_act_backward(grad, pre[:, :inter], pre[:, inter:], act)
+    empty = x.new_empty((0,))
+    dx = empty
+    if need_dx:  # dgate @ Wg + dup @ Wu: the second GEMM adds the first through its residual epilogue
+        dx = gemm(dup, w_up.t(), residual=gemm(dgate, w_gate.t())[0])[0]
+    dwg = gemm(dgate.t(), x.t())[0] if need_dw else empty
+    dwu = gemm(dup.t(), x.t())[0] if need_dw else empty
+    dbg = _bias_grad(dgate) if need_db else empty
+    dbu = _bias_grad(dup) if need_db else empty
+    return dx, dwg, dwu, dbg, dbu
