@@ -1,0 +1,139 @@
+"""``python -m ember bench``: time ember's kernels against torch eager, torch.compile and peers.
+
+    python -m ember bench                          # every suite, this machine's defaults
+    python -m ember bench --quick                  # one shape, short timing: a smoke run
+    python -m ember bench --ops swiglu geglu --providers torch ember-cuda --dtype bf16 fp16
+
+Each family of kernels is a suite: a module in this package with ``cases(cfg) -> list[Case]`` (and
+optionally ``describe_targets(cfg) -> list[str]`` for the report). Register it in ``SUITES``; the
+harness times every case, the report writes a CSV row per case and a markdown table per op into
+``--out`` and prints the markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import sys
+
+import torch
+
+from .harness import Case, Config, EnergyMeter, Row, Target, copy_bandwidth, judge, parse_dtype, run_case
+
+# Suite name -> module (in this package) whose ``cases(cfg)`` produces the cases. Imported only
+# when the suite runs, so one suite's heavy imports never slow another down.
+SUITES: dict[str, str] = {
+    "activations": "activations",
+}
+
+
+def suite_module(name: str):
+    if name not in SUITES:
+        raise ValueError(f"ember bench: unknown suite {name!r}; expected one of {sorted(SUITES)}")
+    return importlib.import_module(f"{__name__}.{SUITES[name]}")
+
+
+def collect(cfg: Config, suites: list[str]) -> tuple[list[Case], list[str]]:
+    """All cases of ``suites`` for ``cfg`` and the lines describing their targets."""
+    cases, targets = [], []
+    for name in suites:
+        mod = suite_module(name)
+        cases += mod.cases(cfg)
+        if hasattr(mod, "describe_targets"):
+            targets += mod.describe_targets(cfg)
+    return cases, targets
+
+
+def _names(values: list[str] | None) -> list[str] | None:
+    """Accept both ``--ops a b`` and ``--ops a,b``."""
+    if values is None:
+        return None
+    return [v for item in values for v in item.split(",") if v]
+
+
+def _parser(default_device: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m ember bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default=default_device, help=f"cpu or cuda[:i] (default here: {default_device})")
+    p.add_argument("--dtype", nargs="+", help="one or more of fp32 bf16 fp16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--suites", nargs="+", help=f"suites to run (default: all of {', '.join(SUITES)})")
+    p.add_argument("--ops", nargs="+", help="only these ops (e.g. gelu gelu_tanh silu relu swiglu geglu)")
+    p.add_argument("--providers", nargs="+", help="only these providers (e.g. torch torch.compile ember-cuda)")
+    p.add_argument("--sizes", choices=("small", "large"), help="shape set (default: large on GPU, small on CPU)")
+    p.add_argument("--out", default="bench/results", help="directory for the CSV and markdown (default: %(default)s)")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
+    p.add_argument("--quick", action="store_true", help="first shape only and short timing")
+    p.add_argument("--list", action="store_true", help="list the cases and exit without timing")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--"]:  # `python -m ember bench -- --quick` hands us the separator too
+        argv = argv[1:]
+    args = _parser("cuda" if torch.cuda.is_available() else "cpu").parse_args(argv)
+    device = torch.device(args.device)
+    if device.type not in ("cpu", "cuda"):
+        print(f"ember bench: --device must be cpu or cuda[:i], got {args.device!r}", file=sys.stderr)
+        return 2
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("ember bench: --device cuda asked for, but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    on_gpu = device.type == "cuda"
+    if on_gpu and device.index is not None:
+        torch.cuda.set_device(device)  # CUDA events and do_bench time the current device's stream
+    try:
+        dtypes = tuple(parse_dtype(d) for d in (_names(args.dtype) or ["bf16" if on_gpu else "fp32"]))
+        suites = _names(args.suites) or list(SUITES)
+        sizes = args.sizes or ("large" if on_gpu else "small")
+        cfg = Config(str(device), dtypes, sizes, quick=args.quick, compile=not args.no_compile)
+        cases, targets = collect(cfg, suites)
+    except ValueError as err:
+        print(err, file=sys.stderr)
+        return 2
+
+    for flag, attr in (("--ops", "op"), ("--providers", "provider")):
+        wanted = _names(getattr(args, flag[2:]))
+        if wanted is None:
+            continue
+        known = {getattr(c, attr) for c in cases}
+        unknown = [w for w in wanted if w not in known]
+        if unknown:
+            print(f"ember bench: {flag} {unknown} match no case here; known: {sorted(known)}", file=sys.stderr)
+            return 2
+        cases = [c for c in cases if getattr(c, attr) in wanted]
+
+    if args.list:
+        for c in cases:
+            print(c.suite, c.name(), "" if c.target is None else f"[{c.target.label()}]")
+        return 0
+
+    from tqdm import tqdm
+
+    from . import report
+
+    started = datetime.datetime.now().astimezone()
+    torch.manual_seed(0)
+    print(f"ember bench: {len(cases)} cases on {device}; measuring copy bandwidth ...", file=sys.stderr)
+    copy_bw = copy_bandwidth(str(device), args.quick)
+    energy = EnergyMeter(str(device))
+    rows: list[Row] = []
+    try:
+        bar = tqdm(cases, desc="ember bench", unit="case", dynamic_ncols=True)
+        for case in bar:
+            bar.set_postfix_str(case.name(), refresh=False)
+            rows.append(run_case(case, str(device), args.quick, copy_bw, energy))
+    finally:
+        energy.close()
+    judge(rows)
+
+    meta = report.make_meta(str(device), copy_bw, targets, when=started)
+    csv_path, md_path, text = report.write(args.out, rows, meta)
+    print(text)
+    print(f"ember bench: wrote {csv_path} and {md_path}", file=sys.stderr)
+    broken = [r for r in rows if r.status in ("WRONG", "ERROR")]
+    for r in broken:
+        print(f"ember bench: {r.case.name()}: {r.status}: {r.error}", file=sys.stderr)
+    return 1 if broken else 0
+
+
+__all__ = ["SUITES", "main", "collect", "suite_module", "Case", "Config", "Row", "Target"]

@@ -1,0 +1,297 @@
+"""Timing, the measured device limit, energy, and the loop that turns cases into result rows.
+
+Timing
+  GPU  CUDA events around each call, via ``triton.testing.do_bench`` when triton is installed (it
+       zeroes a 256 MB buffer before every call, so each call starts with a cold L2, as an activation
+       sitting between two matmuls does); otherwise our own event loop that does the same.
+  CPU  ``torch.utils.benchmark.Timer.blocked_autorange`` with all of torch's threads (Timer defaults
+       to one thread, which would hide the kernels' parallelism).
+  Both report the median and the 20th / 80th percentiles.
+
+Device limit
+  What ``dst.copy_(src)`` achieves on a tensor far larger than the last-level cache, timed the same
+  way; its bytes are 2 x size (one read, one write). Memory-bound kernels are judged as a fraction of
+  it: a kernel that moves B bytes in t seconds runs at (B / t) / copy_bw of what the machine can do.
+
+Energy (GPU only)
+  NVML's board energy counter (``nvmlDeviceGetTotalEnergyConsumption``, mJ since driver load) read
+  before and after a loop of many calls; the delta over the call count is the board's energy per call,
+  idle draw included. The counter ticks coarsely, so the loop runs for about a second.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+DIRECTIONS = ("fwd", "bwd", "fwd+bwd")
+
+
+class WrongResult(AssertionError):
+    """A provider's output disagrees with torch eager: its timing would be meaningless."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """What the command line asked for; every suite builds its cases from it."""
+
+    device: str  # "cpu" or "cuda[:i]"
+    dtypes: tuple[torch.dtype, ...]
+    sizes: str  # "small" or "large"
+    quick: bool = False  # fewer shapes, shorter timing
+    compile: bool = True  # include torch.compile providers
+
+    @property
+    def kind(self) -> str:
+        return torch.device(self.device).type
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a row must reach. kind "copy_bw": GB/s >= value x measured copy bandwidth.
+    kind "speedup": median <= the median of every provider in ``peers`` (same op, shape, dtype,
+    direction) divided by ``value``, i.e. at least ``value`` times as fast."""
+
+    kind: str
+    value: float
+    peers: tuple[str, ...] = ()
+
+    def label(self) -> str:
+        if self.kind == "copy_bw":
+            return f">= {self.value:.0%} copy BW"
+        peers = " & ".join(self.peers)
+        return f"not slower than {peers}" if self.value == 1.0 else f">= {self.value:g}x {peers}"
+
+
+@dataclass
+class Case:
+    """One timed configuration. ``make(check, warmup=True)`` allocates the inputs, checks the result
+    against torch eager when ``check`` is true (raising WrongResult), runs it once when ``warmup``
+    (compiles, autotunes) and returns the zero-argument callable to time. Nothing heavy happens
+    until ``make`` is called."""
+
+    suite: str
+    op: str
+    direction: str
+    provider: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    bytes: int  # the bytes the op must move at minimum (worked out per suite)
+    make: Callable[..., Callable[[], Any]]
+    target: Target | None = None
+    note: str = ""
+
+    def key(self) -> tuple:
+        """Rows with the same key are comparable (providers side by side)."""
+        return (self.suite, self.op, self.direction, dtype_name(self.dtype), self.shape)
+
+    def name(self) -> str:
+        return f"{self.op}/{self.direction}/{self.provider}/{dtype_name(self.dtype)}/{'x'.join(map(str, self.shape))}"
+
+
+@dataclass
+class Row:
+    case: Case
+    median_s: float | None = None
+    p20_s: float | None = None
+    p80_s: float | None = None
+    energy_mj: float | None = None
+    gbps: float | None = None
+    frac_copy: float | None = None
+    speedup: float | None = None  # torch eager median / this median
+    status: str = ""  # PASS / FAIL / n/a against the target; WRONG / ERROR when the case broke
+    error: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return _DTYPE_NAMES.get(dtype, str(dtype).replace("torch.", ""))
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    for dtype, short in _DTYPE_NAMES.items():
+        if name in (short, str(dtype).replace("torch.", "")):
+            return dtype
+    raise ValueError(f"ember bench: unknown dtype {name!r}; expected one of {sorted(_DTYPE_NAMES.values())}")
+
+
+def _quantile(values: list[float], q: float) -> float:
+    xs = sorted(values)
+    pos = q * (len(xs) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing.
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Timing:
+    median_s: float
+    p20_s: float
+    p80_s: float
+
+
+def _time_cuda_events(fn, warmup_ms: float, rep_ms: float) -> Timing:
+    """CUDA-event loop for machines without triton: cold L2 before each call, like do_bench."""
+    flush = torch.empty(256 * 2**20, dtype=torch.uint8, device="cuda")
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(5):
+        fn()
+    torch.cuda.synchronize()
+    estimate_ms = max((time.perf_counter() - t0) * 1e3 / 5, 1e-3)
+    for _ in range(max(1, int(warmup_ms / estimate_ms))):
+        fn()
+    n = max(5, int(rep_ms / estimate_ms))
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n)]
+    for i in range(n):
+        flush.zero_()
+        starts[i].record()
+        fn()
+        ends[i].record()
+    torch.cuda.synchronize()
+    ms = [s.elapsed_time(e) for s, e in zip(starts, ends)]
+    return Timing(statistics.median(ms) * 1e-3, _quantile(ms, 0.2) * 1e-3, _quantile(ms, 0.8) * 1e-3)
+
+
+def time_fn(fn: Callable[[], Any], device: str, quick: bool = False) -> Timing:
+    """Median / p20 / p80 seconds per call of ``fn`` on ``device``."""
+    if torch.device(device).type == "cuda":
+        warmup_ms, rep_ms = (10, 25) if quick else (25, 100)
+        try:
+            from triton.testing import do_bench
+        except ImportError:
+            return _time_cuda_events(fn, warmup_ms, rep_ms)
+        med, p20, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return Timing(med * 1e-3, p20 * 1e-3, p80 * 1e-3)
+    from torch.utils.benchmark import Timer
+
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    # 0.1 s per case keeps the default CPU run (108 cases, torch.compile included) under two
+    # minutes on a 2-core machine; these calls take milliseconds, so that is still >= 10 samples.
+    m = timer.blocked_autorange(min_run_time=0.03 if quick else 0.1)
+    times = list(m.times)
+    return Timing(m.median, _quantile(times, 0.2), _quantile(times, 0.8))
+
+
+def copy_bandwidth(device: str, quick: bool = False) -> float:
+    """Bytes/s of ``dst.copy_(src)`` on tensors far larger than any cache: the device's practical
+    memory limit (2 x size bytes per copy: one read, one write)."""
+    # 512 MiB per tensor on a GPU (10x an H100's 50 MB L2); 128 MiB on CPU (4x a 32 MB L3).
+    numel = (128 if torch.device(device).type == "cuda" else 32) * 2**20
+    src = torch.randn(numel, device=device)
+    dst = torch.empty_like(src)
+    t = time_fn(lambda: dst.copy_(src), device, quick)
+    return 2 * src.numel() * src.element_size() / t.median_s
+
+
+class EnergyMeter:
+    """Board energy per call through NVML, or None everywhere when NVML or a GPU is missing."""
+
+    def __init__(self, device: str):
+        self._handle = None
+        self._nvml = None
+        dev = torch.device(device)
+        if dev.type != "cuda":
+            return
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            index = dev.index if dev.index is not None else torch.cuda.current_device()
+            # NVML numbers devices physically; CUDA_VISIBLE_DEVICES may renumber them for torch.
+            get_index = getattr(torch.cuda, "_get_nvml_device_index", None)
+            nvml_index = get_index(index) if get_index is not None else index
+            handle = pynvml.nvmlDeviceGetHandleByIndex(nvml_index)
+            pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)  # raises on GPUs without the counter
+            self._nvml, self._handle = pynvml, handle
+        except Exception:  # noqa: BLE001 - any NVML failure just means "no energy column"
+            self._handle = None
+
+    @property
+    def available(self) -> bool:
+        return self._handle is not None
+
+    def per_call_mj(self, fn: Callable[[], Any], seconds_per_call: float, seconds: float) -> float | None:
+        if self._handle is None:
+            return None
+        n = max(10, math.ceil(seconds / max(seconds_per_call, 1e-7)))
+        torch.cuda.synchronize()
+        e0 = self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)
+        for _ in range(n):
+            fn()
+        torch.cuda.synchronize()
+        e1 = self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle)
+        return (e1 - e0) / n
+
+    def close(self) -> None:
+        if self._nvml is not None:
+            try:
+                self._nvml.nvmlShutdown()
+            except Exception:  # noqa: BLE001
+                pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Running cases.
+# ---------------------------------------------------------------------------------------------
+def run_case(case: Case, device: str, quick: bool, copy_bw: float, energy: EnergyMeter | None) -> Row:
+    row = Row(case)
+    fn = None
+    try:
+        fn = case.make(True)
+        t = time_fn(fn, device, quick)
+        row.median_s, row.p20_s, row.p80_s = t.median_s, t.p20_s, t.p80_s
+        row.gbps = case.bytes / t.median_s / 1e9
+        row.frac_copy = case.bytes / t.median_s / copy_bw
+        if energy is not None and energy.available:
+            row.energy_mj = energy.per_call_mj(fn, t.median_s, 0.25 if quick else 1.0)
+    except WrongResult as err:
+        row.status, row.error = "WRONG", str(err)
+    except Exception as err:  # noqa: BLE001 - one broken case must not sink the whole run
+        row.status, row.error = "ERROR", f"{type(err).__name__}: {err}".splitlines()[0][:300]
+    finally:
+        del fn  # the closure holds the inputs: free them before the next case allocates its own
+        gc.collect()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def judge(rows: list[Row], baseline: str = "torch") -> None:
+    """Fill in speedup vs ``baseline`` and PASS / FAIL against each row's target."""
+    by_key: dict[tuple, dict[str, Row]] = {}
+    for r in rows:
+        if r.median_s is not None:
+            by_key.setdefault(r.case.key(), {})[r.case.provider] = r
+    for r in rows:
+        if r.median_s is None:
+            continue
+        peers = by_key.get(r.case.key(), {})
+        if baseline in peers:
+            r.speedup = peers[baseline].median_s / r.median_s
+        tgt = r.case.target
+        if tgt is None:
+            continue
+        if tgt.kind == "copy_bw":
+            r.status = "PASS" if r.frac_copy >= tgt.value else "FAIL"
+        elif tgt.kind == "speedup":
+            present = [peers[p] for p in tgt.peers if p in peers]
+            if not present:
+                r.status = "n/a"
+            else:
+                ok = all(p.median_s / r.median_s >= tgt.value for p in present)
+                r.status = "PASS" if ok else "FAIL"
+        else:
+            raise ValueError(f"ember bench: unknown target kind {tgt.kind!r}")
