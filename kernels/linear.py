@@ -37,6 +37,52 @@ from . import gated as _gated
 
 
 @triton.jit
+def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped launch order: GROUP_M row-blocks share each column block of W while it is in L2."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (tile // per_group) * GROUP_M
+    group_size = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % per_group) % group_size
+    pid_n = (tile % per_group) // group_size
+    return pid_m, pid_n
+
+
+@triton.jit
+def _epilogue(
+    acc, acc2, offs_m, offs_n, M, N,
+    b_ptr, b2_ptr, r_ptr, out_ptr, pre_ptr, stride_rm, stride_om, stride_pm,
+    ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr,
+    SAVE_PRE: tl.constexpr, INTERPRET_BF16: tl.constexpr,
+):
+    """Bias, pre-activation store, activation, gating / residual and the output store, on the fp32
+    accumulator(s) while they are still in registers."""
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if GATED:
+            acc2 += tl.load(b2_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    rows = offs_m[:, None].to(tl.int64)
+    if SAVE_PRE:
+        pre_ptrs = pre_ptr + rows * stride_pm + offs_n[None, :]
+        tl.store(pre_ptrs, to_output(acc, pre_ptr, INTERPRET_BF16), mask=mask)
+        if GATED:
+            tl.store(pre_ptrs + N, to_output(acc2, pre_ptr, INTERPRET_BF16), mask=mask)
+    if ACT >= 0:
+        y = act_forward(acc, ACT)
+    else:
+        y = acc
+    if GATED:
+        y = y * acc2
+    if HAS_RES:
+        y += tl.load(r_ptr + rows * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows * stride_om + offs_n[None, :], to_output(y, out_ptr, INTERPRET_BF16), mask=mask)
+
+
+@triton.jit
 def _linear_fwd_kernel(
     x_ptr,  # (M, K) left operand, strides (stride_xm, stride_xk)
     w_ptr,  # (N, K) weight as nn.Linear stores it, strides (stride_wn, stride_wk)
@@ -60,16 +106,8 @@ def _linear_fwd_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    # Grouped launch order: GROUP_M row-blocks share each column block of W while it is in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_size = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_size
-    pid_n = (pid % per_group) // group_size
-
+    """One program per output tile; operands addressed through strides (any layout)."""
+    pid_m, pid_n = _tile_coords(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
@@ -89,28 +127,53 @@ def _linear_fwd_kernel(
             acc2 = tl.dot(a, b2, acc2, input_precision=PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_off += BLOCK_K * stride_wk
+    _epilogue(acc, acc2, offs_m, offs_n, M, N, b_ptr, b2_ptr, r_ptr, out_ptr, pre_ptr, stride_rm, stride_om,
+              stride_pm, ACT, HAS_BIAS, HAS_RES, GATED, SAVE_PRE, INTERPRET_BF16)
 
-    # Epilogue, on the fp32 accumulator while it is still in registers.
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        if GATED:
-            acc2 += tl.load(b2_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    mask = mask_m[:, None] & mask_n[None, :]
-    rows = offs_m[:, None].to(tl.int64)
-    if SAVE_PRE:
-        pre_ptrs = pre_ptr + rows * stride_pm + offs_n[None, :]
-        tl.store(pre_ptrs, to_output(acc, pre_ptr, INTERPRET_BF16), mask=mask)
-        if GATED:
-            tl.store(pre_ptrs + N, to_output(acc2, pre_ptr, INTERPRET_BF16), mask=mask)
-    if ACT >= 0:
-        y = act_forward(acc, ACT)
-    else:
-        y = acc
-    if GATED:
-        y = y * acc2
-    if HAS_RES:
-        y += tl.load(r_ptr + rows * stride_rm + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows * stride_om + offs_n[None, :], to_output(y, out_ptr, INTERPRET_BF16), mask=mask)
+
+@triton.jit
+def _linear_fwd_tma_kernel(
+    x_desc,  # tensor descriptor of x (M, K), block (BLOCK_M, BLOCK_K); K contiguous
+    w_desc,  # tensor descriptor of W (N, K), block (BLOCK_N, BLOCK_K); K contiguous
+    w2_desc,  # the same for the second weight (GATED), else w_desc again
+    b_ptr, b2_ptr, r_ptr, out_ptr, pre_ptr,  # as in _linear_fwd_kernel
+    M, N, K,
+    stride_rm, stride_om, stride_pm,
+    ACT: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    GATED: tl.constexpr,
+    SAVE_PRE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    INTERPRET_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    NUM_SMS: tl.constexpr,  # programs launched: one per SM, each walks tiles NUM_SMS apart
+):
+    """Hopper variant: persistent programs (one per SM, so tile scheduling costs no launches and the
+    next tile's loads can overlap the last tile's epilogue) reading operands through TMA tensor
+    descriptors (bulk async copies; out-of-bounds rows and the K tail come back as zeros, so the
+    main loop has no masks). The epilogue is shared with the pointer kernel."""
+    num_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), num_tiles, NUM_SMS):
+        pid_m, pid_n = _tile_coords(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            a = x_desc.load([off_m, k0])
+            b = w_desc.load([off_n, k0])
+            acc = tl.dot(a, b.T, acc, input_precision=PRECISION)
+            if GATED:
+                b2 = w2_desc.load([off_n, k0])
+                acc2 = tl.dot(a, b2.T, acc2, input_precision=PRECISION)
+        offs_m = off_m + tl.arange(0, BLOCK_M)
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        _epilogue(acc, acc2, offs_m, offs_n, M, N, b_ptr, b2_ptr, r_ptr, out_ptr, pre_ptr, stride_rm, stride_om,
+                  stride_pm, ACT, HAS_BIAS, HAS_RES, GATED, SAVE_PRE, INTERPRET_BF16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,9 +259,28 @@ def _check_dtype(t: torch.Tensor) -> None:
         raise TypeError(f"ember triton linear: float16, bfloat16 or float32 tensors only, got {t.dtype}")
 
 
-def gemm(x, w, bias=None, residual=None, act="none", *, w2=None, b2=None, save_pre=False):
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cpu":
+        return 4  # interpreter: a few persistent programs, so each walks several tiles
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _tma_ok(x, w, w2=None, require_hopper=True) -> bool:
+    """TMA descriptors need a contiguous last dim, 16-byte aligned bases and row strides; the
+    persistent TMA kernel is chosen automatically on sm_90+ only."""
+    if require_hopper and (x.device.type != "cuda" or torch.cuda.get_device_capability(x.device)[0] < 9):
+        return False
+    es = x.element_size()
+    for t in (x, w) + ((w2,) if w2 is not None else ()):
+        if t.stride(1) != 1 or (t.stride(0) * es) % 16 or t.data_ptr() % 16:
+            return False
+    return True
+
+
+def gemm(x, w, bias=None, residual=None, act="none", *, w2=None, b2=None, save_pre=False, variant="auto"):
     """Launch the kernel: returns (out, pre). x (M, K), w / w2 (N, K) with any strides; residual
-    (M, N) with contiguous columns. pre is None unless save_pre."""
+    (M, N) with contiguous columns. pre is None unless save_pre. variant: "pointer" (any strides),
+    "tma" (persistent + TMA descriptors, sm_90), or "auto" (tma on sm_90+ when the operands allow)."""
     _check_dtype(x)
     M, K = x.shape
     N = w.shape[0]
@@ -210,7 +292,8 @@ def gemm(x, w, bias=None, residual=None, act="none", *, w2=None, b2=None, save_p
     if K == 0:  # no K loop: the epilogue alone on zeros
         z = torch.zeros((M, K + 1), device=x.device, dtype=x.dtype)
         zw = torch.zeros((N, 1), device=x.device, dtype=x.dtype)
-        return gemm(z, zw, bias, residual, act, w2=None if w2 is None else zw, b2=b2, save_pre=save_pre)
+        return gemm(z, zw, bias, residual, act, w2=None if w2 is None else zw, b2=b2, save_pre=save_pre,
+                    variant="pointer")
     if residual is not None and residual.shape[1] > 1 and residual.stride(1) != 1:
         residual = residual.contiguous()
     dummy = out
@@ -224,23 +307,39 @@ def gemm(x, w, bias=None, residual=None, act="none", *, w2=None, b2=None, save_p
         INTERPRET_BF16=x.device.type == "cpu" and x.dtype == torch.bfloat16,
     )
 
+    if variant == "auto":
+        variant = "tma" if _tma_ok(x, w, w2) else "pointer"
+    elif variant == "tma" and not _tma_ok(x, w, w2, require_hopper=False):
+        raise ValueError("ember triton linear: the TMA variant needs K-contiguous, 16-byte aligned x and weights")
+
     def launch(cfg):
         bm, bn, bk, gm, warps, stages = cfg
-        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-        _linear_fwd_kernel[grid](
-            x, w, w2 if gated else w, bias if bias is not None else dummy, b2 if b2 is not None else dummy,
-            residual if residual is not None else dummy, out, pre if save_pre else dummy,
-            M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-            residual.stride(0) if residual is not None else 0, out.stride(0), pre.stride(0) if save_pre else 0,
-            **args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=warps, num_stages=stages,
-        )
+        tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+        common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=warps, num_stages=stages)
+        ptrs = (bias if bias is not None else dummy, b2 if b2 is not None else dummy,
+                residual if residual is not None else dummy, out, pre if save_pre else dummy)
+        strides = (residual.stride(0) if residual is not None else 0, out.stride(0), pre.stride(0) if save_pre else 0)
+        if variant == "tma":
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            sms = _num_sms(x.device)
+            xd = TensorDescriptor.from_tensor(x, [bm, bk])
+            wd = TensorDescriptor.from_tensor(w, [bn, bk])
+            w2d = TensorDescriptor.from_tensor(w2, [bn, bk]) if gated else wd
+            _linear_fwd_tma_kernel[(min(sms, tiles),)](xd, wd, w2d, *ptrs, M, N, K, *strides, **args, **common,
+                                                       NUM_SMS=sms)
+        else:
+            _linear_fwd_kernel[(tiles,)](
+                x, w, w2 if gated else w, *ptrs, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
+                *strides, **args, **common,
+            )
 
     if x.device.type == "cpu":
         cfg = _INTERPRET_CONFIG
     else:
         m_bucket = 1 << max(0, (M - 1).bit_length())
         flags = "".join(str(int(v)) for v in (args["HAS_BIAS"], args["HAS_RES"], gated, save_pre))
-        key = (f"{torch.cuda.get_device_name(x.device)}|triton{triton.__version__}|{x.dtype}|{args['PRECISION']}|"
+        key = (f"{torch.cuda.get_device_name(x.device)}|triton{triton.__version__}|{variant}|{x.dtype}|{args['PRECISION']}|"
                f"act{args['ACT']}|{flags}|M{m_bucket}|N{N}|K{K}|x{int(x.stride(1) == 1)}w{int(w.stride(1) == 1)}")
         cfg = TUNER.config(key, launch)
     launch(cfg)
