@@ -230,3 +230,37 @@ def test_triton_kernel_variants(variant, gated):
     tol = 1e-2 if device == "cuda" else 1e-4  # GPU fp32 may use TF32 per torch's setting
     torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
     torch.testing.assert_close(pre.double(), want_pre, atol=tol, rtol=tol)
+
+
+def test_triton_tuner_persists_choices(tmp_path, monkeypatch):
+    """The per-problem tile choice is timed once, then read back from the JSON cache by a new tuner
+    (a new process) without timing again."""
+    pytest.importorskip("triton")
+    from ember.kernels import linear as tk
+
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path))
+    timed = []
+
+    def fake_bench(fn, **kw):
+        fn()
+        return 1.0 if len(timed) != 4 else 0.5  # the 4th config is the fastest
+
+    monkeypatch.setattr(tk.triton.testing, "do_bench", fake_bench)
+    first = tk._Tuner().config("dev|key", lambda cfg: timed.append(cfg))
+    assert first == tk._GPU_CONFIGS[3] and len(timed) == len(tk._GPU_CONFIGS)
+    timed.clear()
+    again = tk._Tuner().config("dev|key", lambda cfg: timed.append(cfg))
+    assert again == first and timed == []
+    assert (tmp_path / "linear_configs.json").exists()
+
+
+def test_triton_fp32_follows_allow_tf32(monkeypatch):
+    pytest.importorskip("triton")
+    from ember.kernels import linear as tk
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert tk._precision(torch.float32, cuda) == "tf32"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert tk._precision(torch.float32, cuda) == "ieee"
+    assert tk._precision(torch.float32, torch.device("cpu")) == "ieee"  # the interpreter: exact fp32
