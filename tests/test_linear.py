@@ -264,3 +264,26 @@ def test_triton_fp32_follows_allow_tf32(monkeypatch):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     assert tk._precision(torch.float32, cuda) == "ieee"
     assert tk._precision(torch.float32, torch.device("cpu")) == "ieee"  # the interpreter: exact fp32
+
+
+def test_inference_fast_path_matches_the_op_and_yields_to_dispatch_modes():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x, w, b = torch.randn(2, 3, 12), torch.randn(7, 12), torch.randn(7)
+    with torch.no_grad():
+        fast = ember.ops.linear(x, w, b, activation="silu", backend="cpu")
+        gated = ember.ops.gated_linear(x, w, w * 2, activation="gelu", backend="cpu")
+    via_op, _ = linear_act(x, w, b, None, "silu", False, "cpu")
+    torch.testing.assert_close(fast, via_op, atol=0, rtol=0)
+    torch.testing.assert_close(gated, F.gelu(F.linear(x, w)) * F.linear(x, w * 2), atol=1e-5, rtol=1e-5)
+
+    seen = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Log():
+        ember.ops.linear(x, w, b, activation="silu", backend="cpu")
+    assert any("ember.linear_act" in s for s in seen), seen
