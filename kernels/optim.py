@@ -124,13 +124,12 @@ def _optim_step_kernel(
     inv_scale = 1.0
     if HAS_SCALE:
         inv_scale = 1.0 / tl.load(scale_ptr)
-    live = True
-    if HAS_INF:
-        live = tl.load(inf_ptr) == 0.0
+    if HAS_INF:  # AMP found an inf/nan: nothing of this step is stored
+        numel = tl.where(tl.load(inf_ptr) == 0.0, numel, 0)
 
     for it in range(0, ITERS):
         offs = begin + it * BLOCK + tl.arange(0, BLOCK)
-        mask = (offs < numel) & live
+        mask = offs < numel
         if HAS_MASTER:
             p = tl.load(m_ptr + offs, mask=mask, other=0.0)
         else:
