@@ -33,7 +33,9 @@ def _extensions():
     import torch
     from torch.utils import cpp_extension
 
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+    # -ffp-contract=off as in torch's own build: no silent a*b+c -> fma contraction, so the kernels
+    # round like torch's (ember.optim matches torch.optim to the ulp at every step).
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off"]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
