@@ -125,9 +125,9 @@ EMBER_HD void opt_update(const OptHyper& h, const OptCoef& c, V& p, const V& gra
   }
 }
 
-// Calls f.template operator()<K>() for a runtime kind.
+// Calls f.template operator()<K>() for a runtime kind (host code).
 template <class F>
-EMBER_HD void dispatch_opt(Opt kind, F&& f) {
+inline void dispatch_opt(Opt kind, F&& f) {
   switch (kind) {
     case Opt::kSGD: f.template operator()<Opt::kSGD>(); break;
     case Opt::kAdam: f.template operator()<Opt::kAdam>(); break;
