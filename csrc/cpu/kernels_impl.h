@@ -3,6 +3,7 @@
 #pragma once
 #include "cpu/kernels.h"
 #include "cpu/vec_activation.h"
+#include "cpu/optim_impl.h"
 
 namespace ember::cpu::EMBER_ISA {
 
@@ -65,7 +66,7 @@ inline void gated_act_backward(const void* grad, const void* gate, const void* u
 }
 
 inline const Kernels& table() {
-  static const Kernels k{&unary_act, &unary_act_backward, &gated_act, &gated_act_backward};
+  static const Kernels k{&unary_act, &unary_act_backward, &gated_act, &gated_act_backward, &optim_step};
   return k;
 }
 
