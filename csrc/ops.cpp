@@ -103,6 +103,28 @@ OptGroup check_optim_group(c10::string_view kind, at::TensorList params, at::Ten
   return g;
 }
 
+void check_unary_backward(const at::Tensor& grad_out, const at::Tensor& x) {
+  TORCH_CHECK(grad_out.sizes() == x.sizes(), "ember_C.unary_act_backward: grad_out shape ", grad_out.sizes(),
+              " differs from x shape ", x.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "ember_C.unary_act_backward: grad_out dtype ",
+              grad_out.scalar_type(), " differs from x dtype ", x.scalar_type());
+}
+
+void check_gated(const at::Tensor& gate, const at::Tensor& up, const char* op) {
+  check_rows(gate, op, "gate");
+  check_rows(up, op, "up");
+  TORCH_CHECK(gate.sizes() == up.sizes(), "ember_C.", op, ": gate and up must have the same shape, got ",
+              gate.sizes(), " and ", up.sizes());
+  TORCH_CHECK(gate.scalar_type() == up.scalar_type(), "ember_C.", op, ": gate and up must have the same dtype, got ",
+              gate.scalar_type(), " and ", up.scalar_type());
+}
+
+void check_gated_grad(const at::Tensor& grad_out, const at::Tensor& gate) {
+  TORCH_CHECK(grad_out.sizes() == gate.sizes() && grad_out.scalar_type() == gate.scalar_type(),
+              "ember_C.gated_act_backward: grad_out must match gate in shape and dtype, got ", grad_out.sizes(), " ",
+              grad_out.scalar_type(), " and ", gate.sizes(), " ", gate.scalar_type());
+}
+
 }  // namespace ember
 
 TORCH_LIBRARY(ember_C, m) {

@@ -20,6 +20,11 @@ DType to_dtype(c10::ScalarType t, const char* op, const char* arg);
 // one [.., 2N] tensor) but whose last dimension is contiguous.
 void check_rows(const at::Tensor& t, const char* op, const char* arg);
 
+// Argument contracts of the activation ops, shared by the CPU and CUDA registrations.
+void check_unary_backward(const at::Tensor& grad_out, const at::Tensor& x);
+void check_gated(const at::Tensor& gate, const at::Tensor& up, const char* op);
+void check_gated_grad(const at::Tensor& grad_out, const at::Tensor& gate);
+
 // ember_C::optim_step: what the checks established about a parameter group.
 struct OptGroup {
   Opt kind;
