@@ -33,7 +33,9 @@ def _extensions():
     import torch
     from torch.utils import cpp_extension
 
-    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]
+    # -ffp-contract=off as in torch's own build: no silent a*b+c -> fma contraction, so the kernels
+    # round like torch's (ember.optim matches torch.optim to the ulp at every step).
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off"]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     include_dirs = [os.path.join(ROOT, "csrc")]
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
@@ -65,7 +67,7 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["ember", "ember.ops", "ember.nn", "ember.bench", "ember.kernels"],
+    packages=["ember", "ember.ops", "ember.nn", "ember.optim", "ember.bench", "ember.kernels"],
     package_dir={"ember": "pyext/ember", "ember.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -36,6 +36,95 @@ void check_rows(const at::Tensor& t, const char* op, const char* arg) {
               " must have a contiguous last dimension, got strides ", t.strides());
 }
 
+static Opt parse_opt(c10::string_view name) {
+  if (name == "sgd") return Opt::kSGD;
+  if (name == "adam") return Opt::kAdam;
+  if (name == "adagrad") return Opt::kAdagrad;
+  if (name == "rmsprop") return Opt::kRMSprop;
+  if (name == "lion") return Opt::kLion;
+  TORCH_CHECK(false, "ember_C.optim_step: unknown optimizer '", std::string(name),
+              "'; expected sgd, adam, adagrad, rmsprop or lion");
+}
+
+double one_value(const at::Tensor& t, const char* arg) {
+  TORCH_CHECK(t.numel() == 1, "ember_C.optim_step: ", arg, " must have one element, got ", t.numel());
+  return t.item<double>();
+}
+
+OptGroup check_optim_group(c10::string_view kind, at::TensorList params, at::TensorList grads, at::TensorList s1,
+                           at::TensorList s2, at::TensorList s3, at::TensorList masters, at::TensorList steps,
+                           at::ArrayRef<double> hyper, c10::DeviceType device) {
+  OptGroup g{parse_opt(kind), DType::kFloat32, true};
+  const size_t n = params.size();
+  TORCH_CHECK(hyper.size() == 5, "ember_C.optim_step: hyper must hold 5 numbers (lr, h1, h2, eps, weight_decay), got ",
+              hyper.size());
+  TORCH_CHECK(grads.size() == n, "ember_C.optim_step: grads has ", grads.size(), " tensors, params ", n);
+  const std::pair<const char*, at::TensorList> lists[] = {{"s1", s1}, {"s2", s2}, {"s3", s3}, {"masters", masters},
+                                                          {"steps", steps}};
+  for (const auto& [name, list] : lists)
+    TORCH_CHECK(list.empty() || list.size() == n, "ember_C.optim_step: ", name, " must be empty or hold one tensor ",
+                "per parameter (", n, "), got ", list.size());
+  if (n == 0) return g;
+
+  const at::Tensor& p0 = params[0];
+  g.param_dtype = to_dtype(p0.scalar_type(), "optim_step", "params");
+  TORCH_CHECK_TYPE(g.param_dtype != DType::kFloat64, "ember_C.optim_step: params must be float32, float16 or ",
+                   "bfloat16 (float64 groups run on the reference backend), got float64");
+  TORCH_CHECK(p0.device().type() == device, "ember_C.optim_step: params are on ", p0.device(),
+              ", this implementation runs on ", device);
+  const at::ScalarType state_type = !s1.empty() ? s1[0].scalar_type() : at::kFloat;
+  TORCH_CHECK_TYPE(state_type == at::kFloat || state_type == p0.scalar_type(), "ember_C.optim_step: state must be ",
+                   "float32 or the parameters' dtype ", p0.scalar_type(), ", got ", state_type);
+  g.state_fp32 = state_type == at::kFloat;
+  TORCH_CHECK(masters.empty() || g.state_fp32, "ember_C.optim_step: master weights need float32 state");
+
+  auto same_layout = [&](const at::Tensor& t, const at::Tensor& p, const char* name, size_t i, at::ScalarType dt) {
+    TORCH_CHECK(t.device() == p.device(), "ember_C.optim_step: ", name, "[", i, "] is on ", t.device(),
+                ", its parameter on ", p.device());
+    TORCH_CHECK_TYPE(t.scalar_type() == dt, "ember_C.optim_step: ", name, "[", i, "] must be ", dt, ", got ",
+                     t.scalar_type());
+    TORCH_CHECK(t.sizes() == p.sizes() && t.strides() == p.strides(), "ember_C.optim_step: ", name, "[", i,
+                "] must have its parameter's shape and strides ", p.sizes(), " ", p.strides(), ", got ", t.sizes(),
+                " ", t.strides());
+  };
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.device() == p0.device() && p.scalar_type() == p0.scalar_type(), "ember_C.optim_step: params[", i,
+                "] is ", p.scalar_type(), " on ", p.device(), ", params[0] ", p0.scalar_type(), " on ", p0.device(),
+                "; one call takes one (device, dtype) group");
+    TORCH_CHECK(p.is_non_overlapping_and_dense(), "ember_C.optim_step: params[", i,
+                "] must be dense (non-overlapping, no gaps), got strides ", p.strides());
+    same_layout(grads[i], p, "grads", i, p.scalar_type());
+    if (!s1.empty()) same_layout(s1[i], p, "s1", i, state_type);
+    if (!s2.empty()) same_layout(s2[i], p, "s2", i, state_type);
+    if (!s3.empty()) same_layout(s3[i], p, "s3", i, state_type);
+    if (!masters.empty()) same_layout(masters[i], p, "masters", i, at::kFloat);
+  }
+  return g;
+}
+
+void check_unary_backward(const at::Tensor& grad_out, const at::Tensor& x) {
+  TORCH_CHECK(grad_out.sizes() == x.sizes(), "ember_C.unary_act_backward: grad_out shape ", grad_out.sizes(),
+              " differs from x shape ", x.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "ember_C.unary_act_backward: grad_out dtype ",
+              grad_out.scalar_type(), " differs from x dtype ", x.scalar_type());
+}
+
+void check_gated(const at::Tensor& gate, const at::Tensor& up, const char* op) {
+  check_rows(gate, op, "gate");
+  check_rows(up, op, "up");
+  TORCH_CHECK(gate.sizes() == up.sizes(), "ember_C.", op, ": gate and up must have the same shape, got ",
+              gate.sizes(), " and ", up.sizes());
+  TORCH_CHECK(gate.scalar_type() == up.scalar_type(), "ember_C.", op, ": gate and up must have the same dtype, got ",
+              gate.scalar_type(), " and ", up.scalar_type());
+}
+
+void check_gated_grad(const at::Tensor& grad_out, const at::Tensor& gate) {
+  TORCH_CHECK(grad_out.sizes() == gate.sizes() && grad_out.scalar_type() == gate.scalar_type(),
+              "ember_C.gated_act_backward: grad_out must match gate in shape and dtype, got ", grad_out.sizes(), " ",
+              grad_out.scalar_type(), " and ", gate.sizes(), " ", gate.scalar_type());
+}
+
 }  // namespace ember
 
 TORCH_LIBRARY(ember_C, m) {
@@ -53,6 +142,11 @@ TORCH_LIBRARY(ember_C, m) {
         "-> (Tensor, Tensor)");
   m.def("gated_linear_backward(Tensor grad_out, Tensor x, Tensor w_gate, Tensor w_up, Tensor preact, str act, "
         "bool need_dx, bool need_dw, bool need_db) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // One optimizer step over a (device, dtype) group; see csrc/optim.h for kinds, slots and hyper.
+  m.def(
+      "optim_step(str kind, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] s1, Tensor(c!)[] s2, "
+      "Tensor(d!)[] s3, Tensor(e!)[] masters, Tensor(f!)[] steps, float[] hyper, int flags, Tensor? lr, "
+      "Tensor? grad_scale, Tensor? found_inf) -> ()");
 }
 
 namespace ember::cpu {

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import ember
 from ember.ops.activation import act_backward_reference, act_reference
 
-from conftest import DTYPE_TOLS
+from tolerances import DTYPE_TOLS
 
 # (ember function, kwargs, act name, torch function)
 UNARY = [

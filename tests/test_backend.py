@@ -93,3 +93,37 @@ def test_env_variable_and_info_cli():
     info = subprocess.run([sys.executable, "-m", "ember", "info"], capture_output=True, text=True, timeout=300)
     assert info.returncode == 0, info.stderr
     assert "torch" in info.stdout and "auto ->" in info.stdout
+
+
+def test_portable_cpu_kernels_match_avx512():
+    """The portable C++ build (what CPUs without AVX-512 run) is checked here by forcing it."""
+    if _backend.extension() is None:
+        pytest.skip("ember._C not built")
+    code = (
+        "import torch, ember, sys\n"
+        "from ember._backend import extension\n"
+        "print(extension().cpu_isa())\n"
+        "torch.manual_seed(0)\n"
+        "for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):\n"
+        "    x = (3 * torch.randn(4099, dtype=torch.float64)).to(dtype).requires_grad_()\n"
+        "    u = torch.randn(4099, dtype=dtype)\n"
+        "    outs = [ember.ops.gelu(x), ember.ops.gelu(x, 'tanh'), ember.ops.silu(x), ember.ops.relu(x),\n"
+        "            ember.ops.swiglu(x, u), ember.ops.geglu(x, u)]\n"
+        "    grads = torch.autograd.grad(sum(o.float().sum() for o in outs), x)\n"
+        "    torch.save([o.detach() for o in outs] + list(grads), sys.argv[1] + str(dtype))\n"
+    )
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        results = {}
+        for isa in ("portable", "native"):
+            out = subprocess.run([sys.executable, "-c", code, f"{tmp}/{isa}"], capture_output=True, text=True,
+                                 env={**os.environ, "EMBER_CPU_ISA": isa}, timeout=300)
+            assert out.returncode == 0, out.stderr
+            results[isa] = out.stdout.split()[0]
+        assert results["portable"] == "portable"
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            a, b = torch.load(f"{tmp}/portable{dtype}"), torch.load(f"{tmp}/native{dtype}")
+            tol = {torch.float32: 1e-5, torch.float64: 1e-12}.get(dtype, 1e-2)
+            for t1, t2 in zip(a, b):
+                torch.testing.assert_close(t1, t2, atol=tol, rtol=tol)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 import ember
 from ember.ops.gated import gated_backward_reference, gated_reference
 
-from conftest import DTYPE_TOLS
+from tolerances import DTYPE_TOLS
 
 # (ember function, kwargs, act, torch eager equivalent)
 GATED = [

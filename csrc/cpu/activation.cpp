@@ -19,10 +19,7 @@ at::Tensor unary_act(const at::Tensor& x, c10::string_view act) {
 
 at::Tensor unary_act_backward(const at::Tensor& grad_out, const at::Tensor& x, c10::string_view act) {
   const DType dtype = to_dtype(x.scalar_type(), "unary_act_backward", "x");
-  TORCH_CHECK(grad_out.sizes() == x.sizes(), "ember_C.unary_act_backward: grad_out shape ", grad_out.sizes(),
-              " differs from x shape ", x.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "ember_C.unary_act_backward: grad_out dtype ",
-              grad_out.scalar_type(), " differs from x dtype ", x.scalar_type());
+  check_unary_backward(grad_out, x);
   const Act a = parse_act(std::string(act));
   const at::Tensor gc = grad_out.contiguous(), xc = x.contiguous();
   at::Tensor dx = at::empty_like(xc);

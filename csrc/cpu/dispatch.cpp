@@ -1,4 +1,10 @@
 // Picks the CPU kernel table for this machine once, at first use.
+//
+// EMBER_CPU_ISA=portable forces the portable table on any CPU: the tests use it to check the
+// portable build on AVX-512 machines, where it would otherwise never run.
+#include <cstdlib>
+#include <cstring>
+
 #include "cpu/kernels.h"
 
 namespace ember::cpu {
@@ -13,11 +19,17 @@ static bool has_avx512() {
 #endif
 }
 
-const Kernels& kernels() {
-  static const Kernels& chosen = has_avx512() ? kernels_avx512() : kernels_default();
+static bool use_avx512() {
+  static const bool chosen = [] {
+    const char* forced = std::getenv("EMBER_CPU_ISA");
+    if (forced != nullptr && std::strcmp(forced, "portable") == 0) return false;
+    return has_avx512();
+  }();
   return chosen;
 }
 
-const char* isa() { return has_avx512() ? "avx512" : "portable"; }
+const Kernels& kernels() { return use_avx512() ? kernels_avx512() : kernels_default(); }
+
+const char* isa() { return use_avx512() ? "avx512" : "portable"; }
 
 }  // namespace ember::cpu

@@ -9,17 +9,8 @@
 namespace ember::cpu {
 namespace {
 
-void check_pair(const at::Tensor& gate, const at::Tensor& up, const char* op) {
-  check_rows(gate, op, "gate");
-  check_rows(up, op, "up");
-  TORCH_CHECK(gate.sizes() == up.sizes(), "ember_C.", op, ": gate and up must have the same shape, got ",
-              gate.sizes(), " and ", up.sizes());
-  TORCH_CHECK(gate.scalar_type() == up.scalar_type(), "ember_C.", op, ": gate and up must have the same dtype, got ",
-              gate.scalar_type(), " and ", up.scalar_type());
-}
-
 at::Tensor gated_act(const at::Tensor& gate, const at::Tensor& up, c10::string_view act) {
-  check_pair(gate, up, "gated_act");
+  check_gated(gate, up, "gated_act");
   const DType dtype = to_dtype(gate.scalar_type(), "gated_act", "gate");
   const Act a = parse_act(std::string(act));
   at::Tensor out = at::empty(gate.sizes(), gate.options());
@@ -31,10 +22,8 @@ at::Tensor gated_act(const at::Tensor& gate, const at::Tensor& up, c10::string_v
 
 std::tuple<at::Tensor, at::Tensor> gated_act_backward(const at::Tensor& grad_out, const at::Tensor& gate,
                                                       const at::Tensor& up, c10::string_view act) {
-  check_pair(gate, up, "gated_act_backward");
-  TORCH_CHECK(grad_out.sizes() == gate.sizes() && grad_out.scalar_type() == gate.scalar_type(),
-              "ember_C.gated_act_backward: grad_out must match gate in shape and dtype, got ", grad_out.sizes(), " ",
-              grad_out.scalar_type(), " and ", gate.sizes(), " ", gate.scalar_type());
+  check_gated(gate, up, "gated_act_backward");
+  check_gated_grad(grad_out, gate);
   const DType dtype = to_dtype(gate.scalar_type(), "gated_act_backward", "gate");
   const Act a = parse_act(std::string(act));
   const at::Tensor gc = grad_out.contiguous();

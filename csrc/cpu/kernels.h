@@ -4,8 +4,33 @@
 #include <cstdint>
 
 #include "activation.h"
+#include "optim.h"
 
 namespace ember::cpu {
+
+// One tensor of a multi-tensor optimizer step: parameter, gradient (same dtype), up to three state
+// tensors and an optional fp32 master copy of the parameter, all dense with n elements.
+struct OptTensor {
+  void* param;
+  const void* grad;
+  void* s1;
+  void* s2;
+  void* s3;
+  float* master;  // when set, the update reads and writes it and param receives its rounding
+  int64_t n;
+  OptCoef coef;
+};
+
+// A whole (dtype, master) group, updated by one call.
+struct OptLaunch {
+  Opt kind;
+  DType param_dtype;  // float32, float16 or bfloat16
+  bool state_fp32;    // state tensors are float32 (else they have the parameter's dtype)
+  OptHyper hyper;
+  float inv_scale;  // 1 / grad_scale (1 without AMP)
+  const OptTensor* tensors;
+  int64_t count;
+};
 
 struct Kernels {
   // y = act(x); n elements, contiguous.
@@ -32,6 +57,8 @@ struct Kernels {
   // accumulated in the same pass that writes dpre, so dpre is not read again for it.
   void (*linear_act_backward)(const void* grad, const void* pre, void* dpre, void* col_partials, int64_t rows,
                               int64_t cols, int64_t grad_row_stride, int64_t rows_per_chunk, DType dtype, Act act);
+  // One optimizer step over every tensor of the launch (all tensors and chunks in one parallel loop).
+  void (*optim_step)(const OptLaunch& launch);
 };
 
 const Kernels& kernels_default();

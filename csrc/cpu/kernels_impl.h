@@ -3,6 +3,7 @@
 #pragma once
 #include "cpu/kernels.h"
 #include "cpu/vec_activation.h"
+#include "cpu/optim_impl.h"
 
 namespace ember::cpu::EMBER_ISA {
 
@@ -136,8 +137,8 @@ inline void linear_act_backward(const void* grad, const void* pre, void* dpre, v
 }
 
 inline const Kernels& table() {
-  static const Kernels k{&unary_act, &unary_act_backward, &gated_act, &gated_act_backward, &linear_epilogue,
-                         &linear_act_backward};
+  static const Kernels k{&unary_act,       &unary_act_backward,  &gated_act, &gated_act_backward,
+                         &linear_epilogue, &linear_act_backward, &optim_step};
   return k;
 }
 

@@ -8,12 +8,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "cuda/glue.h"
 #include "cuda/launchers.h"
 #include "ops.h"
 
 namespace ember::cuda::glue {
 
-// `t` (argument `arg` of `op`) must be a CUDA tensor on `device`, the device of argument `first`.
 void check_same_device(const at::Tensor& t, const c10::Device& device, const char* op, const char* arg,
                        const char* first) {
   TORCH_CHECK(t.is_cuda(), "ember_C.", op, ": ", arg, " must be a CUDA tensor, got one on ", t.device());
@@ -43,10 +43,7 @@ at::Tensor unary_act(const at::Tensor& x, c10::string_view act) {
 
 at::Tensor unary_act_backward(const at::Tensor& grad_out, const at::Tensor& x, c10::string_view act) {
   const DType dtype = to_dtype(x.scalar_type(), "unary_act_backward", "x");
-  TORCH_CHECK(grad_out.sizes() == x.sizes(), "ember_C.unary_act_backward: grad_out shape ", grad_out.sizes(),
-              " differs from x shape ", x.sizes());
-  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "ember_C.unary_act_backward: grad_out dtype ",
-              grad_out.scalar_type(), " differs from x dtype ", x.scalar_type());
+  check_unary_backward(grad_out, x);
   const Act a = parse_act(std::string(act));
   check_same_device(x, x.device(), "unary_act_backward", "x", "x");
   check_same_device(grad_out, x.device(), "unary_act_backward", "grad_out", "x");

@@ -6,25 +6,16 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "cuda/glue.h"
 #include "cuda/launchers.h"
 #include "ops.h"
 
 namespace ember::cuda::glue {
 
-// csrc/cuda/activation_glue.cpp
-void check_same_device(const at::Tensor& t, const c10::Device& device, const char* op, const char* arg,
-                       const char* first);
-void check_launch(cudaError_t err, const char* op);
-
 namespace {
 
 void check_pair(const at::Tensor& gate, const at::Tensor& up, const char* op) {
-  check_rows(gate, op, "gate");
-  check_rows(up, op, "up");
-  TORCH_CHECK(gate.sizes() == up.sizes(), "ember_C.", op, ": gate and up must have the same shape, got ",
-              gate.sizes(), " and ", up.sizes());
-  TORCH_CHECK(gate.scalar_type() == up.scalar_type(), "ember_C.", op, ": gate and up must have the same dtype, got ",
-              gate.scalar_type(), " and ", up.scalar_type());
+  check_gated(gate, up, op);
   check_same_device(gate, gate.device(), op, "gate", "gate");
   check_same_device(up, gate.device(), op, "up", "gate");
 }
@@ -46,9 +37,7 @@ at::Tensor gated_act(const at::Tensor& gate, const at::Tensor& up, c10::string_v
 std::tuple<at::Tensor, at::Tensor> gated_act_backward(const at::Tensor& grad_out, const at::Tensor& gate,
                                                       const at::Tensor& up, c10::string_view act) {
   check_pair(gate, up, "gated_act_backward");
-  TORCH_CHECK(grad_out.sizes() == gate.sizes() && grad_out.scalar_type() == gate.scalar_type(),
-              "ember_C.gated_act_backward: grad_out must match gate in shape and dtype, got ", grad_out.sizes(), " ",
-              grad_out.scalar_type(), " and ", gate.sizes(), " ", gate.scalar_type());
+  check_gated_grad(grad_out, gate);
   check_same_device(grad_out, gate.device(), "gated_act_backward", "grad_out", "gate");
   const DType dtype = to_dtype(gate.scalar_type(), "gated_act_backward", "gate");
   const Act a = parse_act(std::string(act));

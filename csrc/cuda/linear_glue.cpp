@@ -12,17 +12,12 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "cuda/glue.h"
 #include "cuda/launchers.h"
 #include "cuda/linear_launcher.h"
 #include "ops.h"
 
 namespace ember::cuda::glue {
-
-// csrc/cuda/activation_glue.cpp
-void check_same_device(const at::Tensor& t, const c10::Device& device, const char* op, const char* arg,
-                       const char* first);
-void check_launch(cudaError_t err, const char* op);
-
 namespace {
 
 int act_code(c10::string_view act) { return act == "none" ? -1 : static_cast<int>(parse_act(std::string(act))); }

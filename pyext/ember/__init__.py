@@ -6,7 +6,7 @@
     with ember.backend("triton"): ...          # force a backend
 """
 from ._backend import BACKENDS, backend, get_backend, set_backend
-from . import ops, nn  # noqa: E402  (ops registers the torch.library custom ops)
+from . import ops, nn, optim  # noqa: E402  (ops registers the torch.library custom ops)
 from .swapping import SwapReport, SwapRule, register_rule, swap, unswap  # noqa: E402
 
 __version__ = "0.1.0"
@@ -22,4 +22,4 @@ def available_backends(device="cpu") -> dict:
     return {name: why_unavailable(name, dev) for name in BACKENDS}
 
 
-__all__ = ["ops", "nn", "swap", "unswap", "SwapRule", "SwapReport", "register_rule", "backend", "set_backend", "get_backend", "available_backends", "BACKENDS"]
+__all__ = ["ops", "nn", "optim", "swap", "unswap", "SwapRule", "SwapReport", "register_rule", "backend", "set_backend", "get_backend", "available_backends", "BACKENDS"]

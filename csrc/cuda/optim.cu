@@ -1,0 +1,171 @@
+// Multi-tensor optimizer step on CUDA: one launch for up to kMaxTensors tensors of a group.
+//
+// The tensor table travels in the kernel's parameter space (CUDA 12.1+ allows 32 KB: 320 tensors of
+// 72 bytes), so no host-to-device copy precedes the launch and the launch is graph-capturable. Each
+// block owns one chunk of kChunk elements of one tensor and finds it by binary search over the
+// tensors' first-block indices. Every element is read once and written once; the math is
+// ember::opt_update (csrc/optim.h) on floats, the same source the CPU kernels instantiate.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include "cuda/optim_launchers.h"
+
+namespace ember::cuda {
+namespace {
+
+constexpr int kMaxTensors = 320;
+constexpr int kThreads = 512;
+constexpr int kUnroll = 4;
+constexpr int64_t kChunk = int64_t{kThreads} * kUnroll * 16;  // 32768 elements per block
+
+struct Table {
+  OptCudaTensor t[kMaxTensors];
+  int64_t first_block[kMaxTensors + 1];
+  int count;
+};
+
+struct ScalarMath {
+  static __device__ __forceinline__ float splat(float x) { return x; }
+  static __device__ __forceinline__ float sqrt(float x) { return sqrtf(x); }
+  static __device__ __forceinline__ float max(float a, float b) { return a != a ? a : fmaxf(a, b); }
+  static __device__ __forceinline__ float sign(float x) { return x > 0.f ? 1.f : (x < 0.f ? -1.f : 0.f); }
+};
+
+template <typename T>
+__device__ __forceinline__ float load(const T* p, int64_t i) {
+  if constexpr (std::is_same_v<T, float>) return p[i];
+  else if constexpr (std::is_same_v<T, __half>) return __half2float(p[i]);
+  else return __bfloat162float(p[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store(T* p, int64_t i, float v) {
+  if constexpr (std::is_same_v<T, float>) p[i] = v;
+  else if constexpr (std::is_same_v<T, __half>) p[i] = __float2half_rn(v);
+  else p[i] = __float2bfloat16_rn(v);
+}
+
+template <Opt K, typename P, typename S>
+__global__ void __launch_bounds__(kThreads) optim_kernel(const __grid_constant__ Table table, OptHyper h,
+                                                         const float* lr_ptr, const float* scale_ptr,
+                                                         const float* inf_ptr) {
+  if (inf_ptr != nullptr && *inf_ptr != 0.f) return;  // AMP: skip the whole step
+  const int64_t block = blockIdx.x;
+  int lo = 0, hi = table.count - 1;  // last tensor whose first block is <= block
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (table.first_block[mid] <= block) lo = mid;
+    else hi = mid - 1;
+  }
+  const OptCudaTensor& t = table.t[lo];
+  if (lr_ptr != nullptr) {
+    h.lr = *lr_ptr;
+    h.decay = 1.f - h.lr * h.wd;
+  }
+  OptCoef c = t.coef;
+  if (t.step != nullptr) c = opt_coef(K, h.lr, h.h1, h.h2, static_cast<double>(*t.step) + 1.0);
+  const float inv_scale = scale_ptr != nullptr ? 1.f / *scale_ptr : 1.f;
+  const int64_t begin = (block - table.first_block[lo]) * kChunk;
+  const int64_t end = min(begin + kChunk, t.n);
+  P* param = static_cast<P*>(t.param);
+  const P* grad = static_cast<const P*>(t.grad);
+  S* s1 = static_cast<S*>(t.s1);
+  S* s2 = static_cast<S*>(t.s2);
+  S* s3 = static_cast<S*>(t.s3);
+  for (int64_t base = begin + threadIdx.x; base < end; base += int64_t{kThreads} * kUnroll) {
+    float p[kUnroll], g[kUnroll], a[kUnroll], b[kUnroll], d[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {  // all loads first: kUnroll independent requests in flight
+      const int64_t i = base + int64_t{u} * kThreads;
+      if (i < end) {
+        p[u] = t.master ? t.master[i] : load(param, i);
+        g[u] = load(grad, i) * inv_scale;
+        a[u] = s1 ? load(s1, i) : 0.f;
+        b[u] = s2 ? load(s2, i) : 0.f;
+        d[u] = s3 ? load(s3, i) : 0.f;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t i = base + int64_t{u} * kThreads;
+      if (i < end) {
+        opt_update<K, ScalarMath>(h, c, p[u], g[u], a[u], b[u], d[u]);
+        if (t.master) t.master[i] = p[u];
+        store(param, i, p[u]);
+        if (s1) store(s1, i, a[u]);
+        if (s2) store(s2, i, b[u]);
+        if (s3) store(s3, i, d[u]);
+      }
+    }
+  }
+}
+
+// Advances device step counts after the update (a separate launch: every block of a tensor must have
+// read the old count first).
+__global__ void advance_steps(const __grid_constant__ Table table, const float* inf_ptr) {
+  if (inf_ptr != nullptr && *inf_ptr != 0.f) return;
+  for (int i = threadIdx.x; i < table.count; i += blockDim.x)
+    if (table.t[i].step != nullptr) *table.t[i].step += 1.f;
+}
+
+template <typename P, typename S>
+cudaError_t launch_typed(Opt kind, const OptHyper& h, const OptCudaTensor* tensors, int64_t count, const float* lr,
+                         const float* scale, const float* inf, cudaStream_t stream) {
+  for (int64_t start = 0; start < count; start += kMaxTensors) {
+    Table table;
+    table.count = static_cast<int>(count - start < kMaxTensors ? count - start : kMaxTensors);
+    int64_t blocks = 0;
+    bool any_step = false;
+    for (int i = 0; i < table.count; ++i) {
+      table.t[i] = tensors[start + i];
+      table.first_block[i] = blocks;
+      blocks += (table.t[i].n + kChunk - 1) / kChunk;
+      any_step |= table.t[i].step != nullptr;
+    }
+    table.first_block[table.count] = blocks;
+    if (blocks > 0) {
+      const dim3 grid(static_cast<unsigned>(blocks));
+      switch (kind) {  // C++17 here (nvcc), so a switch rather than dispatch_opt's template lambda
+        case Opt::kSGD: optim_kernel<Opt::kSGD, P, S><<<grid, kThreads, 0, stream>>>(table, h, lr, scale, inf); break;
+        case Opt::kAdam: optim_kernel<Opt::kAdam, P, S><<<grid, kThreads, 0, stream>>>(table, h, lr, scale, inf); break;
+        case Opt::kAdagrad:
+          optim_kernel<Opt::kAdagrad, P, S><<<grid, kThreads, 0, stream>>>(table, h, lr, scale, inf);
+          break;
+        case Opt::kRMSprop:
+          optim_kernel<Opt::kRMSprop, P, S><<<grid, kThreads, 0, stream>>>(table, h, lr, scale, inf);
+          break;
+        case Opt::kLion: optim_kernel<Opt::kLion, P, S><<<grid, kThreads, 0, stream>>>(table, h, lr, scale, inf); break;
+      }
+      if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+    }
+    if (any_step) {
+      advance_steps<<<1, 256, 0, stream>>>(table, inf);
+      if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
+    }
+  }
+  return cudaSuccess;
+}
+
+}  // namespace
+
+cudaError_t optim_step(Opt kind, DType param_dtype, bool state_fp32, const OptHyper& hyper, const OptCudaTensor* tensors,
+                       int64_t count, const float* lr, const float* grad_scale, const float* found_inf,
+                       cudaStream_t stream) {
+  if (count == 0) return cudaSuccess;
+  switch (param_dtype) {
+    case DType::kFloat16:
+      return state_fp32 ? launch_typed<__half, float>(kind, hyper, tensors, count, lr, grad_scale, found_inf, stream)
+                        : launch_typed<__half, __half>(kind, hyper, tensors, count, lr, grad_scale, found_inf, stream);
+    case DType::kBFloat16:
+      return state_fp32
+                 ? launch_typed<__nv_bfloat16, float>(kind, hyper, tensors, count, lr, grad_scale, found_inf, stream)
+                 : launch_typed<__nv_bfloat16, __nv_bfloat16>(kind, hyper, tensors, count, lr, grad_scale, found_inf,
+                                                              stream);
+    case DType::kFloat32:
+      return launch_typed<float, float>(kind, hyper, tensors, count, lr, grad_scale, found_inf, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace ember::cuda

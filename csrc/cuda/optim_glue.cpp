@@ -1,0 +1,74 @@
+// CUDA implementation of ember_C::optim_step (compiled only in CUDA builds): checks, then one
+// ember::cuda::optim_step call for the whole group on the current stream. Nothing here reads device
+// memory from the host: lr, grad_scale, found_inf and (capturable) step counts are passed to the
+// kernels as device pointers, so the step can be captured in a CUDA graph.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "cuda/optim_launchers.h"
+#include "ops.h"
+
+namespace ember::cuda_glue {
+namespace {
+
+const float* device_scalar(const std::optional<at::Tensor>& t, const at::Tensor& like, const char* arg) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat && t->device() == like.device(),
+              "ember_C.optim_step: ", arg, " must be a one-element float32 tensor on ", like.device(), ", got ",
+              t->scalar_type(), " with ", t->numel(), " elements on ", t->device());
+  return t->const_data_ptr<float>();
+}
+
+void optim_step(c10::string_view kind_name, at::TensorList params, at::TensorList grads, at::TensorList s1,
+                at::TensorList s2, at::TensorList s3, at::TensorList masters, at::TensorList steps,
+                at::ArrayRef<double> hyper, int64_t flags, const std::optional<at::Tensor>& lr,
+                const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
+  const OptGroup g = check_optim_group(kind_name, params, grads, s1, s2, s3, masters, steps, hyper, at::kCUDA);
+  if (params.empty()) return;
+  const at::Tensor& p0 = params[0];
+  const c10::cuda::CUDAGuard guard(p0.device());
+  const float* lr_ptr = device_scalar(lr, p0, "lr");
+  const float* scale_ptr = device_scalar(grad_scale, p0, "grad_scale");
+  const float* inf_ptr = device_scalar(found_inf, p0, "found_inf");
+  const bool steps_on_device = !steps.empty() && steps[0].is_cuda();
+  // Host step counts (torch's default, capturable=False) are advanced here, unless AMP may skip the
+  // step, which only the device knows: then torch's fused optimizers also sync, and so do we.
+  const bool skip = inf_ptr != nullptr && !steps_on_device && found_inf->item<float>() != 0.f;
+  if (skip) return;
+
+  const OptHyper h = make_hyper(hyper[0], hyper[1], hyper[2], hyper[3], hyper[4], static_cast<int32_t>(flags));
+  std::vector<cuda::OptCudaTensor> ts(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    float* step_ptr = nullptr;
+    double step = 1.0;
+    if (steps_on_device) {
+      TORCH_CHECK(steps[i].is_cuda() && steps[i].scalar_type() == at::kFloat && steps[i].numel() == 1,
+                  "ember_C.optim_step: capturable step counts must be one-element float32 CUDA tensors");
+      step_ptr = steps[i].mutable_data_ptr<float>();
+    } else if (!steps.empty()) {
+      step = one_value(steps[i], "steps[i]") + 1.0;
+      steps[i].fill_(step);
+    }
+    ts[i] = cuda::OptCudaTensor{params[i].data_ptr(),
+                                grads[i].const_data_ptr(),
+                                s1.empty() ? nullptr : s1[i].data_ptr(),
+                                s2.empty() ? nullptr : s2[i].data_ptr(),
+                                s3.empty() ? nullptr : s3[i].data_ptr(),
+                                masters.empty() ? nullptr : masters[i].mutable_data_ptr<float>(),
+                                step_ptr,
+                                params[i].numel(),
+                                opt_coef(g.kind, hyper[0], hyper[1], hyper[2], step)};
+  }
+  const cudaError_t err = cuda::optim_step(g.kind, g.param_dtype, g.state_fp32, h, ts.data(),
+                                           static_cast<int64_t>(ts.size()), lr_ptr, scale_ptr, inf_ptr,
+                                           c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "ember_C.optim_step: CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ember_C, CUDA, m) { m.impl("optim_step", &optim_step); }
+
+}  // namespace ember::cuda_glue

@@ -1,0 +1,196 @@
+"""What every ember optimizer shares: state creation in torch's layout, grouping of the parameters
+into (device, dtype, master-weights) groups, and one ``ember::optim_step`` call per group.
+
+A subclass names its kind and its state (``_slots``: torch's state key for s1, s2, s3 of
+csrc/optim.h, None where unused) and turns a param group into (hyper, flags); everything else —
+closures, AMP's grad_scale / found_inf, tensor lr, capturable step counts, master weights,
+state_dict interchange with torch.optim — is handled here once.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+from torch import Tensor
+from torch import _prims_common
+
+from .. import _backend
+from ..ops import optim as _op
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _dense(t: Tensor) -> bool:
+    return t.is_contiguous() or _prims_common.is_non_overlapping_and_dense(t)
+
+
+def _scalar_dtype():
+    # torch.optim's _get_scalar_dtype(): step counts are float32 unless the default dtype is float64.
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+class MultiTensorOptimizer(torch.optim.Optimizer):
+    _kind: str = ""
+    _name: str = ""
+    _has_step = True  # keeps torch's per-parameter 'step' state
+
+    def __init__(self, params, defaults: dict, *, backend: str | None = None, master_weights: bool = False):
+        if defaults.get("differentiable"):
+            raise ValueError(f"ember.optim.{self._name}: differentiable=True is not supported")
+        if defaults.get("foreach") and defaults.get("fused"):
+            raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+        lr = defaults["lr"]
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        if backend is not None:
+            _backend._check_name(backend)
+        # Optimizer-wide, not param-group keys, so param_groups keep torch's exact layout.
+        self.backend = backend
+        self.master_weights = bool(master_weights)
+        super().__init__(params, defaults)
+        # GradScaler hands grad_scale / found_inf to step() instead of unscaling the grads itself.
+        self._step_supports_amp_scaling = True
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            self._setdefault_group(group)
+
+    def _setdefault_group(self, group):
+        """Subclasses: torch's own __setstate__ defaults for older checkpoints."""
+        group.setdefault("maximize", False)
+        group.setdefault("foreach", None)
+        group.setdefault("differentiable", False)
+
+    # -- subclass interface ---------------------------------------------------------------------
+    _slots: tuple = (None, None, None)
+
+    def _active_slots(self, group) -> tuple:
+        """The state keys this group uses for s1, s2, s3 (None where unused)."""
+        return self._slots
+
+    def _hyper(self, group) -> tuple[list, int]:
+        raise NotImplementedError
+
+    def _init_slot(self, group, key, p) -> Tensor:
+        return torch.zeros_like(p, memory_format=torch.preserve_format)
+
+    # -- state -----------------------------------------------------------------------------------
+    def _new_step(self, group, p) -> Tensor:
+        if group.get("capturable") or group.get("fused"):
+            return torch.zeros((), dtype=torch.float32, device=p.device)
+        return torch.tensor(0.0, dtype=_scalar_dtype())
+
+    def _state_for(self, group, p, slots, master: bool) -> dict:
+        if not (self._has_step or master or any(slots)):
+            return {}  # e.g. SGD without momentum: torch keeps no state entry at all
+        state = self.state[p]
+        if self._has_step and "step" not in state:
+            state["step"] = self._new_step(group, p)
+        like = p.detach().float() if master else p
+        for key in slots:
+            if key is not None and key not in state:
+                state[key] = self._init_slot(group, key, like)
+        if master:
+            if "master_param" not in state:
+                state["master_param"] = p.detach().float().clone(memory_format=torch.preserve_format)
+            for key in slots:  # a torch checkpoint (or load_state_dict's cast) leaves them in p.dtype
+                if key is not None and state[key].dtype != torch.float32:
+                    state[key] = state[key].float()
+        return state
+
+    # -- step ------------------------------------------------------------------------------------
+    def _check_grad(self, p: Tensor) -> Tensor:
+        g = p.grad
+        if g.is_sparse:
+            raise RuntimeError(f"ember.optim.{self._name} does not support sparse gradients")
+        if torch.is_complex(p) or torch.is_complex(g):
+            raise RuntimeError(f"ember.optim.{self._name} does not support complex parameters or gradients")
+        if not p.is_floating_point():
+            raise RuntimeError(f"ember.optim.{self._name}: parameters must be floating point, got {p.dtype}")
+        if g.dtype != p.dtype:
+            g = g.to(p.dtype)
+        if g.stride() != p.stride():  # the kernels walk parameter, gradient and state in one layout
+            g = torch.empty_like(p).copy_(g)
+        return g
+
+    @staticmethod
+    def _local(t: Tensor) -> Tensor:
+        # FSDP2 / DTensor parameters: the update is elementwise, so each rank updates its own shard.
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for group in self.param_groups:
+            self._step_group(group, grad_scale, found_inf)
+        return loss
+
+    def _step_group(self, group, grad_scale, found_inf):
+        slots = self._active_slots(group)
+        hyper, flags = self._hyper(group)
+        lr = group["lr"]
+        lr_t = lr if isinstance(lr, Tensor) else None
+        if lr_t is not None:
+            hyper[0] = 0.0
+        buckets: dict = defaultdict(list)
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            g = self._check_grad(p)
+            master = self.master_weights and p.dtype in (torch.float16, torch.bfloat16)
+            extra = self._bucket_key(group, self.state.get(p, {}), slots)
+            state = self._state_for(group, p, slots, master)
+            lp = self._local(p)
+            kernel_ok = lp.dtype in _KERNEL_DTYPES and _dense(lp)
+            buckets[(lp.device, lp.dtype, master, kernel_ok, extra)].append((p, g, state))
+        for (device, dtype, master, kernel_ok, extra), items in buckets.items():
+            backend = _backend.resolve(self.backend, device, f"optim.{self._name}")
+            if not kernel_ok and backend != "reference":
+                backend = "reference"
+            params = [self._local(p) for p, _, _ in items]
+            grads = [self._local(g) for _, g, _ in items]
+            lists = [[self._local(st[k]) for _, _, st in items] if k is not None else [] for k in slots]
+            masters = [self._local(st["master_param"]) for _, _, st in items] if master else []
+            steps = [st["step"] for _, _, st in items] if self._has_step else []
+            gs = fi = None
+            if grad_scale is not None:
+                gs = grad_scale.to(device, non_blocking=True)
+            if found_inf is not None:
+                fi = found_inf.to(device=device, dtype=torch.float32, non_blocking=True)
+            lt = lr_t
+            if lt is not None and backend != "cpu":
+                lt = lt.to(device=device, dtype=torch.float32, non_blocking=True)
+            _op.optim_step(self._kind, params, grads, *lists, masters, steps, list(hyper),
+                           flags | self._bucket_flags(extra), lt, gs, fi, backend)
+            self._after_group(group, items, extra)
+
+    # Hooks for SGD's first momentum step (a buffer created from the gradient itself).
+    def _bucket_key(self, group, state, slots):
+        return None
+
+    def _bucket_flags(self, extra) -> int:
+        return 0
+
+    def _after_group(self, group, items, extra):
+        pass
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def load_state_dict(self, state_dict):
+        # torch's loader casts every floating state tensor to its parameter's dtype; master weights
+        # and their fp32 moments must stay fp32, so they are put back after it.
+        saved_ids = [pid for g in state_dict["param_groups"] for pid in g["params"]]
+        fp32 = {pid: {k: v for k, v in st.items() if isinstance(v, Tensor) and k != "step" and v.dtype == torch.float32}
+                for pid, st in state_dict["state"].items()}
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, p in zip(saved_ids, params):
+            if not self.master_weights or p not in self.state:
+                continue
+            for k, v in fp32.get(pid, {}).items():
+                self.state[p][k] = v.to(device=p.device, copy=True)

@@ -1,0 +1,100 @@
+"""Run by tests/test_optim_dist.py: trains a small MLP with an ember optimizer on 2 gloo CPU ranks
+(DDP or FSDP2) and checks the parameters equal single-process training on the same global batches.
+
+    python tests/optim_dist_worker.py {ddp,fsdp2} OPTIMIZER[,OPTIMIZER...] BACKEND
+
+All optimizers run inside one pair of processes (process start-up dominates the cost).
+"""
+import os
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+STEPS, BATCH, WORLD = 8, 16, 2
+
+
+def make_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(12, 33), torch.nn.GELU(), torch.nn.Linear(33, 5))
+
+
+def make_opt(params, name, backend):
+    import ember
+
+    kw = {"AdamW": dict(lr=1e-2, weight_decay=0.1), "SGD": dict(lr=0.05, momentum=0.9), "Lion": dict(lr=1e-3),
+          "RMSprop": dict(lr=1e-2, centered=True), "Adagrad": dict(lr=0.1), "Adam": dict(lr=1e-2)}[name]
+    return getattr(ember.optim, name)(params, backend=backend, **kw)
+
+
+def batches():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(BATCH, 12, generator=g), torch.randn(BATCH, 5, generator=g)) for _ in range(STEPS)]
+
+
+def train(model, opt, rank=0, world=1):
+    for x, y in batches():
+        shard = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+        loss = (model(x[shard]) - y[shard]).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def worker(rank, mode, names, backend, init_file, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    torch.set_num_threads(1)
+    results = {}
+    for name in names:
+        results[name] = train_distributed(rank, mode, name, backend)
+    if rank == 0:
+        torch.save(results, out_file)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def train_distributed(rank, mode, name, backend):
+    model = make_model()
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        wrapped = DistributedDataParallel(model)
+        opt = make_opt(wrapped.parameters(), name, backend)
+        train(wrapped, opt, rank, WORLD)
+        state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                fully_shard(layer)
+        fully_shard(model)
+        opt = make_opt(model.parameters(), name, backend)
+        assert all(type(p).__name__ == "DTensor" for p in model.parameters())
+        train(model, opt, rank, WORLD)
+        state = {k: v.full_tensor().detach().clone() for k, v in model.state_dict().items()}
+    return state
+
+
+def main():
+    mode, names, backend = sys.argv[1], sys.argv[2].split(","), sys.argv[3]
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "out.pt")
+        mp.spawn(worker, args=(mode, names, backend, os.path.join(tmp, "init"), out), nprocs=WORLD, join=True)
+        got = torch.load(out)
+    ok = True
+    for name in names:
+        ref = make_model()
+        train(ref, make_opt(ref.parameters(), name, backend))
+        worst = max((got[name][k] - v).abs().max().item() / max(1.0, v.abs().max().item())
+                    for k, v in ref.state_dict().items())
+        print(f"{mode} {name} {backend}: max relative error vs single process {worst:.3g}")
+        ok &= worst <= 1e-5
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()
