@@ -31,8 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .activation import ACT_IDS, act_forward, to_output
-from . import activation as _act
+from .activation import ACT_IDS, act_backward, act_forward, to_output
 from . import gated as _gated
 
 
@@ -358,13 +357,69 @@ def _bias_grad(dpre: torch.Tensor) -> torch.Tensor:
     return dpre.sum(0, dtype=torch.float32).to(dpre.dtype)
 
 
+@triton.jit
+def _act_grad_colsum_kernel(
+    g_ptr,  # (M, N) grad of the output, contiguous
+    p_ptr,  # (M, N) saved pre-activation, contiguous (unused when ACT < 0)
+    d_ptr,  # (M, N) dpre = g * act'(pre), written when ACT >= 0
+    part_ptr,  # (cdiv(M, BLOCK_M), N) fp32 column sums of dpre per row block, when COLSUM
+    M, N,
+    ACT: tl.constexpr,  # -1: dpre is g itself (only the column sums are computed)
+    COLSUM: tl.constexpr,
+    INTERPRET_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """The backward prologue in one pass: the activation gradient and, while the tile is in
+    registers, its column sums (the bias gradient's partials; one row per row block, summed by the
+    caller), so dpre is never read back for the bias."""
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+    off = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+    g = tl.load(g_ptr + off, mask=mask, other=0.0)
+    if ACT >= 0:
+        d = to_output(act_backward(g.to(tl.float32), tl.load(p_ptr + off, mask=mask, other=0.0).to(tl.float32), ACT),
+                      d_ptr, INTERPRET_BF16)
+        tl.store(d_ptr + off, d, mask=mask)
+    else:
+        d = g
+    if COLSUM:
+        # Sums of the stored (rounded) values: the same numbers the GEMMs consume.
+        col = tl.sum(tl.where(mask, d.to(tl.float32), 0.0), axis=0)
+        tl.store(part_ptr + pid_m * N + offs_n, col, mask=offs_n < N)
+
+
+def act_grad_and_bias(grad: torch.Tensor, pre, act: str, need_db: bool):
+    """(dpre, db or None) for a contiguous (M, N) grad: one pass over grad (and pre)."""
+    grad = grad.contiguous()
+    M, N = grad.shape
+    has_act = act != "none"
+    if not has_act and not need_db:
+        return grad, None
+    dpre = torch.empty_like(grad) if has_act else grad
+    bm, bn = (32, 64) if grad.device.type == "cpu" else (64, 128)
+    part = torch.empty((triton.cdiv(M, bm), N), device=grad.device, dtype=torch.float32) if need_db else grad
+    if M and N:
+        _act_grad_colsum_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+            grad, pre.contiguous() if has_act else grad, dpre, part, M, N,
+            ACT=ACT_IDS[act] if has_act else -1, COLSUM=need_db,
+            INTERPRET_BF16=grad.device.type == "cpu" and grad.dtype == torch.bfloat16, BLOCK_M=bm, BLOCK_N=bn,
+        )
+    db = None
+    if need_db:
+        db = part.sum(0).to(grad.dtype) if M else torch.zeros(N, device=grad.device, dtype=grad.dtype)
+    return dpre, db
+
+
 def linear_act_backward(grad, x, weight, pre, act: str, need_dx: bool, need_dw: bool, need_db: bool):
-    dpre = grad if act == "none" else _act.unary_act_backward(grad, pre, act)
+    dpre, db = act_grad_and_bias(grad, pre, act, need_db)
     empty = x.new_empty((0,))
     # dx = dpre @ W: W^T (a view) plays the (N, K) weight operand; dW = dpre^T @ x likewise.
     dx = gemm(dpre, weight.t())[0] if need_dx else empty
     dw = gemm(dpre.t(), x.t())[0] if need_dw else empty
-    return dx, dw, _bias_grad(dpre) if need_db else empty
+    return dx, dw, db if need_db else empty
 
 
 def gated_linear(x, w_gate, w_up, b_gate, b_up, act: str, save_preact: bool):
