@@ -132,6 +132,16 @@ TORCH_LIBRARY(ember_C, m) {
   m.def("unary_act_backward(Tensor grad_out, Tensor x, str act) -> Tensor");
   m.def("gated_act(Tensor gate, Tensor up, str act) -> Tensor");
   m.def("gated_act_backward(Tensor grad_out, Tensor gate, Tensor up, str act) -> (Tensor, Tensor)");
+  // act: "none" or an activation name. Returns (out, preact); preact is empty unless save_preact and
+  // act != "none". Unneeded backward outputs come back as empty tensors.
+  m.def("linear_act(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, str act, bool save_preact) -> (Tensor, Tensor)");
+  m.def("linear_act_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor preact, str act, bool need_dx, "
+        "bool need_dw, bool need_db) -> (Tensor, Tensor, Tensor)");
+  // h = act(x @ w_gate^T + b_gate) * (x @ w_up^T + b_up); preact is (rows, 2I) = [gate | up] when saved.
+  m.def("gated_linear(Tensor x, Tensor w_gate, Tensor w_up, Tensor? b_gate, Tensor? b_up, str act, bool save_preact) "
+        "-> (Tensor, Tensor)");
+  m.def("gated_linear_backward(Tensor grad_out, Tensor x, Tensor w_gate, Tensor w_up, Tensor preact, str act, "
+        "bool need_dx, bool need_dw, bool need_db) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // One optimizer step over a (device, dtype) group; see csrc/optim.h for kinds, slots and hyper.
   m.def(
       "optim_step(str kind, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] s1, Tensor(c!)[] s2, "

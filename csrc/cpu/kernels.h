@@ -45,6 +45,18 @@ struct Kernels {
   void (*gated_act_backward)(const void* grad, const void* gate, const void* up, void* dgate, void* dup,
                              int64_t rows, int64_t cols, int64_t gate_row_stride, int64_t up_row_stride,
                              DType dtype, Act act);
+  // Linear epilogue: out = act(pre) (+ residual). pre and out contiguous (rows, cols) and may be the
+  // same buffer (in-place when no pre-activation is kept); residual rows every res_row_stride
+  // elements, or nullptr.
+  void (*linear_epilogue)(const void* pre, const void* residual, void* out, int64_t rows, int64_t cols,
+                          int64_t res_row_stride, DType dtype, Act act);
+  // Linear backward prologue: dpre = grad * act'(pre) (grad rows every grad_row_stride elements, pre
+  // and dpre contiguous) and, when col_partials is not null, per-row-chunk column sums of dpre in the
+  // compute precision (float, or double for fp64): col_partials[c * cols + j] sums rows
+  // [c * rows_per_chunk, (c + 1) * rows_per_chunk). The bias gradient is their sum over c; it is
+  // accumulated in the same pass that writes dpre, so dpre is not read again for it.
+  void (*linear_act_backward)(const void* grad, const void* pre, void* dpre, void* col_partials, int64_t rows,
+                              int64_t cols, int64_t grad_row_stride, int64_t rows_per_chunk, DType dtype, Act act);
   // One optimizer step over every tensor of the launch (all tensors and chunks in one parallel loop).
   void (*optim_step)(const OptLaunch& launch);
 };

@@ -65,8 +65,80 @@ inline void gated_act_backward(const void* grad, const void* gate, const void* u
   });
 }
 
+inline void linear_epilogue(const void* pre, const void* residual, void* out, int64_t rows, int64_t cols,
+                            int64_t res_row_stride, DType dtype, Act act) {
+  dispatch(dtype, act, [&]<typename T, Act A>() {
+    const T* p = static_cast<const T*>(pre);
+    T* o = static_cast<T*>(out);
+    if (residual == nullptr) {
+      map_rows<T, 1, 1>({p}, {cols}, {o}, rows, cols, [](const auto& in) { return std::array{act_forward<A>(in[0])}; });
+    } else {
+      // Residual added in the compute precision and rounded once, like act(pre) + res in fp32.
+      map_rows<T, 2, 1>({p, static_cast<const T*>(residual)}, {cols, res_row_stride}, {o}, rows, cols,
+                        [](const auto& in) { return std::array{act_forward<A>(in[0]) + in[1]}; });
+    }
+  });
+}
+
+// Work split of linear_act_backward: column blocks of kColBlock elements (a block of the fp32
+// partial-sum row stays in L1 while a task walks down its rows) times row chunks of rows_per_chunk.
+// Each (chunk, block) task owns its slice of col_partials, so the sums need no atomics and are
+// deterministic for a given thread count and shape.
+inline void linear_act_backward(const void* grad, const void* pre, void* dpre, void* col_partials, int64_t rows,
+                                int64_t cols, int64_t grad_row_stride, int64_t rows_per_chunk, DType dtype, Act act) {
+  dispatch(dtype, act, [&]<typename T, Act A>() {
+    using O = opmath_t<T>;
+    using V = Vectorized<O>;
+    using SV = Vectorized<T>;
+    constexpr int64_t kWidth = SV::size();
+    constexpr int64_t kColBlock = 64 * kWidth;
+    const T* g = static_cast<const T*>(grad);
+    const T* p = static_cast<const T*>(pre);
+    T* d = static_cast<T*>(dpre);
+    O* part = static_cast<O*>(col_partials);
+    const int64_t nblocks = (cols + kColBlock - 1) / kColBlock;
+    const int64_t nchunks = (rows + rows_per_chunk - 1) / rows_per_chunk;
+    at::parallel_for(0, nblocks * nchunks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t chunk = task / nblocks, block = task % nblocks;
+        const int64_t c0 = block * kColBlock, c1 = std::min(cols, c0 + kColBlock);
+        const int64_t r0 = chunk * rows_per_chunk, r1 = std::min(rows, r0 + rows_per_chunk);
+        O* acc = part == nullptr ? nullptr : part + chunk * cols;
+        if (acc != nullptr) std::fill(acc + c0, acc + c1, O(0));
+        for (int64_t r = r0; r < r1; ++r) {
+          const T* gr = g + r * grad_row_stride;
+          const T* pr = p + r * cols;
+          T* dr = d + r * cols;
+          for (int64_t j = c0; j < c1; j += kWidth) {
+            const int count = static_cast<int>(std::min(kWidth, c1 - j));
+            if constexpr (is_reduced_v<T>) {
+              auto [g0, g1] = at::vec::convert_to_float<T>(SV::loadu(gr + j, count));
+              auto [p0, p1] = at::vec::convert_to_float<T>(SV::loadu(pr + j, count));
+              const V d0 = act_backward<A>(g0, p0), d1 = act_backward<A>(g1, p1);
+              at::vec::convert_from_float<T>(d0, d1).store(dr + j, count);
+              if (acc != nullptr) {
+                // Sum what was stored (rounded to T), so the bias grad equals dpre.sum(0) in fp32.
+                auto [s0, s1] = at::vec::convert_to_float<T>(SV::loadu(dr + j, count));
+                constexpr int kHalf = static_cast<int>(V::size());
+                const int n0 = std::min(count, kHalf), n1 = count - n0;
+                (V::loadu(acc + j, n0) + s0).store(acc + j, n0);
+                if (n1 > 0) (V::loadu(acc + j + kHalf, n1) + s1).store(acc + j + kHalf, n1);
+              }
+            } else {
+              const V dv = act_backward<A>(V::loadu(gr + j, count), V::loadu(pr + j, count));
+              dv.store(dr + j, count);
+              if (acc != nullptr) (V::loadu(acc + j, count) + dv).store(acc + j, count);
+            }
+          }
+        }
+      }
+    });
+  });
+}
+
 inline const Kernels& table() {
-  static const Kernels k{&unary_act, &unary_act_backward, &gated_act, &gated_act_backward, &optim_step};
+  static const Kernels k{&unary_act,       &unary_act_backward,  &gated_act, &gated_act_backward,
+                         &linear_epilogue, &linear_act_backward, &optim_step};
   return k;
 }
 

@@ -298,8 +298,11 @@ def unswap(model: nn.Module) -> SwapReport:
                     walk(child, name)
                 continue
             for sub, mod in child._modules.items():
+                # Keep later changes to shared children; a child that is itself the replacement of
+                # the original's child (a fused Linear inside a swapped block) is not copied back.
                 if sub in original._modules and original._modules[sub] is not mod:
-                    original._modules[sub] = mod
+                    if mod is None or mod.__dict__.get(_ORIGINAL) is not original._modules[sub]:
+                        original._modules[sub] = mod
             original.train(child.training)
             parent._modules[key] = original
             report.replaced.append(Replaced(name, type(child), type(original), child.__dict__.get(_RULE, "")))

@@ -24,7 +24,11 @@ from .harness import Case, Config, EnergyMeter, Row, Target, copy_bandwidth, jud
 # when the suite runs, so one suite's heavy imports never slow another down.
 SUITES: dict[str, str] = {
     "activations": "activations",
+    "matmul": "matmul",
 }
+# Suites run only when named with --suites: the matmul suite's GPU shapes compile torch.compile
+# (max-autotune) per shape and take tens of minutes; its own entry point is python -m ember.bench.matmul.
+OPT_IN = {"matmul"}
 
 
 def suite_module(name: str):
@@ -83,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(device)  # CUDA events and do_bench time the current device's stream
     try:
         dtypes = tuple(parse_dtype(d) for d in (_names(args.dtype) or ["bf16" if on_gpu else "fp32"]))
-        suites = _names(args.suites) or list(SUITES)
+        suites = _names(args.suites) or [s for s in SUITES if s not in OPT_IN]
         sizes = args.sizes or ("large" if on_gpu else "small")
         cfg = Config(str(device), dtypes, sizes, quick=args.quick, compile=not args.no_compile)
         cases, targets = collect(cfg, suites)

@@ -1,8 +1,11 @@
 """GatedMLP: ``down_proj(act(gate_proj(x)) * up_proj(x))`` with the activation and product fused.
 
 The Llama / Mistral / Qwen / Gemma feed-forward block. Eager transformers runs it as three matmuls
-plus two elementwise kernels (act, then multiply) with an intermediate tensor between them; here the
-middle is one ``ember.ops.swiglu`` / ``geglu`` pass that reads gate and up once and writes once.
+plus two elementwise kernels (act, then multiply) with an intermediate tensor between them; here
+gate_proj and up_proj run as one ``ember.ops.gated_linear`` op (one GEMM pass over x with two weight
+pointers, the gating in its epilogue; no concatenated weight is built or cached, so optimizer updates
+to either projection are seen at once), then down_proj. Projections that are not plain nn.Linear
+(quantized, LoRA-wrapped, hooked) fall back to two calls and the fused ``swiglu`` / ``geglu``.
 
 Attribute names match transformers' (gate_proj, up_proj, down_proj), so a GatedMLP made by
 ``from_module`` (or by ``ember.swap``) holds the original Linear objects and the model's state_dict is
@@ -85,7 +88,23 @@ class GatedMLP(nn.Module):
     def extra_repr(self) -> str:
         return f"activation={self.activation!r}"
 
+    def _fusable(self) -> bool:
+        # The single-pass op reads the two projections' parameters directly, so it stands in for
+        # them only when they are plain nn.Linear modules (not quantized or LoRA-wrapped
+        # replacements) that nothing hooks into.
+        return all(
+            type(p) is nn.Linear
+            and "forward" not in p.__dict__
+            and not (p._forward_hooks or p._forward_pre_hooks or p._backward_hooks or p._backward_pre_hooks)
+            for p in (self.gate_proj, self.up_proj)
+        ) and ((self.gate_proj.bias is None) == (self.up_proj.bias is None))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fusable():
+            # gate and up projections in one GEMM pass, act(gate) * up in its epilogue.
+            g, u = self.gate_proj, self.up_proj
+            h = ops.gated_linear(x, g.weight, u.weight, g.bias, u.bias, activation=self.activation)
+            return self.down_proj(h)
         gate, up = self.gate_proj(x), self.up_proj(x)
         if self.activation == "silu":
             h = ops.swiglu(gate, up)

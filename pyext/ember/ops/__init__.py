@@ -3,5 +3,6 @@ autograd) with reference, C++ CPU, Triton and CUDA implementations chosen per ca
 ``ember.backend``."""
 from .activation import gelu, relu, silu
 from .gated import geglu, swiglu
+from .linear import gated_linear, linear
 
-__all__ = ["gelu", "silu", "relu", "swiglu", "geglu"]
+__all__ = ["gelu", "silu", "relu", "swiglu", "geglu", "linear", "gated_linear"]

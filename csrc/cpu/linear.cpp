@@ -1,0 +1,194 @@
+// CPU implementation of ember_C::linear_act / linear_act_backward and ember_C::gated_linear /
+// gated_linear_backward: the GEMMs go to the platform BLAS through ATen (addmm / mm, which pick MKL,
+// OpenBLAS or oneDNN as torch was built), and everything between the GEMMs is one vectorised pass of
+// ember's own (csrc/cpu/kernels_impl.h):
+//
+//   forward   pre = x @ W^T + b (bias folded into the GEMM by addmm's beta term)
+//             out = act(pre) [+ residual]            one pass, in place when pre is not kept
+//   backward  dpre = grad * act'(pre), db = sum_rows(dpre)   one pass (the column sum rides along)
+//             dx = dpre @ W, dW = dpre^T @ x         two GEMMs
+//
+// Torch eager runs addmm, then the activation as a separate kernel, then (with a residual) an add,
+// and in backward the activation grad and the bias-grad reduction as two more passes over dpre.
+//
+// The gated pair computes gate = x @ Wg^T (+bg) and up = x @ Wu^T (+bu) into the two halves of one
+// (rows, 2I) buffer (BLAS writes with a leading dimension, so there is no concatenated weight and
+// nothing to invalidate when an optimizer updates Wg or Wu), then h = act(gate) * up in one pass.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include "cpu/kernels.h"
+#include "ops.h"
+
+namespace ember::cpu {
+namespace {
+
+bool is_none(c10::string_view act) { return act == "none"; }
+
+void check_gemm_operands(const at::Tensor& x, const at::Tensor& w, const char* op, const char* wname) {
+  TORCH_CHECK(x.dim() == 2, "ember_C.", op, ": x must be 2-D (rows, in_features), got ", x.dim(), "-D");
+  TORCH_CHECK(w.dim() == 2, "ember_C.", op, ": ", wname, " must be 2-D (out_features, in_features), got ", w.dim(),
+              "-D");
+  TORCH_CHECK(x.size(1) == w.size(1), "ember_C.", op, ": x has ", x.size(1), " features but ", wname,
+              " expects in_features=", w.size(1), " (", wname, " shape ", w.sizes(), ")");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "ember_C.", op, ": x and ", wname,
+              " must have the same dtype, got ", x.scalar_type(), " and ", w.scalar_type());
+  to_dtype(x.scalar_type(), op, "x");
+}
+
+void check_vec(const std::optional<at::Tensor>& b, int64_t n, const at::Tensor& x, const char* op, const char* name) {
+  if (!b.has_value()) return;
+  TORCH_CHECK(b->dim() == 1 && b->size(0) == n, "ember_C.", op, ": ", name, " must have shape (", n, "), got ",
+              b->sizes());
+  TORCH_CHECK(b->scalar_type() == x.scalar_type(), "ember_C.", op, ": ", name, " must have dtype ", x.scalar_type(),
+              ", got ", b->scalar_type());
+}
+
+// pre = x @ w^T (+ b), written into `out` (which may be a column slice of a wider buffer).
+void gemm_bias(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, at::Tensor& out) {
+  if (b.has_value())
+    at::addmm_out(out, *b, x, w.t());
+  else
+    at::mm_out(out, x, w.t());
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_act(const at::Tensor& x, const at::Tensor& weight,
+                                              const std::optional<at::Tensor>& bias,
+                                              const std::optional<at::Tensor>& residual, c10::string_view act,
+                                              bool save_preact) {
+  check_gemm_operands(x, weight, "linear_act", "weight");
+  const int64_t rows = x.size(0), n = weight.size(0);
+  check_vec(bias, n, x, "linear_act", "bias");
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->dim() == 2 && residual->size(0) == rows && residual->size(1) == n,
+                "ember_C.linear_act: residual must have shape (", rows, ", ", n, "), got ", residual->sizes());
+    TORCH_CHECK(residual->scalar_type() == x.scalar_type(), "ember_C.linear_act: residual must have dtype ",
+                x.scalar_type(), ", got ", residual->scalar_type());
+  }
+  at::Tensor pre = at::empty({rows, n}, x.options());
+  gemm_bias(x, weight, bias, pre);
+  if (is_none(act)) {
+    if (residual.has_value()) pre.add_(*residual);
+    return {pre, at::empty({0}, x.options())};
+  }
+  const Act a = parse_act(std::string(act));
+  const DType dtype = to_dtype(x.scalar_type(), "linear_act", "x");
+  at::Tensor res;
+  if (residual.has_value()) res = residual->size(1) <= 1 || residual->stride(1) == 1 ? *residual : residual->contiguous();
+  // Without a kept pre-activation (inference) the epilogue overwrites pre in place: no second buffer.
+  at::Tensor out = save_preact ? at::empty_like(pre) : pre;
+  if (pre.numel() > 0)
+    kernels().linear_epilogue(pre.const_data_ptr(), res.defined() ? res.const_data_ptr() : nullptr,
+                              out.mutable_data_ptr(), rows, n, res.defined() ? res.stride(0) : 0, dtype, a);
+  return {out, save_preact ? pre : at::empty({0}, x.options())};
+}
+
+// dpre = grad * act'(pre) and, if wanted, db = dpre.sum(0), in one pass.
+std::tuple<at::Tensor, at::Tensor> act_grad_and_bias(const at::Tensor& grad, const at::Tensor& pre, Act a,
+                                                     bool need_db) {
+  const int64_t rows = pre.size(0), cols = pre.size(1);
+  const at::Tensor g = grad.size(1) <= 1 || grad.stride(1) == 1 ? grad : grad.contiguous();
+  const at::Tensor p = pre.contiguous();
+  at::Tensor dpre = at::empty_like(p);
+  // Enough row chunks to give every thread work when there are few column blocks.
+  const int64_t threads = at::get_num_threads();
+  const int64_t rows_per_chunk = std::max<int64_t>(64, (rows + 4 * threads - 1) / (4 * threads));
+  const int64_t chunks = std::max<int64_t>(1, (rows + rows_per_chunk - 1) / rows_per_chunk);
+  const auto wide = pre.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor partials = need_db ? at::empty({chunks, cols}, pre.options().dtype(wide)) : at::Tensor();
+  if (p.numel() > 0)
+    kernels().linear_act_backward(g.const_data_ptr(), p.const_data_ptr(), dpre.mutable_data_ptr(),
+                                  need_db ? partials.mutable_data_ptr() : nullptr, rows, cols, g.stride(0),
+                                  rows_per_chunk, to_dtype(pre.scalar_type(), "linear_act_backward", "preact"), a);
+  at::Tensor db;
+  if (need_db) db = rows == 0 ? at::zeros({cols}, pre.options()) : partials.sum(0).to(pre.scalar_type());
+  return {dpre, db};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> linear_act_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                                   const at::Tensor& weight, const at::Tensor& preact,
+                                                                   c10::string_view act, bool need_dx, bool need_dw,
+                                                                   bool need_db) {
+  check_gemm_operands(x, weight, "linear_act_backward", "weight");
+  const int64_t rows = x.size(0), n = weight.size(0);
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == rows && grad_out.size(1) == n &&
+                  grad_out.scalar_type() == x.scalar_type(),
+              "ember_C.linear_act_backward: grad_out must be (", rows, ", ", n, ") of dtype ", x.scalar_type(),
+              ", got ", grad_out.sizes(), " ", grad_out.scalar_type());
+  at::Tensor dpre, db;
+  if (is_none(act)) {
+    dpre = grad_out;
+    if (need_db) db = grad_out.sum(0);
+  } else {
+    TORCH_CHECK(preact.sizes() == grad_out.sizes(), "ember_C.linear_act_backward: preact must be (", rows, ", ", n,
+                "), got ", preact.sizes());
+    std::tie(dpre, db) = act_grad_and_bias(grad_out, preact, parse_act(std::string(act)), need_db);
+  }
+  const at::Tensor empty = at::empty({0}, x.options());
+  at::Tensor dx = need_dx ? at::mm(dpre, weight) : empty;
+  at::Tensor dw = need_dw ? at::mm(dpre.t(), x) : empty;
+  return {dx, dw, need_db ? db : empty};
+}
+
+std::tuple<at::Tensor, at::Tensor> gated_linear(const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
+                                                const std::optional<at::Tensor>& b_gate,
+                                                const std::optional<at::Tensor>& b_up, c10::string_view act,
+                                                bool save_preact) {
+  check_gemm_operands(x, w_gate, "gated_linear", "w_gate");
+  check_gemm_operands(x, w_up, "gated_linear", "w_up");
+  TORCH_CHECK(w_gate.sizes() == w_up.sizes(), "ember_C.gated_linear: w_gate and w_up must have the same shape, got ",
+              w_gate.sizes(), " and ", w_up.sizes());
+  const int64_t rows = x.size(0), inter = w_gate.size(0);
+  check_vec(b_gate, inter, x, "gated_linear", "b_gate");
+  check_vec(b_up, inter, x, "gated_linear", "b_up");
+  const Act a = parse_act(std::string(act));
+  at::Tensor pre = at::empty({rows, 2 * inter}, x.options());
+  at::Tensor gate = pre.narrow(1, 0, inter), up = pre.narrow(1, inter, inter);
+  gemm_bias(x, w_gate, b_gate, gate);
+  gemm_bias(x, w_up, b_up, up);
+  TORCH_INTERNAL_ASSERT(gate.data_ptr() == pre.data_ptr(), "ember_C.gated_linear: GEMM did not write in place");
+  at::Tensor h = at::empty({rows, inter}, x.options());
+  if (h.numel() > 0)
+    kernels().gated_act(gate.const_data_ptr(), up.const_data_ptr(), h.mutable_data_ptr(), rows, inter, 2 * inter,
+                        2 * inter, to_dtype(x.scalar_type(), "gated_linear", "x"), a);
+  return {h, save_preact ? pre : at::empty({0}, x.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_linear_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
+    const at::Tensor& preact, c10::string_view act, bool need_dx, bool need_dw, bool need_db) {
+  check_gemm_operands(x, w_gate, "gated_linear_backward", "w_gate");
+  const int64_t rows = x.size(0), inter = w_gate.size(0);
+  TORCH_CHECK(preact.dim() == 2 && preact.size(0) == rows && preact.size(1) == 2 * inter,
+              "ember_C.gated_linear_backward: preact must be (", rows, ", ", 2 * inter, "), got ", preact.sizes());
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == rows && grad_out.size(1) == inter,
+              "ember_C.gated_linear_backward: grad_out must be (", rows, ", ", inter, "), got ", grad_out.sizes());
+  const Act a = parse_act(std::string(act));
+  const at::Tensor g = grad_out.contiguous(), p = preact.contiguous();
+  at::Tensor dgate = at::empty({rows, inter}, x.options()), dup = at::empty({rows, inter}, x.options());
+  if (dgate.numel() > 0)
+    kernels().gated_act_backward(g.const_data_ptr(), p.const_data_ptr(), p.narrow(1, inter, inter).const_data_ptr(),
+                                 dgate.mutable_data_ptr(), dup.mutable_data_ptr(), rows, inter, 2 * inter, 2 * inter,
+                                 to_dtype(x.scalar_type(), "gated_linear_backward", "x"), a);
+  const at::Tensor empty = at::empty({0}, x.options());
+  at::Tensor dx = empty;
+  if (need_dx) {
+    dx = at::mm(dgate, w_gate);
+    dx.addmm_(dup, w_up);
+  }
+  at::Tensor dwg = need_dw ? at::mm(dgate.t(), x) : empty, dwu = need_dw ? at::mm(dup.t(), x) : empty;
+  at::Tensor dbg = need_db ? dgate.sum(0) : empty, dbu = need_db ? dup.sum(0) : empty;
+  return {dx, dwg, dwu, dbg, dbu};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ember_C, CPU, m) {
+  m.impl("linear_act", &linear_act);
+  m.impl("linear_act_backward", &linear_act_backward);
+  m.impl("gated_linear", &gated_linear);
+  m.impl("gated_linear_backward", &gated_linear_backward);
+}
+
+}  // namespace ember::cpu

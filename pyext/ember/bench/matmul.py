@@ -1,0 +1,391 @@
+"""The matmul suite: fused Linear + bias + activation and the gated MLP against torch eager,
+torch.compile and the plain BLAS / cuBLAS GEMM, in TFLOP/s.
+
+    python -m ember.bench.matmul                      # this machine's defaults: table, CSV, PNG
+    python -m ember.bench.matmul --quick              # first shapes only, short timing
+    python -m ember bench --suites matmul             # the same cases through the common harness
+
+Ops (FLOPs worked out per call; forward = 2 M N K per GEMM, backward = twice forward):
+  linear       out = x @ W^T, no epilogue: ember vs the vendor GEMM (torch.mm -> cuBLAS / CPU BLAS)
+  linear_gelu  out = gelu(x @ W^T + b): eager is addmm + gelu (two kernels, the pre-activation is
+               written and read back); torch.compile is the same function, mode="max-autotune" on GPU
+  gated_mlp    down(silu(x @ Wg^T) * (x @ Wu^T)), the Llama MLP: 3 GEMMs of (M, H, I)
+Rows: op, provider, shape (M, K, N), dtype, direction, median ms, TFLOP/s, fraction of the measured
+peak (torch.mm at a large square size on this device), and speedup over torch eager.
+
+Targets (issue #4), judged in the markdown: GPU bf16 plain GEMM >= 95% of cuBLAS at 4096^3 and up,
+linear_gelu >= 1.15x eager and >= torch.compile, gated_mlp fwd+bwd >= 1.2x eager; CPU >= eager.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+import ember
+from ember.bench.harness import Case, Config, Target, WrongResult, dtype_name, time_fn
+
+SUITE = "matmul"
+DIRECTIONS = ("fwd", "fwd+bwd")
+
+# (M list, {op: [(K, N)] or [(H, I)] for the gated MLP}). GPU: Llama-3-8B layer shapes; the plain GEMM
+# also at 8192^2 for the ">= 95% of cuBLAS at 4096^3 and up" target. Each (op, shape, direction) is
+# one torch.compile(max-autotune) compile on GPU, so the list is kept to what the targets need.
+_SIZES = {
+    ("cuda", "large"): ((1, 16, 128, 1024, 4096, 16384),
+                        {"linear": [(4096, 4096), (8192, 8192)], "linear_gelu": [(4096, 14336)],
+                         "gated_mlp": [(4096, 14336)]}),
+    ("cuda", "small"): ((1, 128, 4096),
+                        {"linear": [(4096, 4096)], "linear_gelu": [(4096, 14336)], "gated_mlp": [(4096, 14336)]}),
+    ("cpu", "small"): ((1, 32, 256),
+                       {"linear": [(1024, 1024), (1024, 4096)], "linear_gelu": [(1024, 1024), (1024, 4096)],
+                        "gated_mlp": [(1024, 2816)]}),
+    ("cpu", "large"): ((1, 128, 1024, 4096),
+                       {"linear": [(4096, 4096)], "linear_gelu": [(4096, 4096)], "gated_mlp": [(4096, 11008)]}),
+}
+
+
+def sizes(cfg: Config):
+    ms, per_op = _SIZES[(cfg.kind, cfg.sizes)]
+    if cfg.quick:
+        return ms[:2], {op: kn[:1] for op, kn in per_op.items()}
+    return ms, per_op
+
+
+def flops(op: str, shape: tuple[int, int, int], direction: str) -> float:
+    m, k, n = shape
+    fwd = 2.0 * m * k * n * (3 if op == "gated_mlp" else 1)
+    return fwd if direction == "fwd" else 3 * fwd
+
+
+# ---------------------------------------------------------------------------------------------
+# The functions each provider runs. Inputs: x, then parameters; all take and return tensors.
+# ---------------------------------------------------------------------------------------------
+def _eager_linear(x, w):
+    return F.linear(x, w)
+
+
+def _eager_linear_gelu(x, w, b):
+    return F.gelu(F.linear(x, w, b))
+
+
+def _eager_gated(x, wg, wu, wd):
+    return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
+
+
+def _ember(op: str, backend: str) -> Callable:
+    if op == "linear":
+        return lambda x, w: ember.ops.linear(x, w, backend=backend)
+    if op == "linear_gelu":
+        return lambda x, w, b: ember.ops.linear(x, w, b, activation="gelu", backend=backend)
+    return lambda x, wg, wu, wd: ember.ops.linear(
+        ember.ops.gated_linear(x, wg, wu, activation="silu", backend=backend), wd, backend=backend
+    )
+
+
+EAGER = {"linear": _eager_linear, "linear_gelu": _eager_linear_gelu, "gated_mlp": _eager_gated}
+_compiled: dict[tuple[str, str], Callable] = {}
+
+
+def _compile(op: str, device_kind: str) -> Callable:
+    key = (op, device_kind)
+    if key not in _compiled:
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        mode = "max-autotune" if device_kind == "cuda" else None
+        _compiled[key] = torch.compile(EAGER[op], dynamic=False, fullgraph=True, mode=mode)
+    return _compiled[key]
+
+
+def providers(cfg: Config, op: str) -> list[str]:
+    names = ["torch"]
+    if cfg.compile and op != "linear":
+        names.append("torch.compile")
+    live = ember.available_backends(cfg.device)
+    for backend in ("cpu", "cuda", "triton"):
+        if backend == "triton" and cfg.kind != "cuda":
+            continue  # the Triton interpreter is far too slow to time
+        if live.get(backend) is None:
+            names.append(f"ember-{backend}")
+    return names
+
+
+def _function(op: str, provider: str, kind: str) -> Callable:
+    if provider == "torch":
+        return EAGER[op]
+    if provider == "torch.compile":
+        return _compile(op, kind)
+    return _ember(op, provider.removeprefix("ember-"))
+
+
+def _inputs(op: str, shape, dtype, device):
+    m, k, n = shape
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rnd(*s, scale=1.0):
+        return (torch.randn(*s, generator=g) * scale).to(device=device, dtype=dtype)
+
+    x = rnd(m, k)
+    if op == "linear":
+        return [x, rnd(n, k, scale=k**-0.5)]
+    if op == "linear_gelu":
+        return [x, rnd(n, k, scale=k**-0.5), rnd(n)]
+    return [x, rnd(n, k, scale=k**-0.5), rnd(n, k, scale=k**-0.5), rnd(k, n, scale=n**-0.5)]
+
+
+def _check(fn, op, inputs, direction):
+    """Against eager in fp32 on the same data, with a tolerance that grows like sqrt(K)."""
+    wide = [t.detach().float().requires_grad_(direction != "fwd") for t in inputs]
+    mine = [t.detach().clone().requires_grad_(direction != "fwd") for t in inputs]
+    want, got = EAGER[op](*wide), fn(*mine)
+    tol = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 8e-2}.get(got.dtype, 1e-6)
+    scale = max(1.0, want.abs().max().item())
+    err = (got.float() - want).abs().max().item()
+    if err > tol * scale:
+        raise WrongResult(f"{op}: output differs from eager fp32 by {err:.3g} (tolerance {tol * scale:.3g})")
+
+
+def _maker(op, provider, direction, dtype, shape, device):
+    kind = torch.device(device).type
+
+    def make(check: bool, warmup: bool = True):
+        fn = _function(op, provider, kind)
+        inputs = _inputs(op, shape, dtype, device)
+        if check and provider != "torch":
+            _check(fn, op, inputs, direction)
+        if direction == "fwd":
+            def run():
+                with torch.no_grad():
+                    return fn(*inputs)
+        else:
+            for t in inputs:
+                t.requires_grad_(True)
+            grad = torch.randn(shape[0], inputs[-1].shape[0] if op == "gated_mlp" else shape[2], device=device,
+                               dtype=dtype)
+
+            def run():
+                return torch.autograd.grad(fn(*inputs), inputs, grad)
+        if warmup:
+            run()  # compile / tune outside the timing
+        return run
+
+    return make
+
+
+def _target(cfg: Config, op: str, direction: str, provider: str, shape) -> Target | None:
+    if not provider.startswith("ember-"):
+        return None
+    if cfg.kind == "cpu":
+        return Target("speedup", 1.0, ("torch",))
+    if op == "linear" and min(shape) >= 4096:
+        return Target("speedup", 0.95, ("torch",))
+    if op == "linear_gelu":
+        return Target("speedup", 1.15, ("torch",))  # and >= torch.compile: checked in the table
+    if op == "gated_mlp" and direction == "fwd+bwd":
+        return Target("speedup", 1.2, ("torch",))
+    return None
+
+
+def cases(cfg: Config) -> list[Case]:
+    out = []
+    ms, per_op = sizes(cfg)
+    for dtype in cfg.dtypes:
+        for op in ("linear", "linear_gelu", "gated_mlp"):
+            for (k, n) in per_op[op]:
+                for m in ms:
+                    shape = (m, k, n)
+                    esize = torch.empty((), dtype=dtype).element_size()
+                    nbytes = esize * (m * k + n * k * (3 if op == "gated_mlp" else 1) + m * (k if op == "gated_mlp" else n))
+                    for direction in DIRECTIONS:
+                        for provider in providers(cfg, op):
+                            out.append(Case(SUITE, op, direction, provider, dtype, shape, nbytes,
+                                            _maker(op, provider, direction, dtype, shape, cfg.device),
+                                            _target(cfg, op, direction, provider, shape)))
+    return out
+
+
+def describe_targets(cfg: Config) -> list[str]:
+    if cfg.kind == "cpu":
+        return ["matmul: every ember row at least as fast as torch eager."]
+    return ["matmul: plain GEMM >= 95% of cuBLAS at 4096^3+; linear_gelu >= 1.15x eager (and >= torch.compile); "
+            "gated_mlp fwd+bwd >= 1.2x eager."]
+
+
+# ---------------------------------------------------------------------------------------------
+# The TFLOP/s runner: table, CSV and plot.
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Result:
+    op: str
+    provider: str
+    shape: tuple
+    dtype: str
+    direction: str
+    median_ms: float | None
+    tflops: float | None
+    frac_peak: float | None
+    speedup: float | None
+    error: str = ""
+
+
+def measured_peak(device: str, dtype: torch.dtype, quick: bool) -> float:
+    """TFLOP/s of torch.mm on a large square problem: the device's practical GEMM limit."""
+    n = 8192 if torch.device(device).type == "cuda" else (1024 if quick else 2048)
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    best = min(time_fn(lambda: torch.mm(a, b), device, True).median_s for _ in range(2 if quick else 4))
+    return 2.0 * n**3 / best / 1e12
+
+
+def run(cfg: Config, rounds: int | None = None) -> tuple[list[Result], dict]:
+    """Time every case. Providers of one comparison (op, shape, dtype, direction) are timed in
+    interleaved rounds and each keeps its best round's median: on a shared machine (the CPU numbers
+    in bench/results come from 2 cores shared with other jobs) interference only ever adds time, so
+    the minimum over rounds is the fairest estimate and no provider is favoured by when it ran."""
+    rounds = rounds or (2 if cfg.quick else 8)
+    peaks = {dtype_name(d): measured_peak(cfg.device, d, cfg.quick) for d in cfg.dtypes}
+    groups: dict[tuple, list[Case]] = {}
+    for case in cases(cfg):
+        groups.setdefault(case.key(), []).append(case)
+    results: list[Result] = []
+    for key, group in groups.items():
+        fns, res = [], []
+        for case in group:
+            r = Result(case.op, case.provider, case.shape, dtype_name(case.dtype), case.direction, None, None, None,
+                       None)
+            try:
+                fns.append(case.make(True))
+            except Exception as err:  # noqa: BLE001  (one broken case must not sink the run)
+                fns.append(None)
+                r.error = f"{type(err).__name__}: {err}".splitlines()[0][:200]
+            res.append(r)
+        best = [float("inf")] * len(group)
+        for _ in range(rounds):
+            for i, fn in enumerate(fns):
+                if fn is not None:
+                    best[i] = min(best[i], time_fn(fn, cfg.device, True).median_s)
+        del fns
+        base = next((b for c, b in zip(group, best) if c.provider == "torch"), None)
+        for case, r, t in zip(group, res, best):
+            if t != float("inf"):
+                r.median_ms = t * 1e3
+                r.tflops = flops(case.op, case.shape, case.direction) / t / 1e12
+                r.frac_peak = r.tflops / peaks[r.dtype]
+                r.speedup = base / t if base not in (None, float("inf")) else None
+            print(f"  {r.op:12s} {r.direction:8s} {r.provider:14s} {r.dtype} {r.shape} "
+                  f"{'%.3f ms' % r.median_ms if r.median_ms else r.error}", file=sys.stderr)
+        results += res
+    # The peak is the best plain-GEMM rate seen: the square torch.mm above, or any torch "linear" row
+    # (on a shared CPU the square run can land in a busy moment).
+    for d in list(peaks):
+        seen = [r.tflops for r in results if r.op == "linear" and r.provider == "torch" and r.dtype == d and r.tflops]
+        peaks[d] = max([peaks[d], *seen])
+    for r in results:
+        if r.tflops:
+            r.frac_peak = r.tflops / peaks[r.dtype]
+    return results, peaks
+
+
+def markdown(results: list[Result], peaks: dict, device_name: str) -> str:
+    lines = [f"# ember matmul benchmark — {device_name}", "",
+             f"Measured peak (best plain torch GEMM rate seen in this run): " + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in peaks.items()),
+             "", "| op | direction | shape (M, K, N) | dtype | provider | median ms | TFLOP/s | of peak | vs eager |",
+             "|---|---|---|---|---|---:|---:|---:|---:|"]
+    for r in results:
+        if r.median_ms is None:
+            lines.append(f"| {r.op} | {r.direction} | {r.shape} | {r.dtype} | {r.provider} | {r.error} | | | |")
+            continue
+        vs = "" if r.speedup is None else f"{r.speedup:.2f}x"
+        lines.append(f"| {r.op} | {r.direction} | {r.shape} | {r.dtype} | {r.provider} | {r.median_ms:.3f} | "
+                     f"{r.tflops:.3f} | {r.frac_peak:.0%} | {vs} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[Result], path: str) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    panels = sorted({(r.op, r.direction, r.shape[1:], r.dtype) for r in results})
+    cols = 2
+    rows = (len(panels) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.6 * rows), squeeze=False)
+    for ax, (op, direction, kn, dt) in zip(axes.flat, panels):
+        sel = [r for r in results if (r.op, r.direction, r.shape[1:], r.dtype) == (op, direction, kn, dt) and r.tflops]
+        for prov in sorted({r.provider for r in sel}):
+            pts = sorted((r.shape[0], r.tflops) for r in sel if r.provider == prov)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{op} {direction} K,N={kn} {dt}", fontsize=9)
+        ax.set_xlabel("M (tokens)")
+        ax.set_ylabel("TFLOP/s")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ember.bench.matmul", description=__doc__.split("\n\n")[0])
+    default = "cuda" if torch.cuda.is_available() else "cpu"
+    p.add_argument("--device", default=default)
+    p.add_argument("--dtype", nargs="+", default=None, help="fp32 bf16 fp16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--sizes", choices=("small", "large"), default=None)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's). On a machine shared with other jobs, 1 avoids "
+                        "OpenMP barrier stalls that swamp the kernels being compared")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from ember.bench.harness import parse_dtype
+
+    kind = torch.device(args.device).type
+    dtypes = tuple(parse_dtype(d) for d in (args.dtype or (["bf16"] if kind == "cuda" else ["fp32"])))
+    cfg = Config(args.device, dtypes, args.sizes or ("large" if kind == "cuda" else "small"), args.quick,
+                 not args.no_compile)
+    torch.manual_seed(0)
+    results, peaks = run(cfg)
+    if kind == "cuda":
+        device_name = torch.cuda.get_device_name(torch.device(args.device))
+    else:
+        from ember.bench.report import _cpu_name
+
+        device_name = f"{_cpu_name()}, {torch.get_num_threads()} threads"
+    os.makedirs(args.out, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H%M%S")
+    base = os.path.join(args.out, f"ember-matmul_{kind}_{stamp}")
+    text = markdown(results, peaks, device_name)
+    with open(base + ".md", "w") as f:
+        f.write(text)
+    with open(base + ".csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["op", "provider", "M", "K", "N", "dtype", "direction", "median_ms", "tflops", "frac_peak",
+                    "speedup_vs_eager", "error", "device"])
+        for r in results:
+            w.writerow([r.op, r.provider, *r.shape, r.dtype, r.direction, r.median_ms, r.tflops, r.frac_peak,
+                        r.speedup, r.error, device_name])
+    png = plot(results, base + ".png")
+    print(text)
+    print(f"wrote {base}.md, .csv" + (f" and {png}" if png else " (no matplotlib: no plot)"), file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

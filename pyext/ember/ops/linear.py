@@ -1,0 +1,446 @@
+"""linear and gated_linear: matmuls with fused epilogues, the ``ember::linear_act`` and
+``ember::gated_linear`` ops, forward and backward.
+
+    linear        out = act(x @ W^T + b) [+ residual]           act: none, relu, silu, gelu, gelu_tanh
+    gated_linear  h = act(x @ Wg^T + bg) * (x @ Wu^T + bu)       act: silu (SwiGLU), gelu, gelu_tanh (GeGLU)
+
+Why fused: torch eager runs ``addmm`` and then the activation as a second kernel, which reads and
+writes the whole output again; the fused epilogue applies bias, activation and residual while the
+GEMM's tile is still in registers (GPU) or in one cache-friendly pass (CPU).
+
+Memory (what autograd keeps): x, W and the pre-activation ``x @ W^T + b``, exactly what eager keeps
+(eager's activation saves its input, which is that pre-activation). Recomputing it instead would cost
+a third GEMM in backward (+50% backward FLOPs), so it is kept; inference (no grad needed) keeps
+nothing and the CPU epilogue then runs in place. With act="none" nothing but x and W is kept. The
+gated op keeps x and the (rows, 2I) [gate | up] pre-activations; eager keeps those two plus
+act(gate), so it holds a third less activation memory.
+
+Backward: dpre = grad * act'(pre) in one pass that also accumulates the bias gradient (its column
+sum), then dx = dpre @ W and dW = dpre^T @ x.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .. import _backend
+from ._common import check_float
+from .activation import ACTS, act_backward_reference, act_reference
+
+LINEAR_ACTS = ("none",) + ACTS
+GATED_ACTS = ("silu", "gelu", "gelu_tanh")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure-PyTorch reference (the test oracle in float64, and the fallback on any device). Low-precision
+# tensors: the GEMM rounds to the dtype (as torch's addmm), the epilogue computes in fp32 and rounds once.
+# ---------------------------------------------------------------------------------------------
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def linear_reference(x2, weight, bias, residual2, act: str):
+    pre = F.linear(x2, weight, bias)
+    if act == "none" and residual2 is None:
+        return pre, pre
+    out = _wide(pre) if act == "none" else act_reference(_wide(pre), act)
+    if residual2 is not None:
+        out = out + _wide(residual2)
+    return out.to(x2.dtype), pre
+
+
+def linear_backward_reference(grad2, x2, weight, pre, act: str):
+    dpre = grad2 if act == "none" else act_backward_reference(grad2, pre, act)
+    db = _wide(dpre).sum(0).to(dpre.dtype)
+    return dpre @ weight, dpre.t() @ x2, db
+
+
+def gated_linear_reference(x2, w_gate, w_up, b_gate, b_up, act: str):
+    pre = torch.cat([F.linear(x2, w_gate, b_gate), F.linear(x2, w_up, b_up)], dim=1)
+    gate, up = pre.chunk(2, dim=1)
+    h = act_reference(_wide(gate), act) * _wide(up)
+    return h.to(x2.dtype), pre
+
+
+def gated_linear_backward_reference(grad2, x2, w_gate, w_up, pre, act: str):
+    gate, up = (_wide(t) for t in pre.chunk(2, dim=1))
+    g = _wide(grad2)
+    dgate = act_backward_reference(g * up, gate, act).to(x2.dtype)
+    dup = (g * act_reference(gate, act)).to(x2.dtype)
+    dx = dgate @ w_gate + dup @ w_up
+    return dx, dgate.t() @ x2, dup.t() @ x2, _wide(dgate).sum(0).to(x2.dtype), _wide(dup).sum(0).to(x2.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout helpers. The kernels take 2-D (rows, features) operands; a custom op must not return views
+# of its inputs or of each other, and _unsafe_view reshapes without creating one.
+# ---------------------------------------------------------------------------------------------
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.shape[1] <= 1 or t2.stride(1) == 1 else t2.contiguous()
+
+
+def _shaped(t: torch.Tensor, shape) -> torch.Tensor:
+    return torch.ops.aten._unsafe_view.default(t, tuple(shape))
+
+
+def _empty(like: torch.Tensor) -> torch.Tensor:
+    return like.new_empty((0,))
+
+
+def _nrows(x: torch.Tensor) -> int:
+    return math.prod(x.shape[:-1])
+
+
+# ---------------------------------------------------------------------------------------------
+# ember::linear_act
+# ---------------------------------------------------------------------------------------------
+def _linear_fwd(x, weight, bias, residual, act, save_preact, backend):
+    backend = _backend.resolve(backend, x.device, "linear")
+    x2 = _rows(x)
+    r2 = None if residual is None else _rows(residual)
+    if backend == "reference":
+        out, pre = linear_reference(x2, weight, bias, r2, act)
+        if out is pre:
+            out = out.clone()
+    elif backend == "triton":
+        from ember.kernels import linear as tk
+
+        out, pre = tk.linear_act(x2, weight, bias, r2, act, save_preact)
+    else:
+        out, pre = torch.ops.ember_C.linear_act(x2, weight, bias, r2, act, save_preact)
+    keep = save_preact and act != "none"
+    return out, (pre if keep else _empty(x))
+
+
+@torch.library.custom_op("ember::linear_act", mutates_args=())
+def linear_act(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    residual: Optional[torch.Tensor],
+    act: str,
+    save_preact: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    out, pre = _linear_fwd(x, weight, bias, residual, act, save_preact, backend)
+    if pre.numel() and pre.data_ptr() == out.data_ptr():
+        pre = pre.clone()
+    return _shaped(out, (*x.shape[:-1], weight.shape[0])), pre
+
+
+@linear_act.register_fake
+def _(x, weight, bias, residual, act, save_preact, backend):
+    out = x.new_empty((*x.shape[:-1], weight.shape[0]))
+    if save_preact and act != "none":
+        return out, x.new_empty((_nrows(x), weight.shape[0]))
+    return out, x.new_empty((0,))
+
+
+@torch.library.custom_op("ember::linear_act_backward", mutates_args=())
+def linear_act_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    preact: torch.Tensor,
+    act: str,
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    backend = _backend.resolve(backend, x.device, "linear_backward")
+    x2, g2 = _rows(x), _rows(grad_out)
+    if act != "none" and preact.numel() == 0 and g2.numel():
+        # Forward ran without keeping the pre-activation (grad mode off): recompute it.
+        preact = F.linear(x2, weight, bias)
+    if backend == "reference":
+        dx, dw, db = linear_backward_reference(g2, x2, weight, preact, act)
+    elif backend == "triton":
+        from ember.kernels import linear as tk
+
+        dx, dw, db = tk.linear_act_backward(g2, x2, weight, preact, act, need_dx, need_dw, need_db)
+    else:
+        dx, dw, db = torch.ops.ember_C.linear_act_backward(g2, x2, weight, preact, act, need_dx, need_dw, need_db)
+    dx = _shaped(dx, x.shape) if need_dx else _empty(x)
+    dw = dw if need_dw else _empty(x)
+    db = db if need_db else _empty(x)
+    return dx, dw, db
+
+
+@linear_act_backward.register_fake
+def _(grad_out, x, weight, bias, preact, act, need_dx, need_dw, need_db, backend):
+    return (
+        x.new_empty(x.shape) if need_dx else x.new_empty((0,)),
+        x.new_empty(weight.shape) if need_dw else x.new_empty((0,)),
+        x.new_empty((weight.shape[0],)) if need_db else x.new_empty((0,)),
+    )
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, bias, residual, act, save_preact, backend = inputs
+    ctx.save_for_backward(x, weight, bias, output[1])
+    ctx.act, ctx.backend = act, backend
+    ctx.mark_non_differentiable(output[1])
+
+
+def _linear_autograd(ctx, grad_out, _grad_preact):
+    x, weight, bias, preact = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dw, db = linear_act_backward(
+        grad_out.contiguous(), x, weight, bias, preact, ctx.act, need[0], need[1], need[2] and bias is not None, ctx.backend
+    )
+    return (
+        dx if need[0] else None,
+        dw if need[1] else None,
+        db if need[2] and bias is not None else None,
+        grad_out if need[3] else None,
+        None,
+        None,
+        None,
+    )
+
+
+linear_act.register_autograd(_linear_autograd, setup_context=_linear_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# ember::gated_linear
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("ember::gated_linear", mutates_args=())
+def gated_linear_op(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    b_gate: Optional[torch.Tensor],
+    b_up: Optional[torch.Tensor],
+    act: str,
+    save_preact: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    backend = _backend.resolve(backend, x.device, "gated_linear")
+    x2 = _rows(x)
+    if backend == "reference":
+        h, pre = gated_linear_reference(x2, w_gate, w_up, b_gate, b_up, act)
+    elif backend == "triton":
+        from ember.kernels import linear as tk
+
+        h, pre = tk.gated_linear(x2, w_gate, w_up, b_gate, b_up, act, save_preact)
+    else:
+        h, pre = torch.ops.ember_C.gated_linear(x2, w_gate, w_up, b_gate, b_up, act, save_preact)
+    return _shaped(h, (*x.shape[:-1], w_gate.shape[0])), (pre if save_preact else _empty(x))
+
+
+@gated_linear_op.register_fake
+def _(x, w_gate, w_up, b_gate, b_up, act, save_preact, backend):
+    h = x.new_empty((*x.shape[:-1], w_gate.shape[0]))
+    return h, (x.new_empty((_nrows(x), 2 * w_gate.shape[0])) if save_preact else x.new_empty((0,)))
+
+
+@torch.library.custom_op("ember::gated_linear_backward", mutates_args=())
+def gated_linear_backward(
+    grad_out: torch.Tensor,
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    b_gate: Optional[torch.Tensor],
+    b_up: Optional[torch.Tensor],
+    preact: torch.Tensor,
+    act: str,
+    need_dx: bool,
+    need_dw: bool,
+    need_db: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    backend = _backend.resolve(backend, x.device, "gated_linear_backward")
+    x2, g2 = _rows(x), _rows(grad_out)
+    if preact.numel() == 0 and g2.numel():
+        preact = torch.cat([F.linear(x2, w_gate, b_gate), F.linear(x2, w_up, b_up)], dim=1)
+    if backend == "reference":
+        res = gated_linear_backward_reference(g2, x2, w_gate, w_up, preact, act)
+    elif backend == "triton":
+        from ember.kernels import linear as tk
+
+        res = tk.gated_linear_backward(g2, x2, w_gate, w_up, preact, act, need_dx, need_dw, need_db)
+    else:
+        res = torch.ops.ember_C.gated_linear_backward(g2, x2, w_gate, w_up, preact, act, need_dx, need_dw, need_db)
+    dx, dwg, dwu, dbg, dbu = res
+    e = _empty(x)
+    return (
+        _shaped(dx, x.shape) if need_dx else e,
+        dwg if need_dw else e.clone(),
+        dwu if need_dw else e.clone(),
+        dbg if need_db else e.clone(),
+        dbu if need_db else e.clone(),
+    )
+
+
+@gated_linear_backward.register_fake
+def _(grad_out, x, w_gate, w_up, b_gate, b_up, preact, act, need_dx, need_dw, need_db, backend):
+    e = lambda: x.new_empty((0,))  # noqa: E731
+    n = w_gate.shape[0]
+    return (
+        x.new_empty(x.shape) if need_dx else e(),
+        x.new_empty(w_gate.shape) if need_dw else e(),
+        x.new_empty(w_up.shape) if need_dw else e(),
+        x.new_empty((n,)) if need_db else e(),
+        x.new_empty((n,)) if need_db else e(),
+    )
+
+
+def _gated_setup(ctx, inputs, output):
+    x, w_gate, w_up, b_gate, b_up, act, save_preact, backend = inputs
+    ctx.save_for_backward(x, w_gate, w_up, b_gate, b_up, output[1])
+    ctx.act, ctx.backend = act, backend
+    ctx.mark_non_differentiable(output[1])
+
+
+def _gated_autograd(ctx, grad_out, _grad_preact):
+    x, w_gate, w_up, b_gate, b_up, preact = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    has_b = b_gate is not None
+    dx, dwg, dwu, dbg, dbu = gated_linear_backward(
+        grad_out.contiguous(), x, w_gate, w_up, b_gate, b_up, preact, ctx.act,
+        need[0], need[1] or need[2], has_b and (need[3] or need[4]), ctx.backend,
+    )
+    return (
+        dx if need[0] else None,
+        dwg if need[1] else None,
+        dwu if need[2] else None,
+        dbg if has_b and need[3] else None,
+        dbu if has_b and need[4] else None,
+        None, None, None,
+    )
+
+
+gated_linear_op.register_autograd(_gated_autograd, setup_context=_gated_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions: argument checks, then the op.
+# ---------------------------------------------------------------------------------------------
+def _check_act(op: str, act, allowed) -> str:
+    act = "none" if act is None else act
+    if act not in allowed:
+        raise ValueError(f"ember.ops.{op}: activation must be one of {allowed}, got {act!r}")
+    return act
+
+
+def _check_weight(op: str, x: torch.Tensor, name: str, w: torch.Tensor, b: Optional[torch.Tensor], bname: str):
+    check_float(op, name, w)
+    if w.dim() != 2:
+        raise ValueError(f"ember.ops.{op}: {name} must be 2-D (out_features, in_features), got shape {tuple(w.shape)}")
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(
+            f"ember.ops.{op}: x has {x.shape[-1]} features (shape {tuple(x.shape)}) but {name} expects "
+            f"in_features={w.shape[1]} (shape {tuple(w.shape)})"
+        )
+    for t, n, shape in ((w, name, None), (b, bname, (w.shape[0],))):
+        if t is None:
+            continue
+        check_float(op, n, t)
+        if t.dtype != x.dtype:
+            raise TypeError(f"ember.ops.{op}: {n} must have x's dtype {x.dtype}, got {t.dtype}")
+        if t.device != x.device:
+            raise ValueError(f"ember.ops.{op}: {n} must be on x's device {x.device}, got {t.device}")
+        if shape is not None and tuple(t.shape) != shape:
+            raise ValueError(f"ember.ops.{op}: {n} must have shape {shape}, got {tuple(t.shape)}")
+
+
+def _check_x(op: str, x: torch.Tensor) -> None:
+    check_float(op, "x", x)
+    if x.dim() < 1:
+        raise ValueError(f"ember.ops.{op}: x must have at least 1 dimension (..., in_features), got a scalar")
+
+
+def _wants_grad(*ts) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _direct_backend(requested: str, device: torch.device, op: str, *ts) -> str | None:
+    """Eager inference fast path: the concrete backend ("cpu" / "cuda") when a call that needs no
+    autograd may go straight to the ember_C kernel, skipping the custom-op wrapper (measured ~30 us
+    per call on CPU, most of a small layer's time at M = 1). Never while compiling or exporting,
+    under a dispatch mode (FakeTensorMode, FlopCounterMode, ...) or with tensor subclasses: those
+    must see the ``ember::`` op."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return None
+    if any(t is not None and type(t) not in _PLAIN for t in ts):
+        return None
+    name = _backend.resolve(requested, device, op)
+    return name if name in ("cpu", "cuda") else None
+
+
+def linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    activation: Optional[str] = None,
+    residual: Optional[torch.Tensor] = None,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """``act(x @ weight^T + bias) + residual`` as one op, ``weight`` laid out as ``nn.Linear.weight``.
+
+    activation: None / "none", "relu", "silu", "gelu" (erf) or "gelu_tanh"; residual (optional) has
+    the output's shape and is added after the activation. fp32 GEMMs follow
+    ``torch.backends.cuda.matmul.allow_tf32`` on GPU.
+    """
+    act = _check_act("linear", activation, LINEAR_ACTS)
+    _check_x("linear", x)
+    _check_weight("linear", x, "weight", weight, bias, "bias")
+    if residual is not None:
+        check_float("linear", "residual", residual)
+        want = (*x.shape[:-1], weight.shape[0])
+        if tuple(residual.shape) != want or residual.dtype != x.dtype or residual.device != x.device:
+            raise ValueError(
+                f"ember.ops.linear: residual must have the output's shape {want}, dtype {x.dtype} and device "
+                f"{x.device}, got {tuple(residual.shape)}, {residual.dtype}, {residual.device}"
+            )
+    wants = _wants_grad(x, weight, bias, residual)
+    requested = _backend.request(backend, x.device, "linear")
+    if not wants and _direct_backend(requested, x.device, "linear", x, weight, bias, residual):
+        r2 = None if residual is None else _rows(residual)
+        out, _ = torch.ops.ember_C.linear_act(_rows(x), weight, bias, r2, act, False)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    out, _ = linear_act(x, weight, bias, residual, act, act != "none" and wants, requested)
+    return out
+
+
+def gated_linear(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    b_gate: Optional[torch.Tensor] = None,
+    b_up: Optional[torch.Tensor] = None,
+    *,
+    activation: str = "silu",
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """``act(x @ w_gate^T + b_gate) * (x @ w_up^T + b_up)``: both projections in one GEMM pass with the
+    gating in its epilogue (SwiGLU for "silu", GeGLU for "gelu" / "gelu_tanh")."""
+    act = _check_act("gated_linear", activation, GATED_ACTS)
+    _check_x("gated_linear", x)
+    _check_weight("gated_linear", x, "w_gate", w_gate, b_gate, "b_gate")
+    _check_weight("gated_linear", x, "w_up", w_up, b_up, "b_up")
+    if w_gate.shape != w_up.shape:
+        raise ValueError(
+            f"ember.ops.gated_linear: w_gate and w_up must have the same shape, got {tuple(w_gate.shape)} and "
+            f"{tuple(w_up.shape)}"
+        )
+    if (b_gate is None) != (b_up is None):
+        raise ValueError("ember.ops.gated_linear: give both b_gate and b_up or neither")
+    wants = _wants_grad(x, w_gate, w_up, b_gate, b_up)
+    requested = _backend.request(backend, x.device, "gated_linear")
+    if not wants and _direct_backend(requested, x.device, "gated_linear", x, w_gate, w_up, b_gate, b_up):
+        h, _ = torch.ops.ember_C.gated_linear(_rows(x), w_gate, w_up, b_gate, b_up, act, False)
+        return h.view(*x.shape[:-1], w_gate.shape[0])
+    h, _ = gated_linear_op(x, w_gate, w_up, b_gate, b_up, act, wants, requested)
+    return h

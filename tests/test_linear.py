@@ -1,0 +1,289 @@
+"""ember.ops.linear / ember.nn.Linear: forward and backward on every backend against the float64
+reference, opcheck, torch.compile, the module's contract, and errors.
+
+Accuracy criterion (as flash-attention's tests): against the float64 result on the same inputs, the
+op's error must be at most twice plain PyTorch's error in the same dtype, plus a small floor.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ember
+from ember.ops.activation import act_reference
+from ember.ops.linear import linear_act
+
+ACTS = ["none", "relu", "silu", "gelu", "gelu_tanh"]
+DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.float16, id="fp16"),
+    pytest.param(torch.bfloat16, id="bf16"),
+    pytest.param(torch.float64, id="fp64"),
+]
+FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
+# (x shape, out_features): M=1, odd K and N, 3-D batched; small enough for the Triton interpreter.
+SHAPES = [((1, 17), 9), ((7, 64), 48), ((33, 17), 48), ((2, 5, 17), 9)]
+
+
+def _skip_unsupported(backend, dtype):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("Triton's tl.dot has no float64")
+    if backend == "triton" and dtype == torch.bfloat16 and not torch.cuda.is_available():
+        pytest.skip("the Triton interpreter's tl.dot returns garbage for bfloat16 inputs; bf16 is tested on GPU")
+
+
+def eager(x, w, b, act, residual=None):
+    """What torch eager computes: F.linear, then the activation, then the residual add."""
+    y = F.linear(x, w, b)
+    y = y if act == "none" else act_reference(y, act)
+    return y if residual is None else y + residual
+
+
+def check_close(name, got, want64, torch_lp):
+    """|got - want64| <= 2 |torch_lp - want64| + floor, elementwise max."""
+    floor = FLOOR[got.dtype] * max(1.0, want64.abs().max().item())
+    err = (got.double() - want64).abs().max().item()
+    torch_err = (torch_lp.double() - want64).abs().max().item()
+    assert err <= 2 * torch_err + floor, f"{name}: error {err:.3g} vs torch's {torch_err:.3g} (+{floor:.3g})"
+
+
+def _run(fn, inputs, grad):
+    inputs = [t.detach().requires_grad_(True) if t is not None else None for t in inputs]
+    out = fn(*inputs)
+    out.backward(grad)
+    return out.detach(), [t.grad if t is not None else None for t in inputs]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("act", ACTS)
+def test_forward_backward(backend_device, dtype, shape, act):
+    backend, device = backend_device
+    _skip_unsupported(backend, dtype)
+    (xs, n) = shape
+    k = xs[-1]
+    x = torch.randn(xs, device=device, dtype=dtype)
+    w = torch.randn(n, k, device=device, dtype=dtype) / k**0.5
+    b = torch.randn(n, device=device, dtype=dtype)
+    res = torch.randn(*xs[:-1], n, device=device, dtype=dtype) if act == "gelu" else None
+    grad = torch.randn(*xs[:-1], n, device=device, dtype=dtype)
+
+    ours = _run(lambda x, w, b, r: ember.ops.linear(x, w, b, activation=act, residual=r, backend=backend),
+                [x, w, b, res], grad)
+    want = _run(lambda x, w, b, r: eager(x, w, b, act, r), [t.double() if t is not None else None for t in (x, w, b, res)],
+                grad.double())
+    lp = _run(lambda x, w, b, r: eager(x, w, b, act, r), [x, w, b, res], grad)
+    check_close("out", ours[0], want[0], lp[0])
+    assert ours[0].dtype == dtype and ours[0].shape == (*xs[:-1], n)
+    for name, g, g64, glp in zip(("dx", "dw", "db", "dres"), ours[1], want[1], lp[1]):
+        if g64 is not None:
+            assert g.shape == g64.shape and g.dtype == dtype, name
+            check_close(name, g, g64, glp)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+def test_non_contiguous_inputs_and_no_bias(backend):
+    if ember.available_backends()[backend]:
+        pytest.skip(ember.available_backends()[backend])
+    x = torch.randn(17, 6, dtype=torch.float64).t()  # (6, 17), column-major
+    w = torch.randn(9, 17, dtype=torch.float64).t().contiguous().t()  # (9, 17) with strides (1, 9)
+    if backend == "triton":
+        x, w = x.float(), w.float()
+    xr, wr = x.detach().requires_grad_(), w.detach().requires_grad_()
+    out = ember.ops.linear(xr, wr, activation="silu", backend=backend)
+    ref = F.silu(x.double() @ w.double().t())
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    F.silu(x64 @ w64.t()).sum().backward()
+    torch.testing.assert_close(xr.grad.double(), x64.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(wr.grad.double(), w64.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_inference_keeps_no_preactivation_and_matches_training():
+    x, w, b = torch.randn(5, 12), torch.randn(7, 12), torch.randn(7)
+    with torch.no_grad():
+        out, pre = linear_act(x, w, b, None, "gelu", False, "cpu")
+        assert pre.numel() == 0
+    out2, pre2 = linear_act(x, w, b, None, "gelu", True, "cpu")
+    assert pre2.shape == (5, 7)
+    torch.testing.assert_close(out, out2, atol=0, rtol=0)
+    torch.testing.assert_close(pre2, F.linear(x, w, b), atol=1e-6, rtol=1e-6)
+
+
+def test_empty_and_large_rows_bias_grad():
+    # rows > the C++ backward's row chunk (64): the bias grad is summed over several partials.
+    x = torch.randn(1000, 8, dtype=torch.float64, requires_grad=True)
+    lin = ember.nn.Linear(8, 600, activation="gelu", dtype=torch.float64)
+    with ember.backend("cpu"):
+        lin(x).sum().backward()
+    ref = nn.Linear(8, 600, dtype=torch.float64)
+    ref.load_state_dict(lin.state_dict())
+    x2 = x.detach().requires_grad_()
+    F.gelu(ref(x2)).sum().backward()
+    torch.testing.assert_close(lin.bias.grad, ref.bias.grad, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-9, rtol=1e-9)
+    empty = ember.ops.linear(torch.randn(0, 8), torch.randn(3, 8), torch.randn(3), activation="relu", backend="cpu")
+    assert empty.shape == (0, 3)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+def test_opcheck(backend):
+    if ember.available_backends()[backend]:
+        pytest.skip(ember.available_backends()[backend])
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    w = torch.randn(6, 8, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    r = torch.randn(2, 3, 6, requires_grad=True)
+    for act in ("gelu", "none"):
+        torch.library.opcheck(torch.ops.ember.linear_act.default, (x, w, b, r, act, True, backend))
+    torch.library.opcheck(torch.ops.ember.linear_act.default, (x.detach(), w.detach(), None, None, "relu", False, backend))
+
+
+def test_gradcheck_fp64():
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    for backend in ("cpu", "reference"):
+        torch.autograd.gradcheck(lambda x, w, b: ember.ops.linear(x, w, b, activation="gelu_tanh", backend=backend),
+                                 (x, w, b))
+
+
+def test_torch_compile_fullgraph():
+    lin = ember.nn.Linear(16, 24, activation="gelu")
+    x = torch.randn(3, 16, requires_grad=True)
+    compiled = torch.compile(lin, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    out.sum().backward()
+    gx, gw = x.grad.clone(), lin.weight.grad.clone()
+    x.grad, lin.weight.grad = None, None
+    ref = lin(x)
+    ref.sum().backward()
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gx, x.grad)
+    torch.testing.assert_close(gw, lin.weight.grad)
+
+
+def test_module_contract():
+    torch.manual_seed(0)
+    lin = ember.nn.Linear(10, 6, activation="silu")
+    plain = nn.Linear(10, 6)
+    assert isinstance(lin, nn.Linear)
+    assert lin.state_dict().keys() == plain.state_dict().keys()
+    plain.load_state_dict(lin.state_dict())
+    x = torch.randn(4, 10)
+    torch.testing.assert_close(lin(x), F.silu(plain(x)))
+    nb = ember.nn.Linear(10, 6, bias=False)
+    assert nb.bias is None and "bias" not in nb.state_dict()
+    torch.testing.assert_close(nb(x), F.linear(x, nb.weight))
+    shared = ember.nn.Linear.from_linear(plain, "gelu")
+    assert shared.weight is plain.weight and shared.bias is plain.bias
+    assert "activation='gelu'" in repr(shared)
+
+
+def test_errors():
+    x, w, b = torch.randn(4, 8), torch.randn(5, 8), torch.randn(5)
+    with pytest.raises(ValueError, match="x has 7 features"):
+        ember.ops.linear(torch.randn(4, 7), w, b)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        ember.ops.linear(x, w, torch.randn(4))
+    with pytest.raises(TypeError, match="weight must have x's dtype"):
+        ember.ops.linear(x, w.double(), b)
+    with pytest.raises(TypeError, match="floating-point"):
+        ember.ops.linear(x.long(), w, b)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        ember.ops.linear(x, w, b, activation="tanh")
+    with pytest.raises(ValueError, match="must be 2-D"):
+        ember.ops.linear(x, w[None], b)
+    with pytest.raises(ValueError, match="residual must have the output's shape"):
+        ember.ops.linear(x, w, b, residual=torch.randn(4, 6))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        ember.nn.Linear(3, 4, activation="tanh")
+    with pytest.raises(RuntimeError, match="must be 2-D"):
+        torch.ops.ember_C.linear_act(torch.randn(2, 3, 4), torch.randn(5, 4), None, None, "gelu", False)
+
+
+@pytest.mark.parametrize("variant", ["pointer", "tma"])
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_triton_kernel_variants(variant, gated):
+    """Both Triton kernels (per-tile pointer kernel; persistent TMA kernel, chosen automatically on
+    sm_90) on the same problem; under the interpreter the TMA descriptors are emulated."""
+    if ember.available_backends()["triton"]:
+        pytest.skip(ember.available_backends()["triton"])
+    from ember.kernels import linear as tk
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    m, k, n = 37, 72, 40  # 4 x 3 tiles of 32 (the interpreter's tile) with ragged edges and a K tail
+    x = torch.randn(m, k, device=device)
+    w, w2 = torch.randn(n, k, device=device), torch.randn(n, k, device=device)
+    b, b2 = torch.randn(n, device=device), torch.randn(n, device=device)
+    res = None if gated else torch.randn(m, n, device=device)
+    out, pre = tk.gemm(x, w, b, res, "gelu", w2=w2 if gated else None, b2=b2 if gated else None, save_pre=True,
+                       variant=variant)
+    with torch.no_grad():
+        g = x.double() @ w.double().t() + b.double()
+        if gated:
+            u = x.double() @ w2.double().t() + b2.double()
+            want, want_pre = F.gelu(g) * u, torch.cat([g, u], 1)
+        else:
+            want, want_pre = F.gelu(g) + res.double(), g
+    tol = 1e-2 if device == "cuda" else 1e-4  # GPU fp32 may use TF32 per torch's setting
+    torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
+    torch.testing.assert_close(pre.double(), want_pre, atol=tol, rtol=tol)
+
+
+def test_triton_tuner_persists_choices(tmp_path, monkeypatch):
+    """The per-problem tile choice is timed once, then read back from the JSON cache by a new tuner
+    (a new process) without timing again."""
+    pytest.importorskip("triton")
+    from ember.kernels import linear as tk
+
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path))
+    timed = []
+
+    def fake_bench(fn, **kw):
+        fn()
+        return 1.0 if len(timed) != 4 else 0.5  # the 4th config is the fastest
+
+    monkeypatch.setattr(tk.triton.testing, "do_bench", fake_bench)
+    first = tk._Tuner().config("dev|key", lambda cfg: timed.append(cfg))
+    assert first == tk._GPU_CONFIGS[3] and len(timed) == len(tk._GPU_CONFIGS)
+    timed.clear()
+    again = tk._Tuner().config("dev|key", lambda cfg: timed.append(cfg))
+    assert again == first and timed == []
+    assert (tmp_path / "linear_configs.json").exists()
+
+
+def test_triton_fp32_follows_allow_tf32(monkeypatch):
+    pytest.importorskip("triton")
+    from ember.kernels import linear as tk
+
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert tk._precision(torch.float32, cuda) == "tf32"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert tk._precision(torch.float32, cuda) == "ieee"
+    assert tk._precision(torch.float32, torch.device("cpu")) == "ieee"  # the interpreter: exact fp32
+
+
+def test_inference_fast_path_matches_the_op_and_yields_to_dispatch_modes():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    x, w, b = torch.randn(2, 3, 12), torch.randn(7, 12), torch.randn(7)
+    with torch.no_grad():
+        fast = ember.ops.linear(x, w, b, activation="silu", backend="cpu")
+        gated = ember.ops.gated_linear(x, w, w * 2, activation="gelu", backend="cpu")
+    via_op, _ = linear_act(x, w, b, None, "silu", False, "cpu")
+    torch.testing.assert_close(fast, via_op, atol=0, rtol=0)
+    torch.testing.assert_close(gated, F.gelu(F.linear(x, w)) * F.linear(x, w * 2), atol=1e-5, rtol=1e-5)
+
+    seen = []
+
+    class Log(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Log():
+        ember.ops.linear(x, w, b, activation="silu", backend="cpu")
+    assert any("ember.linear_act" in s for s in seen), seen
