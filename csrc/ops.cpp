@@ -43,6 +43,10 @@ TORCH_LIBRARY(ember_C, m) {
   m.def("unary_act_backward(Tensor grad_out, Tensor x, str act) -> Tensor");
   m.def("gated_act(Tensor gate, Tensor up, str act) -> Tensor");
   m.def("gated_act_backward(Tensor grad_out, Tensor gate, Tensor up, str act) -> (Tensor, Tensor)");
+  // int8 inference (csrc/cpu/int8.cpp); act is -1 (none) or an ember::Act value.
+  m.def("quantize_per_token(Tensor x, Tensor? smooth) -> (Tensor, Tensor)");
+  m.def("int8_linear_w8a8(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, Tensor? smooth, int act) -> Tensor");
+  m.def("int8_linear_w8a16(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, int act) -> Tensor");
 }
 
 namespace ember::cpu {

@@ -3,6 +3,7 @@
 #pragma once
 #include "cpu/kernels.h"
 #include "cpu/vec_activation.h"
+#include "cpu/int8_impl.h"
 
 namespace ember::cpu::EMBER_ISA {
 
@@ -65,7 +66,8 @@ inline void gated_act_backward(const void* grad, const void* gate, const void* u
 }
 
 inline const Kernels& table() {
-  static const Kernels k{&unary_act, &unary_act_backward, &gated_act, &gated_act_backward};
+  static const Kernels k{&unary_act, &unary_act_backward, &gated_act, &gated_act_backward,
+                         &quantize_rows, &dequant_epilogue, &w8a16_gemv};
   return k;
 }
 

@@ -1,5 +1,6 @@
 """Drop-in ``torch.nn`` modules backed by ember's fused ops."""
 from .activation import GELU, GeGLU, ReLU, SiLU, SwiGLU
 from .gated_mlp import GatedMLP
+from .int8_linear import Int8Linear
 
-__all__ = ["GELU", "SiLU", "ReLU", "SwiGLU", "GeGLU", "GatedMLP"]
+__all__ = ["GELU", "SiLU", "ReLU", "SwiGLU", "GeGLU", "GatedMLP", "Int8Linear"]
