@@ -121,14 +121,21 @@ def int8_linear_reference(x, w, w_scale, bias=None, act="none", mode="w8a8", smo
 # ---------------------------------------------------------------------------------------------
 def _quantize_forward(x, smooth, backend):
     backend = _backend.resolve(backend, x.device, "quantize_per_token")
-    if backend == "reference" or backend == "cuda":  # no CUDA C++ quantizer yet: reference on CUDA
+    if backend == "reference":
         return quantize_per_token_reference(x, smooth)
     x2 = as_rows(x)
     if backend == "triton":
         from ember.kernels import int8_gemm as tk
 
         return tk.quantize_per_token(x2, smooth)
-    return torch.ops.ember_C.quantize_per_token(x2, smooth)
+    return torch.ops.ember_C.quantize_per_token(x2, smooth)  # C++ CPU or CUDA kernel
+
+
+def _cuda_fallback(x, w, w_scale, mode) -> str:
+    """The CUDA C++ kernels cover per-channel W8A8 with in_features % 16 == 0; Triton does the rest."""
+    if mode == "w8a8" and (w_scale.dim() == 1 or w_scale.shape[1] == 1) and w.shape[1] % 16 == 0:
+        return "cuda"
+    return "triton" if _backend.why_unavailable("triton", x.device) is None else "reference"
 
 
 def _cpu_w8a8_grouped(x2, w, w_scale, bias, smooth, act):
@@ -147,7 +154,9 @@ def _cpu_w8a8_grouped(x2, w, w_scale, bias, smooth, act):
 def _linear_forward(x, w, w_scale, bias, smooth, act, mode, backend):
     backend = _backend.resolve(backend, x.device, "int8_linear")
     N, K = w.shape
-    if backend == "reference" or backend == "cuda":
+    if backend == "cuda":
+        backend = _cuda_fallback(x, w, w_scale, mode)
+    if backend == "reference":
         return int8_linear_reference(x, w, w_scale, bias, act, mode, smooth)
     x2 = as_rows(x)
     if x2.shape[0] == 0:
@@ -156,6 +165,8 @@ def _linear_forward(x, w, w_scale, bias, smooth, act, mode, backend):
         from ember.kernels import int8_gemm as tk
 
         y = tk.int8_linear(x2, w, w_scale, bias, smooth, ACT_IDS[act], mode)
+    elif backend == "cuda":
+        y = torch.ops.ember_C.int8_linear_w8a8(x2, w, w_scale.reshape(N), bias, smooth, ACT_IDS[act])
     elif mode == "w8a8":
         if w_scale.dim() == 2 and w_scale.shape[1] > 1:
             y = _cpu_w8a8_grouped(x2, w, w_scale, bias, smooth, act)
