@@ -45,7 +45,9 @@ TORCH_LIBRARY(ember_C, m) {
   m.def("gated_act_backward(Tensor grad_out, Tensor gate, Tensor up, str act) -> (Tensor, Tensor)");
   // int8 inference (csrc/cpu/int8.cpp); act is -1 (none) or an ember::Act value.
   m.def("quantize_per_token(Tensor x, Tensor? smooth) -> (Tensor, Tensor)");
-  m.def("int8_linear_w8a8(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, Tensor? smooth, int act) -> Tensor");
+  m.def(
+      "int8_linear_w8a8(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, Tensor? smooth, int act, Tensor? w_packed=None) "
+      "-> Tensor");
   m.def("int8_linear_w8a16(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, int act) -> Tensor");
 }
 

@@ -79,8 +79,11 @@ def test_int8_linear_dtypes_and_fused_act(backend_device, dtype, tol, act, mode)
     y = I.int8_linear(x, w, sw, bias, act=act, mode=mode, backend=name)
     assert y.shape == (2, 3, 40) and y.dtype == dtype
     ref = I.int8_linear_reference(x, w, sw, bias, act or "none", mode).double()
-    # an output-rounding ulp of the largest outputs (GEMM results share one scale across a row)
-    torch.testing.assert_close(y.double(), ref, atol=tol * ref.abs().max().item(), rtol=tol)
+    # an output-rounding ulp of the largest outputs (GEMM results share one scale across a row); in W8A8
+    # a kernel may also round one activation the other way on an exact .5 tie (fma vs mul+add): one
+    # quantization step of one product, ~1% of the largest output at K = 64
+    atol = (tol if mode == "w8a16" else max(tol, 3e-2)) * ref.abs().max().item()
+    torch.testing.assert_close(y.double(), ref, atol=atol, rtol=tol)
 
 
 def test_int8_linear_decode_sizes_and_noncontiguous(backend_device):
@@ -168,3 +171,23 @@ def test_torch_compile_fullgraph():
     f = torch.compile(lambda x: I.int8_linear(x, w, sw, mode="w8a8"), fullgraph=True, backend="eager")
     x = torch.randn(5, 64)
     torch.testing.assert_close(f(x), I.int8_linear(x, w, sw, mode="w8a8"), atol=0, rtol=0)
+
+
+@pytest.mark.skipif(ember.available_backends()["cpu"] is not None, reason="needs ember._C")
+def test_cpu_packed_decode_layout_matches():
+    w, sw = _weights(48, 100, "cpu")
+    wp = I.pack_weight_cpu(w)
+    assert wp.shape == (3, 25, 16, 4) and I.pack_weight_cpu(w[:40]) is None
+    bias = torch.randn(48)
+    for M in (1, 3, 4, 7, 16):
+        for dtype in (torch.float32, torch.bfloat16):
+            x = torch.randn(M, 100).to(dtype)
+            a = I.int8_linear(x, w, sw, bias, act="gelu", backend="cpu", w_packed=wp)
+            b = I.int8_linear(x, w, sw, bias, act="gelu", backend="cpu")
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5 if dtype == torch.float32 else 1e-2)
+    lin = torch.nn.Linear(100, 48)
+    q = ember.nn.Int8Linear.from_linear(lin, "w8a8")
+    x = torch.randn(2, 100)
+    y = q(x)
+    assert "_packed" in q.__dict__
+    torch.testing.assert_close(y, I.int8_linear_reference(x, q.weight, q.weight_scale, q.bias), atol=1e-5, rtol=1e-5)

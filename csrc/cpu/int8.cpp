@@ -63,7 +63,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x, const
 }
 
 at::Tensor int8_linear_w8a8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sw,
-                            const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mul, int64_t act) {
+                            const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mul, int64_t act,
+                            const c10::optional<at::Tensor>& w_packed) {
   check_x(x, "int8_linear_w8a8");
   check_weight(x, w, sw, bias, "int8_linear_w8a8");
   TORCH_CHECK(sw.dim() == 1, "ember_C.int8_linear_w8a8: w_scale must be per channel (N,), got ", sw.sizes());
@@ -72,13 +73,42 @@ at::Tensor int8_linear_w8a8(const at::Tensor& x, const at::Tensor& w, const at::
   if (M == 0 || N == 0) return out;
   if (x.size(1) == 0) return out.zero_().add_(bias ? *bias : at::zeros({N}, x.options()));
   auto [q, sx] = quantize_impl(x, mul, "int8_linear_w8a8");
+  const at::Tensor b = float_or_null(bias);
+  const DType dtype = to_dtype(x.scalar_type(), "int8_linear_w8a8", "x");
+  if (M <= 16 && w_packed) {
+    TORCH_CHECK(w_packed->scalar_type() == at::kChar && w_packed->is_contiguous() && w_packed->numel() == w.numel(),
+                "ember_C.int8_linear_w8a8: w_packed must be the contiguous int8 (N/16, K/4, 16, 4) packing of w");
+    if (kernels().w8a8_gemv_packed(q.const_data_ptr<int8_t>(), sx.const_data_ptr<float>(),
+                                   w_packed->const_data_ptr<int8_t>(), sw.const_data_ptr<float>(),
+                                   b.defined() ? b.const_data_ptr<float>() : nullptr, out.mutable_data_ptr(), M, N,
+                                   x.size(1), dtype, static_cast<int32_t>(act)))
+      return out;
+  }
+  if (M <= 16) {  // decode: ATen's int8 GEMM is slower than a register-blocked GEMV here
+    kernels().w8a8_gemv(q.const_data_ptr<int8_t>(), sx.const_data_ptr<float>(), w.const_data_ptr<int8_t>(),
+                        sw.const_data_ptr<float>(), b.defined() ? b.const_data_ptr<float>() : nullptr,
+                        out.mutable_data_ptr(), M, N, x.size(1), dtype, static_cast<int32_t>(act));
+    return out;
+  }
   // w is stored (N, K) like nn.Linear; its transpose view is the column-major (K, N) operand oneDNN
   // takes without a copy.
-  const at::Tensor acc = at::_int_mm(q, w.t());
-  const at::Tensor b = float_or_null(bias);
+  // The int32 product lives in a per-thread workspace reused across calls: a fresh multi-MB tensor
+  // per call costs an mmap and a page fault per 4 KiB (~1 ms of the 4 ms of a 1024 x 384 x 1536 layer,
+  // measured single-threaded here), more than the epilogue itself.
+  // Capped at 16 Mi elements (64 MiB) per thread; larger products allocate as usual.
+  constexpr int64_t kMaxWorkspace = int64_t(1) << 24;
+  thread_local at::Tensor workspace;
+  at::Tensor acc;
+  if (M * N <= kMaxWorkspace) {
+    if (!workspace.defined() || workspace.numel() < M * N) workspace = at::empty({M * N}, x.options().dtype(at::kInt));
+    acc = workspace.narrow(0, 0, M * N).view({M, N});
+  } else {
+    acc = at::empty({M, N}, x.options().dtype(at::kInt));
+  }
+  at::_int_mm_out(acc, q, w.t());
   kernels().dequant_epilogue(acc.const_data_ptr<int32_t>(), sx.const_data_ptr<float>(), sw.const_data_ptr<float>(),
                              b.defined() ? b.const_data_ptr<float>() : nullptr, out.mutable_data_ptr(), M, N,
-                             to_dtype(x.scalar_type(), "int8_linear_w8a8", "x"), static_cast<int32_t>(act));
+                             dtype, static_cast<int32_t>(act));
   return out;
 }
 

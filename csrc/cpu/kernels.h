@@ -33,6 +33,13 @@ struct Kernels {
   // scales (N, K / group); x rows every ldx elements; out contiguous (M, N).
   void (*w8a16_gemv)(const void* x, int64_t ldx, const int8_t* w, const float* sw, const float* bias, void* out,
                      int64_t M, int64_t N, int64_t K, int64_t group, DType dtype, int32_t act);
+  // W8A8 for M <= 16 from quantized rows: out = act(sx[m] sw[n] (q @ w.T)[m, n] + bias[n]).
+  void (*w8a8_gemv)(const int8_t* q, const float* sx, const int8_t* w, const float* sw, const float* bias,
+                    void* out, int64_t M, int64_t N, int64_t K, DType dtype, int32_t act);
+  // The same from the packed weight wp (N / 16, K / 4, 16, 4); returns false (nothing done) when this
+  // CPU / build has no VNNI kernel or N % 16 or K % 4.
+  bool (*w8a8_gemv_packed)(const int8_t* q, const float* sx, const int8_t* wp, const float* sw, const float* bias,
+                           void* out, int64_t M, int64_t N, int64_t K, DType dtype, int32_t act);
 };
 
 const Kernels& kernels_default();

@@ -67,7 +67,7 @@ inline void gated_act_backward(const void* grad, const void* gate, const void* u
 
 inline const Kernels& table() {
   static const Kernels k{&unary_act, &unary_act_backward, &gated_act, &gated_act_backward,
-                         &quantize_rows, &dequant_epilogue, &w8a16_gemv};
+                         &quantize_rows, &dequant_epilogue, &w8a16_gemv, &w8a8_gemv, &w8a8_gemv_packed};
   return k;
 }
 

@@ -40,7 +40,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x, const
 }
 
 at::Tensor int8_linear_w8a8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sw,
-                            const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& smooth, int64_t act) {
+                            const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& smooth, int64_t act,
+                            const c10::optional<at::Tensor>& /*w_packed: CPU layout, unused here*/) {
   const char* op = "int8_linear_w8a8";
   check_rows(x, op, "x");
   const DType dtype = to_dtype(x.scalar_type(), op, "x");

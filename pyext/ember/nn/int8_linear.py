@@ -83,7 +83,21 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return int8_ops.int8_linear(x, self.weight, self.weight_scale, self.bias, act=self.act, mode=self.mode,
-                                    smooth=self.smooth)
+                                    smooth=self.smooth, w_packed=self._decode_packing(x))
+
+    def _decode_packing(self, x: torch.Tensor) -> torch.Tensor | None:
+        """CPU W8A8 decode (<= 16 rows) reads the weight in the packed VNNI layout (see
+        ``ops.int8.pack_weight_cpu``): made on the first such call and cached beside the module (not a
+        buffer, not in the state_dict; N x K bytes more), remade if the weight changes."""
+        if (self.mode != "w8a8" or x.device.type != "cpu" or self.group_size is not None or x.dim() == 0
+                or x.numel() > 16 * x.shape[-1] or torch.compiler.is_compiling()):
+            return None
+        key = (self.weight.data_ptr(), self.weight._version)
+        cached = self.__dict__.get("_packed")
+        if cached is None or cached[0] != key:
+            cached = (key, int8_ops.pack_weight_cpu(self.weight))
+            self.__dict__["_packed"] = cached
+        return cached[1]
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         """The float weight this layer computes with (smoothing undone)."""

@@ -56,6 +56,15 @@ def quantize_weight(w: torch.Tensor, group_size: int | None = None) -> tuple[tor
     return q, (scale.reshape(N) if group_size is None else scale)
 
 
+def pack_weight_cpu(w: torch.Tensor) -> torch.Tensor | None:
+    """The CPU decode layout of an int8 weight: (N/16, K/4, 16, 4), each 64-byte line 4 k of 16 output
+    channels (what AVX512-VNNI's vpdpbusd consumes with a broadcast activation). None if N % 16 or K % 4."""
+    N, K = w.shape
+    if N % 16 or K % 4:
+        return None
+    return w.reshape(N // 16, 16, K // 4, 4).permute(0, 2, 1, 3).contiguous()
+
+
 def check_group_size(op: str, K: int, group_size: int | None) -> int:
     if group_size is None:
         return K
@@ -151,7 +160,7 @@ def _cpu_w8a8_grouped(x2, w, w_scale, bias, smooth, act):
     return _finish(y * sx[:, None], bias, act, x2.dtype)
 
 
-def _linear_forward(x, w, w_scale, bias, smooth, act, mode, backend):
+def _linear_forward(x, w, w_scale, bias, smooth, act, mode, backend, w_packed=None):
     backend = _backend.resolve(backend, x.device, "int8_linear")
     N, K = w.shape
     if backend == "cuda":
@@ -171,7 +180,7 @@ def _linear_forward(x, w, w_scale, bias, smooth, act, mode, backend):
         if w_scale.dim() == 2 and w_scale.shape[1] > 1:
             y = _cpu_w8a8_grouped(x2, w, w_scale, bias, smooth, act)
         else:
-            y = torch.ops.ember_C.int8_linear_w8a8(x2, w, w_scale.reshape(N), bias, smooth, ACT_IDS[act])
+            y = torch.ops.ember_C.int8_linear_w8a8(x2, w, w_scale.reshape(N), bias, smooth, ACT_IDS[act], w_packed)
     else:
         if smooth is not None:
             x2 = x2 * smooth.to(x2.dtype)
@@ -201,12 +210,13 @@ def _int8_linear_op(
     act: str,
     mode: str,
     backend: str,
+    w_packed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    return _linear_forward(x, w, w_scale, bias, smooth, act, mode, backend)
+    return _linear_forward(x, w, w_scale, bias, smooth, act, mode, backend, w_packed)
 
 
 @_int8_linear_op.register_fake
-def _(x, w, w_scale, bias, smooth, act, mode, backend):
+def _(x, w, w_scale, bias, smooth, act, mode, backend, w_packed=None):
     return x.new_empty(*x.shape[:-1], w.shape[0])
 
 
@@ -257,8 +267,12 @@ def int8_linear(
     mode: str = "w8a8",
     smooth: torch.Tensor | None = None,
     backend: str | None = None,
+    w_packed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``act((x * smooth) @ dequant(w, w_scale).T + bias)`` with int8 weights; see the module docstring."""
+    """``act((x * smooth) @ dequant(w, w_scale).T + bias)`` with int8 weights; see the module docstring.
+
+    ``w_packed`` (optional, CPU W8A8): ``pack_weight_cpu(w)``, used by the decode kernel (M <= 16);
+    Int8Linear makes and caches it."""
     op = "int8_linear"
     check_float(op, "x", x)
     if mode not in MODES:
@@ -288,4 +302,6 @@ def int8_linear(
     _check_smooth(op, smooth, K, x.device)
     w = w if w.is_contiguous() else w.contiguous()
     w_scale = w_scale if w_scale.is_contiguous() else w_scale.contiguous()
-    return _int8_linear_op(x, w, w_scale, bias, smooth, act, mode, _backend.request(backend, x.device, op))
+    if w_packed is not None and (w_packed.dtype != torch.int8 or w_packed.numel() != w.numel() or w_packed.device != x.device):
+        raise ValueError(f"ember.ops.{op}: w_packed must be pack_weight_cpu(w) on {x.device}")
+    return _int8_linear_op(x, w, w_scale, bias, smooth, act, mode, _backend.request(backend, x.device, op), w_packed)
