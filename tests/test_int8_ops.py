@@ -191,3 +191,17 @@ def test_cpu_packed_decode_layout_matches():
     y = q(x)
     assert "_packed" in q.__dict__
     torch.testing.assert_close(y, I.int8_linear_reference(x, q.weight, q.weight_scale, q.bias), atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_w8a8_inside_and_outside_inference_mode():
+    # the CPU path caches an int32 workspace per thread; it must work in both modes, in either order
+    w, sw = _weights(64, 128, "cpu")
+    x = torch.randn(40, 128)
+    ref = I.int8_linear_reference(x, w, sw)
+    with torch.inference_mode():
+        a = I.int8_linear(x, w, sw)
+    b = I.int8_linear(x, w, sw)
+    with torch.inference_mode():
+        c = I.int8_linear(x, w, sw)
+    for y in (a, b, c):
+        torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)

@@ -9,6 +9,7 @@
 // per-channel or (N, K / group) for groups; bias (N,) in any float dtype; act -1 (none) or ember::Act.
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <c10/core/InferenceMode.h>
 
 #include "cpu/kernels.h"
 #include "ops.h"
@@ -96,7 +97,10 @@ at::Tensor int8_linear_w8a8(const at::Tensor& x, const at::Tensor& w, const at::
   // per call costs an mmap and a page fault per 4 KiB (~1 ms of the 4 ms of a 1024 x 384 x 1536 layer,
   // measured single-threaded here), more than the epilogue itself.
   // Capped at 16 Mi elements (64 MiB) per thread; larger products allocate as usual.
+  // Made and used only under InferenceMode, so the cached tensor is the same kind in every call whether
+  // or not the caller is in inference mode (an inference tensor cannot be written outside it).
   constexpr int64_t kMaxWorkspace = int64_t(1) << 24;
+  c10::InferenceMode inference_guard;
   thread_local at::Tensor workspace;
   at::Tensor acc;
   if (M * N <= kMaxWorkspace) {
