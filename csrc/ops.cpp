@@ -147,6 +147,12 @@ TORCH_LIBRARY(ember_C, m) {
       "optim_step(str kind, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] s1, Tensor(c!)[] s2, "
       "Tensor(d!)[] s3, Tensor(e!)[] masters, Tensor(f!)[] steps, float[] hyper, int flags, Tensor? lr, "
       "Tensor? grad_scale, Tensor? found_inf) -> ()");
+  // int8 inference (csrc/cpu/int8.cpp); act is -1 (none) or an ember::Act value.
+  m.def("quantize_per_token(Tensor x, Tensor? smooth) -> (Tensor, Tensor)");
+  m.def(
+      "int8_linear_w8a8(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, Tensor? smooth, int act, Tensor? w_packed=None) "
+      "-> Tensor");
+  m.def("int8_linear_w8a16(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, int act) -> Tensor");
 }
 
 namespace ember::cpu {

@@ -59,6 +59,26 @@ struct Kernels {
                               int64_t cols, int64_t grad_row_stride, int64_t rows_per_chunk, DType dtype, Act act);
   // One optimizer step over every tensor of the launch (all tensors and chunks in one parallel loop).
   void (*optim_step)(const OptLaunch& launch);
+
+  // Int8 inference (cpu/int8_impl.h). `act` is an ember::Act value or -1 for none.
+  // q[r, :] = round(x[r, :] * mul * 127 / absmax_r), scale[r] = absmax_r / 127 (NaN for a row with
+  // NaN/Inf); x rows start every ld elements, mul (cols floats) may be null; q is contiguous.
+  void (*quantize_rows)(const void* x, int64_t rows, int64_t cols, int64_t ld, DType dtype, const float* mul,
+                        int8_t* q, float* scale);
+  // out[m, n] = act(acc[m, n] * sx[m] * sw[n] + bias[n]) in dtype; acc, out contiguous; bias may be null.
+  void (*dequant_epilogue)(const int32_t* acc, const float* sx, const float* sw, const float* bias, void* out,
+                           int64_t M, int64_t N, DType dtype, int32_t act);
+  // Weight-only int8 GEMM for M <= 16: out = act(x @ dequant(w).T + bias), w (N, K) int8 with fp32
+  // scales (N, K / group); x rows every ldx elements; out contiguous (M, N).
+  void (*w8a16_gemv)(const void* x, int64_t ldx, const int8_t* w, const float* sw, const float* bias, void* out,
+                     int64_t M, int64_t N, int64_t K, int64_t group, DType dtype, int32_t act);
+  // W8A8 for M <= 16 from quantized rows: out = act(sx[m] sw[n] (q @ w.T)[m, n] + bias[n]).
+  void (*w8a8_gemv)(const int8_t* q, const float* sx, const int8_t* w, const float* sw, const float* bias,
+                    void* out, int64_t M, int64_t N, int64_t K, DType dtype, int32_t act);
+  // The same from the packed weight wp (N / 16, K / 4, 16, 4); returns false (nothing done) when this
+  // CPU / build has no VNNI kernel or N % 16 or K % 4.
+  bool (*w8a8_gemv_packed)(const int8_t* q, const float* sx, const int8_t* wp, const float* sw, const float* bias,
+                           void* out, int64_t M, int64_t N, int64_t K, DType dtype, int32_t act);
 };
 
 const Kernels& kernels_default();

@@ -33,3 +33,17 @@ cudaError_t gated_act_backward(const void* grad, const void* gate, const void* u
                                DType dtype, Act act, cudaStream_t stream);
 
 }  // namespace ember::cuda
+
+namespace ember::cuda {
+
+// Per-row symmetric int8: q[r, :] = rint(x[r, :] * mul * 127 / absmax_r), scale[r] = absmax_r / 127
+// (NaN for rows holding NaN/Inf, whose q is 0). x rows every ld elements; mul (cols) may be null.
+cudaError_t quantize_rows(const void* x, int64_t rows, int64_t cols, int64_t ld, DType dtype, const float* mul,
+                          int8_t* q, float* scale, cudaStream_t stream);
+
+// out (M, N) in dtype = act(sa[m] * sb[n] * (a @ b.T)[m, n] + bias[n]); a (M, K), b (N, K) int8
+// contiguous with K % 16 == 0 and 16-byte aligned bases; bias fp32 or null; act -1 (none) or an Act.
+cudaError_t w8a8_gemm(const int8_t* a, const float* sa, const int8_t* b, const float* sb, const float* bias,
+                      void* out, int64_t M, int64_t N, int64_t K, DType dtype, int32_t act, cudaStream_t stream);
+
+}  // namespace ember::cuda

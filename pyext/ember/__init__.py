@@ -4,10 +4,13 @@
     y = ember.ops.swiglu(gate, up)             # one op, backend chosen for the device
     report = ember.swap(model)                 # replace activations / gated MLPs in place
     with ember.backend("triton"): ...          # force a backend
+    report = ember.quantize(model, mode="w8a8")  # int8 Linear layers, in place
 """
 from ._backend import BACKENDS, backend, get_backend, set_backend
 from . import ops, nn, optim  # noqa: E402  (ops registers the torch.library custom ops)
 from .swapping import SwapReport, SwapRule, register_rule, swap, unswap  # noqa: E402
+from . import quant  # noqa: E402
+from .quant import quantize  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -22,4 +25,4 @@ def available_backends(device="cpu") -> dict:
     return {name: why_unavailable(name, dev) for name in BACKENDS}
 
 
-__all__ = ["ops", "nn", "optim", "swap", "unswap", "SwapRule", "SwapReport", "register_rule", "backend", "set_backend", "get_backend", "available_backends", "BACKENDS"]
+__all__ = ["ops", "nn", "optim", "quant", "quantize", "swap", "unswap", "SwapRule", "SwapReport", "register_rule", "backend", "set_backend", "get_backend", "available_backends", "BACKENDS"]

@@ -1,6 +1,7 @@
 """Drop-in ``torch.nn`` modules backed by ember's fused ops."""
 from .activation import GELU, GeGLU, ReLU, SiLU, SwiGLU
 from .gated_mlp import GatedMLP
+from .int8_linear import Int8Linear
 from .linear import Linear
 
-__all__ = ["GELU", "SiLU", "ReLU", "SwiGLU", "GeGLU", "GatedMLP", "Linear"]
+__all__ = ["GELU", "SiLU", "ReLU", "SwiGLU", "GeGLU", "GatedMLP", "Linear", "Int8Linear"]

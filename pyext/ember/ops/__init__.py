@@ -3,6 +3,8 @@ autograd) with reference, C++ CPU, Triton and CUDA implementations chosen per ca
 ``ember.backend``."""
 from .activation import gelu, relu, silu
 from .gated import geglu, swiglu
+from .int8 import dequantize_weight, int8_linear, quantize_per_token, quantize_weight
 from .linear import gated_linear, linear
 
-__all__ = ["gelu", "silu", "relu", "swiglu", "geglu", "linear", "gated_linear"]
+__all__ = ["gelu", "silu", "relu", "swiglu", "geglu", "linear", "gated_linear", "int8_linear", "quantize_per_token",
+           "quantize_weight", "dequantize_weight"]

@@ -1,0 +1,152 @@
+// CPU implementation of ember_C's int8 inference ops.
+//
+//   quantize_per_token(x, mul?)                 -> (q int8 (M, K), scale fp32 (M,))
+//   int8_linear_w8a8(x, w, w_scale, bias?, mul?, act)   dynamic W8A8: fused quantize, ATen's int8
+//       GEMM (torch._int_mm: oneDNN with VNNI / AMX), fused dequant + bias + activation epilogue
+//   int8_linear_w8a16(x, w, w_scale, bias?, act)         weight-only: fused GEMV for M <= 16, else
+//       one dequantised copy of the weight in x's dtype and ATen's GEMM (compute bound there)
+// x is 2-D (M, K) with a contiguous last dim; w is (N, K) int8 contiguous; w_scale fp32 (N,) for
+// per-channel or (N, K / group) for groups; bias (N,) in any float dtype; act -1 (none) or ember::Act.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <c10/core/InferenceMode.h>
+
+#include "cpu/kernels.h"
+#include "ops.h"
+
+namespace ember::cpu {
+namespace {
+
+void check_x(const at::Tensor& x, const char* op) {
+  check_rows(x, op, "x");
+  to_dtype(x.scalar_type(), op, "x");
+  TORCH_CHECK(x.device().is_cpu(), "ember_C.", op, ": x must be a CPU tensor, got ", x.device());
+}
+
+void check_weight(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sw, const c10::optional<at::Tensor>& bias,
+                  const char* op) {
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2 && w.is_contiguous(), "ember_C.", op,
+              ": w must be a contiguous 2-D int8 tensor (N, K), got ", w.scalar_type(), " ", w.sizes());
+  TORCH_CHECK(w.size(1) == x.size(1), "ember_C.", op, ": x has ", x.size(1), " features but w expects ", w.size(1));
+  TORCH_CHECK(sw.scalar_type() == at::kFloat && sw.is_contiguous() && sw.size(0) == w.size(0) &&
+                  (sw.dim() == 1 || (sw.dim() == 2 && w.size(1) % sw.size(1) == 0)),
+              "ember_C.", op, ": w_scale must be contiguous fp32 (N,) or (N, K / group), got ", sw.scalar_type(), " ",
+              sw.sizes(), " for w ", w.sizes());
+  if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.size(0), "ember_C.", op, ": bias must be (N,) = (", w.size(0),
+                ",), got ", bias->sizes());
+  }
+  TORCH_CHECK(w.device().is_cpu() && sw.device().is_cpu(), "ember_C.", op, ": w and w_scale must be CPU tensors");
+}
+
+at::Tensor float_or_null(const c10::optional<at::Tensor>& t) {
+  return t ? t->to(at::kFloat).contiguous() : at::Tensor();
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& x, const c10::optional<at::Tensor>& mul,
+                                                 const char* op) {
+  check_x(x, op);
+  const int64_t M = x.size(0), K = x.size(1);
+  at::Tensor m = float_or_null(mul);
+  TORCH_CHECK(!m.defined() || (m.dim() == 1 && m.size(0) == K), "ember_C.", op, ": smooth must be (K,) = (", K,
+              ",), got ", m.sizes());
+  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor s = at::empty({M}, x.options().dtype(at::kFloat));
+  if (M > 0)
+    kernels().quantize_rows(x.const_data_ptr(), M, K, x.stride(0), to_dtype(x.scalar_type(), op, "x"),
+                            m.defined() ? m.const_data_ptr<float>() : nullptr, q.mutable_data_ptr<int8_t>(),
+                            s.mutable_data_ptr<float>());
+  return {q, s};
+}
+
+std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x, const c10::optional<at::Tensor>& mul) {
+  return quantize_impl(x, mul, "quantize_per_token");
+}
+
+at::Tensor int8_linear_w8a8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sw,
+                            const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mul, int64_t act,
+                            const c10::optional<at::Tensor>& w_packed) {
+  check_x(x, "int8_linear_w8a8");
+  check_weight(x, w, sw, bias, "int8_linear_w8a8");
+  TORCH_CHECK(sw.dim() == 1, "ember_C.int8_linear_w8a8: w_scale must be per channel (N,), got ", sw.sizes());
+  const int64_t M = x.size(0), N = w.size(0);
+  at::Tensor out = at::empty({M, N}, x.options());
+  if (M == 0 || N == 0) return out;
+  if (x.size(1) == 0) return out.zero_().add_(bias ? *bias : at::zeros({N}, x.options()));
+  auto [q, sx] = quantize_impl(x, mul, "int8_linear_w8a8");
+  const at::Tensor b = float_or_null(bias);
+  const DType dtype = to_dtype(x.scalar_type(), "int8_linear_w8a8", "x");
+  if (M <= 16 && w_packed) {
+    TORCH_CHECK(w_packed->scalar_type() == at::kChar && w_packed->is_contiguous() && w_packed->numel() == w.numel(),
+                "ember_C.int8_linear_w8a8: w_packed must be the contiguous int8 (N/16, K/4, 16, 4) packing of w");
+    if (kernels().w8a8_gemv_packed(q.const_data_ptr<int8_t>(), sx.const_data_ptr<float>(),
+                                   w_packed->const_data_ptr<int8_t>(), sw.const_data_ptr<float>(),
+                                   b.defined() ? b.const_data_ptr<float>() : nullptr, out.mutable_data_ptr(), M, N,
+                                   x.size(1), dtype, static_cast<int32_t>(act)))
+      return out;
+  }
+  if (M <= 16) {  // decode: ATen's int8 GEMM is slower than a register-blocked GEMV here
+    kernels().w8a8_gemv(q.const_data_ptr<int8_t>(), sx.const_data_ptr<float>(), w.const_data_ptr<int8_t>(),
+                        sw.const_data_ptr<float>(), b.defined() ? b.const_data_ptr<float>() : nullptr,
+                        out.mutable_data_ptr(), M, N, x.size(1), dtype, static_cast<int32_t>(act));
+    return out;
+  }
+  // w is stored (N, K) like nn.Linear; its transpose view is the column-major (K, N) operand oneDNN
+  // takes without a copy.
+  // The int32 product lives in a per-thread workspace reused across calls: a fresh multi-MB tensor
+  // per call costs an mmap and a page fault per 4 KiB (~1 ms of the 4 ms of a 1024 x 384 x 1536 layer,
+  // measured single-threaded here), more than the epilogue itself.
+  // Capped at 16 Mi elements (64 MiB) per thread; larger products allocate as usual.
+  // Made and used only under InferenceMode, so the cached tensor is the same kind in every call whether
+  // or not the caller is in inference mode (an inference tensor cannot be written outside it).
+  constexpr int64_t kMaxWorkspace = int64_t(1) << 24;
+  c10::InferenceMode inference_guard;
+  thread_local at::Tensor workspace;
+  at::Tensor acc;
+  if (M * N <= kMaxWorkspace) {
+    if (!workspace.defined() || workspace.numel() < M * N) workspace = at::empty({M * N}, x.options().dtype(at::kInt));
+    acc = workspace.narrow(0, 0, M * N).view({M, N});
+  } else {
+    acc = at::empty({M, N}, x.options().dtype(at::kInt));
+  }
+  at::_int_mm_out(acc, q, w.t());
+  kernels().dequant_epilogue(acc.const_data_ptr<int32_t>(), sx.const_data_ptr<float>(), sw.const_data_ptr<float>(),
+                             b.defined() ? b.const_data_ptr<float>() : nullptr, out.mutable_data_ptr(), M, N,
+                             dtype, static_cast<int32_t>(act));
+  return out;
+}
+
+at::Tensor int8_linear_w8a16(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sw,
+                             const c10::optional<at::Tensor>& bias, int64_t act) {
+  check_x(x, "int8_linear_w8a16");
+  check_weight(x, w, sw, bias, "int8_linear_w8a16");
+  const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
+  const int64_t group = sw.dim() == 1 ? K : K / sw.size(1);
+  const DType dtype = to_dtype(x.scalar_type(), "int8_linear_w8a16", "x");
+  if (M <= 16 && (group == K || group % 16 == 0)) {
+    at::Tensor out = at::empty({M, N}, x.options());
+    if (M == 0 || N == 0) return out;
+    const at::Tensor b = float_or_null(bias);
+    kernels().w8a16_gemv(x.const_data_ptr(), x.stride(0), w.const_data_ptr<int8_t>(), sw.const_data_ptr<float>(),
+                         b.defined() ? b.const_data_ptr<float>() : nullptr, out.mutable_data_ptr(), M, N, K, group,
+                         dtype, static_cast<int32_t>(act));
+    return out;
+  }
+  // Prefill: the GEMM costs 2*M*N*K flops against N*K for one dequantised weight copy, so for M > 16
+  // the copy is a few percent of the time and ATen's GEMM does the rest.
+  const at::Tensor wd = (w.to(at::kFloat).view({N, -1, group}) * sw.view({N, -1, 1})).view({N, K}).to(x.scalar_type());
+  at::Tensor out = at::linear(x, wd, bias ? c10::optional<at::Tensor>(bias->to(x.scalar_type())) : c10::nullopt);
+  if (act >= 0 && out.numel() > 0)
+    kernels().unary_act(out.const_data_ptr(), out.mutable_data_ptr(), out.numel(), dtype, static_cast<Act>(act));
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ember_C, CPU, m) {
+  m.impl("quantize_per_token", &quantize_per_token);
+  m.impl("int8_linear_w8a8", &int8_linear_w8a8);
+  m.impl("int8_linear_w8a16", &int8_linear_w8a16);
+}
+
+}  // namespace ember::cpu

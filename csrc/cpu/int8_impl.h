@@ -1,0 +1,423 @@
+// Int8 inference kernels (bodies), compiled once per ISA through kernels_impl.h.
+//
+//   quantize_rows     symmetric per-row (per-token) int8: one pass for the row's absmax, one pass to
+//                     scale, round (half to even, as torch.round) and store; optional per-channel
+//                     multiply first (SmoothQuant's 1/s applied to activations).
+//   dequant_epilogue  y = act(acc[m,n] * sx[m] * sw[n] + bias[n]) from the int32 GEMM result, written
+//                     straight in the output dtype: the int32 tensor is read once, nothing else made.
+//   w8a16_gemv        y = act(sum_g sw[n,g] * sum_{k in g} x[m,k] w[n,k] + bias[n]) for small M (decode):
+//                     int8 weights are widened in registers, never dequantised into memory, so the
+//                     kernel streams 1 byte per weight instead of 2 (bf16) or 4 (fp32).
+// The int8 x int8 -> int32 GEMM itself is ATen's (oneDNN, VNNI / AMX where the CPU has them).
+#pragma once
+#include <cmath>
+#include <cstring>
+#include <vector>
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
+namespace ember::cpu::EMBER_ISA {
+
+template <typename F>
+void dispatch_float(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: return f(float{});
+    case DType::kFloat64: return f(double{});
+    case DType::kFloat16: return f(c10::Half{});
+    case DType::kBFloat16: return f(c10::BFloat16{});
+  }
+}
+
+// Calls f.template operator()<A, HAS_ACT>() for act code (-1 = none, else ember::Act).
+template <typename F>
+void dispatch_act(int32_t act, F&& f) {
+  switch (act) {
+    case 0: return f.template operator()<Act::kRelu, true>();
+    case 1: return f.template operator()<Act::kSilu, true>();
+    case 2: return f.template operator()<Act::kGelu, true>();
+    case 3: return f.template operator()<Act::kGeluTanh, true>();
+    default: return f.template operator()<Act::kRelu, false>();
+  }
+}
+
+using VF = Vectorized<float>;
+constexpr int64_t kVF = VF::size();
+
+// Row r of `x` (row stride `ld`) into fp32 `dst` (cols floats), times `mul` when given.
+template <typename T>
+inline void row_to_float(const T* x, int64_t cols, const float* mul, float* dst) {
+  at::vec::convert<T, float>(x, dst, cols);
+  if (mul) {
+    int64_t i = 0;
+    for (; i + kVF <= cols; i += kVF) (VF::loadu(dst + i) * VF::loadu(mul + i)).store(dst + i);
+    for (; i < cols; ++i) dst[i] *= mul[i];
+  }
+}
+
+inline void quantize_rows(const void* x, int64_t rows, int64_t cols, int64_t ld, DType dtype, const float* mul,
+                          int8_t* q, float* scale) {
+  dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* xp = static_cast<const T*>(x);
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(cols, 1)), [&](int64_t r0, int64_t r1) {
+      std::vector<float> buf(cols);
+      for (int64_t r = r0; r < r1; ++r) {
+        row_to_float(xp + r * ld, cols, mul, buf.data());
+        // absmax; NaN anywhere must poison the row (max() would drop it), so track finiteness too.
+        VF vmax(0.f);
+        int64_t i = 0;
+        for (; i + kVF <= cols; i += kVF) vmax = at::vec::maximum(vmax, VF::loadu(buf.data() + i).abs());
+        float amax = at::vec::vec_reduce_all<float>([](VF& a, VF& b) { return at::vec::maximum(a, b); }, vmax);
+        for (; i < cols; ++i) amax = std::isnan(buf[i]) ? buf[i] : std::max(amax, std::abs(buf[i]));
+        int8_t* qr = q + r * cols;
+        if (!std::isfinite(amax)) {
+          // NaN/Inf in the row: the row's outputs become NaN (scale NaN), other rows are untouched.
+          std::fill(qr, qr + cols, int8_t(0));
+          scale[r] = std::numeric_limits<float>::quiet_NaN();
+          continue;
+        }
+        const float inv = amax > 0.f ? 127.f / amax : 0.f;
+        scale[r] = amax / 127.f;
+        const VF vinv(inv), lo(-127.f), hi(127.f);
+        i = 0;
+        alignas(64) int32_t tmp[kVF];
+        for (; i + kVF <= cols; i += kVF) {
+          const VF v = at::vec::clamp((VF::loadu(buf.data() + i) * vinv).round(), lo, hi);
+          alignas(64) float f[kVF];
+          v.store(f);
+          for (int64_t j = 0; j < kVF; ++j) tmp[j] = static_cast<int32_t>(f[j]);
+          for (int64_t j = 0; j < kVF; ++j) qr[i + j] = static_cast<int8_t>(tmp[j]);
+        }
+        for (; i < cols; ++i)
+          qr[i] = static_cast<int8_t>(std::clamp(std::nearbyint(buf[i] * inv), -127.f, 127.f));
+      }
+    });
+  });
+}
+
+// Applies bias and the activation to an fp32 row in place.
+template <Act A, bool HAS_ACT>
+inline void finish_row(float* y, int64_t n, const float* bias) {
+  int64_t i = 0;
+  for (; i + kVF <= n; i += kVF) {
+    VF v = VF::loadu(y + i);
+    if (bias) v = v + VF::loadu(bias + i);
+    if constexpr (HAS_ACT) v = act_forward<A>(v);
+    v.store(y + i);
+  }
+  if (i < n) {
+    const int c = static_cast<int>(n - i);
+    VF v = VF::loadu(y + i, c);
+    if (bias) v = v + VF::loadu(bias + i, c);
+    if constexpr (HAS_ACT) v = act_forward<A>(v);
+    v.store(y + i, c);
+  }
+}
+
+inline void dequant_epilogue(const int32_t* acc, const float* sx, const float* sw, const float* bias, void* out,
+                             int64_t M, int64_t N, DType dtype, int32_t act) {
+  dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_act(act, [&]<Act A, bool HAS_ACT>() {
+      at::parallel_for(0, M, std::max<int64_t>(1, 16384 / std::max<int64_t>(N, 1)), [&](int64_t m0, int64_t m1) {
+        std::vector<float> row(N);
+        for (int64_t m = m0; m < m1; ++m) {
+          const int32_t* ar = acc + m * N;
+          const VF s(sx[m]);
+          int64_t i = 0;
+          for (; i + kVF <= N; i += kVF) {
+            const VF a = at::vec::convert_to_fp_of_same_size<float>(Vectorized<int32_t>::loadu(ar + i));
+            (a * s * VF::loadu(sw + i)).store(row.data() + i);
+          }
+          for (; i < N; ++i) row[i] = static_cast<float>(ar[i]) * sx[m] * sw[i];
+          finish_row<A, HAS_ACT>(row.data(), N, bias);
+          at::vec::convert<float, T>(row.data(), static_cast<T*>(out) + m * N, N);
+        }
+      });
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Small-M (decode) GEMMs. Bound by weight bytes: each weight row is read once for every 4 rows of x,
+// and 4 output channels share every x load (4 x MB accumulators in registers). On AVX-512 the int8
+// weights are widened in registers (vpmovsxbd + vcvtdq2ps for W8A16; vpmovsxbw + vpmaddwd, int32
+// accumulate, for W8A8); elsewhere plain loops the compiler vectorises.
+// ---------------------------------------------------------------------------------------------
+constexpr int64_t kMaxGemvRows = 16;
+
+#if defined(CPU_CAPABILITY_AVX512)
+inline __m512 load_i8_as_f32(const int8_t* p, __mmask16 m) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
+}
+#endif
+
+// y[m0 + i, n0 + j] = sum_g sw[n, g] * sum_{k in g} x[m, k] w[n, k] for i < MB, j < NB.
+template <int MB, int NB>
+inline void w8a16_block(const float* x, int64_t K, const int8_t* w, const float* sw, int64_t group, float* y,
+                        int64_t N, int64_t m0, int64_t n0) {
+  const int64_t groups = K / group;
+  float total[MB][NB] = {};
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t k0 = g * group, k1 = k0 + group;
+#if defined(CPU_CAPABILITY_AVX512)
+    __m512 acc[MB][NB];
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
+    for (int64_t k = k0; k < k1; k += 16) {
+      const __mmask16 mk = k + 16 <= k1 ? __mmask16(0xFFFF) : __mmask16((1u << (k1 - k)) - 1);
+      __m512 wv[NB];
+      for (int j = 0; j < NB; ++j) wv[j] = load_i8_as_f32(w + (n0 + j) * K + k, mk);
+      for (int i = 0; i < MB; ++i) {
+        const __m512 xv = _mm512_maskz_loadu_ps(mk, x + (m0 + i) * K + k);
+        for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
+      }
+    }
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NB; ++j) total[i][j] += sw[(n0 + j) * groups + g] * _mm512_reduce_add_ps(acc[i][j]);
+#else
+    for (int i = 0; i < MB; ++i)
+      for (int j = 0; j < NB; ++j) {
+        const float* xr = x + (m0 + i) * K;
+        const int8_t* wr = w + (n0 + j) * K;
+        float a = 0.f;
+        for (int64_t k = k0; k < k1; ++k) a += xr[k] * static_cast<float>(wr[k]);
+        total[i][j] += sw[(n0 + j) * groups + g] * a;
+      }
+#endif
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) y[(m0 + i) * N + n0 + j] = total[i][j];
+}
+
+// y[m, n] = sx[m] * sw[n] * sum_k q[m, k] w[n, k] (int32 exact), per-channel weights.
+template <int MB, int NB>
+inline void w8a8_block(const int8_t* q, int64_t K, const int8_t* w, const float* sx, const float* sw, float* y,
+                       int64_t N, int64_t m0, int64_t n0) {
+  int32_t dot[MB][NB] = {};
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512i acc[MB][NB];
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_si512();
+  for (int64_t k = 0; k < K; k += 32) {
+    const __mmask32 mk = k + 32 <= K ? __mmask32(0xFFFFFFFFu) : __mmask32((1ull << (K - k)) - 1);
+    __m512i wv[NB];
+    for (int j = 0; j < NB; ++j) wv[j] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mk, w + (n0 + j) * K + k));
+    for (int i = 0; i < MB; ++i) {
+      const __m512i xv = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mk, q + (m0 + i) * K + k));
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_add_epi32(acc[i][j], _mm512_madd_epi16(xv, wv[j]));
+    }
+  }
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) dot[i][j] = _mm512_reduce_add_epi32(acc[i][j]);
+#else
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) {
+      const int8_t* xr = q + (m0 + i) * K;
+      const int8_t* wr = w + (n0 + j) * K;
+      int32_t a = 0;
+      for (int64_t k = 0; k < K; ++k) a += int32_t(xr[k]) * int32_t(wr[k]);
+      dot[i][j] = a;
+    }
+#endif
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j)
+      y[(m0 + i) * N + n0 + j] = static_cast<float>(dot[i][j]) * sx[m0 + i] * sw[n0 + j];
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// The same with AVX512-VNNI's vpdpbusd (u8 x s8, 64 MACs per instruction). qu holds q + 128 as u8, so
+// sum qu*w = sum q*w + 128 * sum w; the weight row sums come from a second vpdpbusd against ones,
+// shared by the MB rows. Compiled for VNNI by attribute; called only when the CPU has it.
+template <int MB, int NB>
+__attribute__((target("avx512vnni"), noinline)) void w8a8_block_vnni(const uint8_t* qu, int64_t K, const int8_t* w,
+                                                                      const float* sx, const float* sw, float* y,
+                                                                      int64_t N, int64_t m0, int64_t n0) {
+  __m512i acc[MB][NB], wsum[NB];
+  for (int j = 0; j < NB; ++j) wsum[j] = _mm512_setzero_si512();
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_si512();
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t k = 0; k < K; k += 64) {
+    const __mmask64 mk = k + 64 <= K ? ~__mmask64(0) : ((__mmask64(1) << (K - k)) - 1);
+    __m512i wv[NB];
+    for (int j = 0; j < NB; ++j) {
+      wv[j] = _mm512_maskz_loadu_epi8(mk, w + (n0 + j) * K + k);
+      wsum[j] = _mm512_dpbusd_epi32(wsum[j], ones, wv[j]);
+    }
+    for (int i = 0; i < MB; ++i) {
+      const __m512i xv = _mm512_maskz_loadu_epi8(mk, qu + (m0 + i) * K + k);
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xv, wv[j]);
+    }
+  }
+  for (int j = 0; j < NB; ++j) {
+    const int32_t corr = 128 * _mm512_reduce_add_epi32(wsum[j]);
+    for (int i = 0; i < MB; ++i)
+      y[(m0 + i) * N + n0 + j] =
+          static_cast<float>(_mm512_reduce_add_epi32(acc[i][j]) - corr) * sx[m0 + i] * sw[n0 + j];
+  }
+}
+
+// Decode W8A8 on the packed weight layout wp[N / 16][K / 4][16][4] (int8_linear's `w_packed`): each
+// 64-byte line holds 4 k of 16 output channels, so the weight is one sequential stream per 16
+// channels and the 16 lanes of every accumulator are 16 finished dot products (no horizontal sums).
+// The row-major kernel above reads 4 interleaved 2 KiB rows per step and ran at a third of
+// quantize_dynamic's (fbgemm, packed) speed on a 1 x 2048 x 8192 layer here; this layout is why.
+template <int MB, int NB>
+__attribute__((target("avx512vnni"), noinline)) void w8a8_packed_block(const uint8_t* qu, int64_t K, const int8_t* wp,
+                                                                        const float* sx, const float* sw, float* y,
+                                                                        int64_t N, int64_t m0, int64_t b0) {
+  const int64_t K4 = K / 4;
+  __m512i acc[MB][NB], wsum[NB];
+  for (int j = 0; j < NB; ++j) wsum[j] = _mm512_setzero_si512();
+  for (int i = 0; i < MB; ++i)
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_si512();
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int64_t k4 = 0; k4 < K4; ++k4) {
+    __m512i wv[NB];
+    for (int j = 0; j < NB; ++j) {
+      wv[j] = _mm512_loadu_si512(wp + ((b0 + j) * K4 + k4) * 64);
+      wsum[j] = _mm512_dpbusd_epi32(wsum[j], ones, wv[j]);
+    }
+    for (int i = 0; i < MB; ++i) {
+      int32_t xq;
+      std::memcpy(&xq, qu + (m0 + i) * K + 4 * k4, 4);
+      const __m512i xb = _mm512_set1_epi32(xq);
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xb, wv[j]);
+    }
+  }
+  for (int j = 0; j < NB; ++j) {
+    const __m512i corr = _mm512_slli_epi32(wsum[j], 7);  // 128 * sum_k w
+    const __m512 s = _mm512_loadu_ps(sw + (b0 + j) * 16);
+    for (int i = 0; i < MB; ++i) {
+      const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], corr));
+      _mm512_storeu_ps(y + (m0 + i) * N + (b0 + j) * 16, _mm512_mul_ps(_mm512_mul_ps(d, s), _mm512_set1_ps(sx[m0 + i])));
+    }
+  }
+}
+
+inline bool has_vnni() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni");
+  }();
+  return yes;
+}
+#endif
+
+// Runs `block.template operator()<MB, NB>(m0, n0)` over the (M, N) grid, 4 x 4 tiles where they fit,
+// parallel over output channels.
+template <typename B>
+inline void gemv_grid(int64_t M, int64_t N, const B& block) {
+  auto rows = [&]<int NB>(int64_t n0) {
+    int64_t m0 = 0;
+    for (; m0 + 4 <= M; m0 += 4) block.template operator()<4, NB>(m0, n0);
+    switch (M - m0) {
+      case 3: block.template operator()<3, NB>(m0, n0); break;
+      case 2: block.template operator()<2, NB>(m0, n0); break;
+      case 1: block.template operator()<1, NB>(m0, n0); break;
+      default: break;
+    }
+  };
+  at::parallel_for(0, (N + 3) / 4, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * 4;
+      if (n0 + 4 <= N) {
+        rows.template operator()<4>(n0);
+      } else {
+        for (int64_t n = n0; n < N; ++n) rows.template operator()<1>(n);
+      }
+    }
+  });
+}
+
+template <typename T>
+inline void store_rows(float* yf, void* out, int64_t M, int64_t N, const float* bias, DType, int32_t act) {
+  dispatch_act(act, [&]<Act A, bool HAS_ACT>() {
+    for (int64_t m = 0; m < M; ++m) {
+      finish_row<A, HAS_ACT>(yf + m * N, N, bias);
+      at::vec::convert<float, T>(yf + m * N, static_cast<T*>(out) + m * N, N);
+    }
+  });
+}
+
+// Weight-only GEMM for M <= 16. x: (M, K) rows every ldx elements; w: (N, K) int8; sw: (N, K / group)
+// fp32; group divides K and is a multiple of 16 unless it equals K.
+inline void w8a16_gemv(const void* x, int64_t ldx, const int8_t* w, const float* sw, const float* bias, void* out,
+                       int64_t M, int64_t N, int64_t K, int64_t group, DType dtype, int32_t act) {
+  dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    std::vector<float> xf(M * K), yf(M * N);
+    for (int64_t m = 0; m < M; ++m) row_to_float(static_cast<const T*>(x) + m * ldx, K, nullptr, xf.data() + m * K);
+    gemv_grid(M, N, [&]<int MB, int NB>(int64_t m0, int64_t n0) {
+      w8a16_block<MB, NB>(xf.data(), K, w, sw, group, yf.data(), N, m0, n0);
+    });
+    store_rows<T>(yf.data(), out, M, N, bias, dtype, act);
+  });
+}
+
+// Dynamic W8A8 for M <= 16: the quantized rows q (M, K) with scales sx, per-channel int8 weights.
+inline void w8a8_gemv(const int8_t* q, const float* sx, const int8_t* w, const float* sw, const float* bias, void* out,
+                      int64_t M, int64_t N, int64_t K, DType dtype, int32_t act) {
+  dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    std::vector<float> yf(M * N);
+#if defined(CPU_CAPABILITY_AVX512)
+    if (has_vnni()) {
+      std::vector<uint8_t> qu(M * K);
+      for (int64_t i = 0; i < M * K; ++i) qu[i] = static_cast<uint8_t>(q[i] + 128);
+      gemv_grid(M, N, [&]<int MB, int NB>(int64_t m0, int64_t n0) {
+        w8a8_block_vnni<MB, NB>(qu.data(), K, w, sx, sw, yf.data(), N, m0, n0);
+      });
+      store_rows<T>(yf.data(), out, M, N, bias, dtype, act);
+      return;
+    }
+#endif
+    gemv_grid(M, N, [&]<int MB, int NB>(int64_t m0, int64_t n0) {
+      w8a8_block<MB, NB>(q, K, w, sx, sw, yf.data(), N, m0, n0);
+    });
+    store_rows<T>(yf.data(), out, M, N, bias, dtype, act);
+  });
+}
+
+// W8A8 for M <= 16 on the packed layout; false when this build or CPU cannot (caller falls back).
+inline bool w8a8_gemv_packed(const int8_t* q, const float* sx, const int8_t* wp, const float* sw, const float* bias,
+                             void* out, int64_t M, int64_t N, int64_t K, DType dtype, int32_t act) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (!has_vnni() || N % 16 || K % 4) return false;
+  dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    std::vector<float> yf(M * N);
+    std::vector<uint8_t> qu(M * K);
+    for (int64_t i = 0; i < M * K; ++i) qu[i] = static_cast<uint8_t>(q[i] + 128);
+    const int64_t blocks = N / 16;
+    auto rows = [&]<int NB>(int64_t b0) {
+      int64_t m0 = 0;
+      for (; m0 + 4 <= M; m0 += 4) w8a8_packed_block<4, NB>(qu.data(), K, wp, sx, sw, yf.data(), N, m0, b0);
+      switch (M - m0) {
+        case 3: w8a8_packed_block<3, NB>(qu.data(), K, wp, sx, sw, yf.data(), N, m0, b0); break;
+        case 2: w8a8_packed_block<2, NB>(qu.data(), K, wp, sx, sw, yf.data(), N, m0, b0); break;
+        case 1: w8a8_packed_block<1, NB>(qu.data(), K, wp, sx, sw, yf.data(), N, m0, b0); break;
+        default: break;
+      }
+    };
+    at::parallel_for(0, (blocks + 3) / 4, 4, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) {
+        if (g * 4 + 4 <= blocks) {
+          rows.template operator()<4>(g * 4);
+        } else {
+          for (int64_t b = g * 4; b < blocks; ++b) rows.template operator()<1>(b);
+        }
+      }
+    });
+    store_rows<T>(yf.data(), out, M, N, bias, dtype, act);
+  });
+  return true;
+#else
+  (void)q, (void)sx, (void)wp, (void)sw, (void)bias, (void)out, (void)M, (void)N, (void)K, (void)dtype, (void)act;
+  return false;
+#endif
+}
+
+}  // namespace ember::cpu::EMBER_ISA

@@ -1,0 +1,257 @@
+"""Int8 inference in Triton: per-token quantization, the W8A8 int8 GEMM and the W8A16 weight-only GEMM.
+
+  _quantize_rows_kernel  one program per row: absmax pass, then scale / round / store int8 (the row is
+                         read twice, from L2 on GPU; 1 byte written per element)
+  _w8a8_gemm_kernel      int8 x int8 tl.dot on int8 tensor cores (mma s8, int32 accumulators); the
+                         epilogue applies row scale x column scale, bias and the activation, and writes
+                         the output dtype. Grouped weights rescale once per K block of one group.
+  _w8a16_gemm_kernel     x in its own dtype, int8 weight tiles widened to x's dtype in registers inside
+                         the main loop (never dequantized into memory). SPLIT_K > 1 for decode (M <= 16):
+                         K is cut across programs so a skinny GEMV fills the GPU, fp32 partials are
+                         summed by _finish_kernel, which applies bias and activation.
+
+Byte counts (why the int8 paths win): at decode a Linear is bound by its weight bytes; int8 reads N*K
+bytes against 2*N*K for bf16. At prefill, int8 tensor cores run twice as many ops per cycle as bf16.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .activation import act_forward, to_output
+
+
+@triton.jit
+def _rint(v):
+    # Round half to even (torch.round) with plain fp32 adds, so the interpreter (no libdevice) and GPUs
+    # agree: around 1.5 * 2^23 the fp32 ulp is 1, so adding and subtracting it rounds |v| < 2^22 to the
+    # nearest integer, ties to even. |v| <= 127 here.
+    big = 12582912.0
+    return (v + big) - big
+
+
+@triton.jit
+def _quantize_rows_kernel(
+    x_ptr,  # (M, K) float, row stride stride_xm, unit column stride
+    mul_ptr,  # (K,) fp32 smoothing multiplier (ignored unless HAS_MUL)
+    q_ptr,  # (M, K) int8 out, contiguous
+    s_ptr,  # (M,) fp32 out: absmax / 127 (NaN for rows with NaN / Inf)
+    K,
+    stride_xm,
+    HAS_MUL: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * stride_xm
+    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
+    finite = tl.full([BLOCK_K], 1, dtype=tl.int1)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        m = offs < K
+        v = tl.load(x_row + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_MUL:
+            v = v * tl.load(mul_ptr + offs, mask=m, other=1.0)
+        finite = finite & (tl.abs(v) < float("inf"))  # false for NaN and +-Inf
+        amax = tl.maximum(amax, tl.where(v == v, tl.abs(v), 0.0))
+    row_max = tl.max(amax, axis=0)
+    ok = tl.min(finite.to(tl.int32), axis=0) > 0
+    inv = tl.where(row_max > 0.0, 127.0 / row_max, 0.0)
+    inv = tl.where(ok, inv, 0.0)
+    for k0 in range(0, K, BLOCK_K):
+        offs = k0 + tl.arange(0, BLOCK_K)
+        m = offs < K
+        v = tl.load(x_row + offs, mask=m, other=0.0).to(tl.float32)
+        if HAS_MUL:
+            v = v * tl.load(mul_ptr + offs, mask=m, other=1.0)
+        v = tl.where(ok, v * inv, 0.0)
+        r = _rint(v)
+        tl.store(q_ptr + row * K + offs, tl.clamp(r, -127.0, 127.0).to(tl.int8), mask=m)
+    tl.store(s_ptr + row, tl.where(ok, row_max / 127.0, float("nan")))
+
+
+@triton.jit
+def _w8a8_gemm_kernel(
+    a_ptr,  # (M, K) int8 quantized activations, contiguous
+    sa_ptr,  # (M,) fp32 activation scales
+    b_ptr,  # (N, K) int8 weight, contiguous (the nn.Linear layout)
+    sb_ptr,  # (N, GROUPS) fp32 weight scales
+    bias_ptr,  # (N,) bias (ignored unless HAS_BIAS)
+    c_ptr,  # (M, N) out, contiguous
+    M,
+    N,
+    K,
+    GROUP: tl.constexpr,  # input channels per weight scale (K for per-channel)
+    GROUPED: tl.constexpr,  # GROUP < K
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,  # -1 none, else ACT_IDS
+    INTERPRET_BF16: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    groups = K // GROUP
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    facc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        a = tl.load(a_ptr + rm[:, None].to(tl.int64) * K + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0)
+        b = tl.load(b_ptr + rn[None, :].to(tl.int64) * K + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K), other=0)
+        if GROUPED:  # BLOCK_K divides GROUP: this block lies in one group
+            part = tl.dot(a, b, out_dtype=tl.int32)
+            sb = tl.load(sb_ptr + rn * groups + k0 // GROUP, mask=rn < N, other=0.0)
+            facc += part.to(tl.float32) * sb[None, :]
+        else:
+            acc = tl.dot(a, b, acc, out_dtype=tl.int32)
+    sa = tl.load(sa_ptr + rm, mask=rm < M, other=0.0)
+    if GROUPED:
+        y = facc * sa[:, None]
+    else:
+        sb = tl.load(sb_ptr + rn, mask=rn < N, other=0.0)
+        y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    if ACT >= 0:
+        y = act_forward(y, ACT)
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(c_ptr + rm[:, None].to(tl.int64) * N + rn[None, :], to_output(y, c_ptr, INTERPRET_BF16), mask=mask)
+
+
+@triton.jit
+def _w8a16_gemm_kernel(
+    x_ptr,  # (M, K) float activations, row stride stride_xm
+    w_ptr,  # (N, K) int8 weight, contiguous
+    sw_ptr,  # (N, GROUPS) fp32 weight scales
+    p_ptr,  # (SPLIT_K, M, N) fp32 partial sums, contiguous
+    M,
+    N,
+    K,
+    stride_xm,
+    GROUP: tl.constexpr,
+    GROUPED: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m, pid_n, pid_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    groups = K // GROUP
+    # This program's K range: whole BLOCK_K blocks, split as evenly as possible.
+    nblocks = tl.cdiv(K, BLOCK_K)
+    per = tl.cdiv(nblocks, SPLIT_K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for kb in range(pid_k * per, tl.minimum(nblocks, (pid_k + 1) * per)):
+        kk = kb * BLOCK_K + rk
+        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0)
+        w = tl.load(w_ptr + rn[None, :].to(tl.int64) * K + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K), other=0)
+        if GROUPED:
+            sw = tl.load(sw_ptr + rn * groups + (kb * BLOCK_K) // GROUP, mask=rn < N, other=0.0)
+            acc += tl.dot(x, w.to(x.dtype), out_dtype=tl.float32) * sw[None, :]
+        else:
+            acc = tl.dot(x, w.to(x.dtype), acc, out_dtype=tl.float32)
+    if not GROUPED:
+        acc = acc * tl.load(sw_ptr + rn, mask=rn < N, other=0.0)[None, :]
+    mask = (rm[:, None] < M) & (rn[None, :] < N)
+    tl.store(p_ptr + pid_k * M * N + rm[:, None].to(tl.int64) * N + rn[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _finish_kernel(
+    p_ptr,  # (SPLIT_K, M * N) fp32 partials
+    bias_ptr,  # (N,) (ignored unless HAS_BIAS)
+    c_ptr,  # (M, N) out, contiguous
+    MN,
+    N,
+    SPLIT_K: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    ACT: tl.constexpr,
+    INTERPRET_BF16: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < MN
+    y = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in range(SPLIT_K):
+        y += tl.load(p_ptr + s * MN + offs, mask=m, other=0.0)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + offs % N, mask=m, other=0.0).to(tl.float32)
+    if ACT >= 0:
+        y = act_forward(y, ACT)
+    tl.store(c_ptr + offs, to_output(y, c_ptr, INTERPRET_BF16), mask=m)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers.
+# ---------------------------------------------------------------------------------------------
+def _interp(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu"
+
+
+def quantize_per_token(x2: torch.Tensor, smooth: torch.Tensor | None):
+    M, K = x2.shape
+    q = torch.empty(M, K, dtype=torch.int8, device=x2.device)
+    s = torch.empty(M, dtype=torch.float32, device=x2.device)
+    if M and K:
+        block = min(triton.next_power_of_2(K), 4096)
+        _quantize_rows_kernel[(M,)](x2, smooth if smooth is not None else s, q, s, K, x2.stride(0),
+                                    HAS_MUL=smooth is not None, BLOCK_K=block)
+    elif M:
+        s.zero_()
+    return q, s
+
+
+def _group(w_scale: torch.Tensor, K: int) -> int:
+    return K if w_scale.dim() == 1 or w_scale.shape[1] == 1 else K // w_scale.shape[1]
+
+
+def int8_linear(x2, w, w_scale, bias, smooth, act_id: int, mode: str) -> torch.Tensor:
+    M, K = x2.shape
+    N = w.shape[0]
+    out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
+    if M == 0 or N == 0:
+        return out
+    group = _group(w_scale, K)
+    grouped = group < K
+    interp = _interp(x2)
+    ib16 = interp and x2.dtype == torch.bfloat16
+    if mode == "w8a8":
+        q, sx = quantize_per_token(x2, smooth)
+        bk = 64 if not grouped else min(64, group)
+        if grouped and group % bk:
+            raise ValueError(f"ember triton int8_linear: group_size {group} must be a multiple of 16")
+        bm = 16 if M <= 16 else (64 if M <= 64 else 128)
+        bn = 64 if interp else 128
+        grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+        _w8a8_gemm_kernel[grid](q, sx, w, w_scale, bias if bias is not None else sx, out, M, N, K,
+                                GROUP=group, GROUPED=grouped, HAS_BIAS=bias is not None, ACT=act_id,
+                                INTERPRET_BF16=ib16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                num_warps=4 if bm <= 64 else 8)
+        return out
+    if smooth is not None:
+        x2 = x2 * smooth.to(x2.dtype)
+    if x2.dtype == torch.float64:
+        x2 = x2.float()  # tl.dot has no fp64 on tensor cores; accumulate fp32
+    bk = 64 if not grouped else min(64, group)
+    if grouped and group % bk:
+        raise ValueError(f"ember triton int8_linear: group_size {group} must be a multiple of 16")
+    bm = 16 if M <= 16 else (64 if M <= 64 else 128)
+    bn = 64 if (interp or M <= 16) else 128
+    nblocks = triton.cdiv(K, bk)
+    # Decode: enough programs to cover the GPU (~132 SMs on H100) even when N / BLOCK_N is small.
+    split = 1 if (M > 16 or interp) else max(1, min(nblocks, 256 // max(1, triton.cdiv(N, bn))))
+    if interp and M <= 16:
+        split = min(2, nblocks)  # exercise the split-K reduction under the interpreter too
+    part = torch.empty(split, M, N, dtype=torch.float32, device=x2.device)
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn), split)
+    _w8a16_gemm_kernel[grid](x2, w, w_scale, part, M, N, K, x2.stride(0), GROUP=group, GROUPED=grouped,
+                             SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+    blk = 1024
+    _finish_kernel[(triton.cdiv(M * N, blk),)](part, bias if bias is not None else part, out, M * N, N,
+                                               SPLIT_K=split, HAS_BIAS=bias is not None, ACT=act_id,
+                                               INTERPRET_BF16=ib16, BLOCK=blk)
+    return out

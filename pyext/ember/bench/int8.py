@@ -1,0 +1,186 @@
+"""Int8 Linear benchmark rows: ember's W8A8 / W8A16 against float Linear and torch.ao quantize_dynamic.
+
+Every provider computes y = x @ W.T + b for x (M, K), W (N, K). Rows carry the median time, TOPS
+(2 M N K ops / time; int8 rows count the same ops as the float layer they replace) and speedups
+against fp32 Linear, bf16 Linear and torch.ao's quantize_dynamic (CPU, per-tensor qint8, fbgemm/onednn).
+
+Providers
+  CPU   torch-fp32, torch-bf16, torch.ao-dynamic, ember-cpu-w8a8, ember-cpu-w8a16 (+ bf16 x)
+  GPU   torch-bf16, ember-triton-w8a8, ember-triton-w8a16, torchao / bitsandbytes when installed
+Timing: CPU with torch.utils.benchmark (all torch threads), GPU with triton.testing.do_bench.
+
+    python -m ember.bench.int8 [--device cpu] [--quick] [--csv out.csv] [--decoder]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import time
+import warnings
+
+import torch
+from torch import nn
+
+import ember
+
+# (name, M, K, N). BERT-base / MiniLM projections at batch x sequence tokens; Llama-style decode.
+CPU_SHAPES = [
+    ("minilm.ffn_up", 1024, 384, 1536),
+    ("minilm.ffn_down", 1024, 1536, 384),
+    ("bert.qkv", 1024, 768, 2304),
+    ("bert.ffn_up", 1024, 768, 3072),
+    ("bert.ffn_down", 1024, 3072, 768),
+    ("bert.ffn_up.b1s128", 128, 768, 3072),
+    ("llama-1b.decode.mlp_up", 1, 2048, 8192),
+    ("llama-1b.decode.mlp_up", 16, 2048, 8192),
+    ("llama-1b.decode.o_proj", 1, 2048, 2048),
+]
+GPU_SHAPES = [(f"llama8b.{n}", M, K, N) for M in (1, 4, 16, 512, 2048, 4096, 8192)
+              for n, K, N in (("qkv", 4096, 6144), ("mlp_up", 4096, 28672), ("mlp_down", 14336, 4096))]
+
+
+def _time_cpu(fn, min_run=0.3) -> float:
+    from torch.utils import benchmark
+
+    t = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return t.blocked_autorange(min_run_time=min_run).median * 1e3
+
+
+def _time_gpu(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, return_mode="median")
+
+
+def _providers(lin: nn.Linear, device: str):
+    """{name: (callable of x, input dtype)}."""
+    out = {}
+    with torch.no_grad():
+        if device == "cpu":
+            out["torch-fp32"] = (lin, torch.float32)
+            lb = nn.Linear(lin.in_features, lin.out_features).to(torch.bfloat16)
+            lb.load_state_dict(lin.state_dict())
+            out["torch-bf16"] = (lb, torch.bfloat16)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                qd = torch.ao.quantization.quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)
+            out["torch.ao-dynamic"] = (qd, torch.float32)
+            for mode in ("w8a8", "w8a16"):
+                q = ember.nn.Int8Linear.from_linear(lin, mode)
+                out[f"ember-cpu-{mode}"] = (q, torch.float32)
+            qb = ember.nn.Int8Linear.from_linear(lin.to(torch.bfloat16), "w8a16").to(torch.bfloat16)
+            lin.float()
+            out["ember-cpu-w8a16-bf16x"] = (qb, torch.bfloat16)
+        else:
+            lb = lin.to(device, torch.bfloat16)
+            out["torch-bf16"] = (lb, torch.bfloat16)
+            for mode in ("w8a8", "w8a16"):
+                out[f"ember-triton-{mode}"] = (ember.nn.Int8Linear.from_linear(lb, mode), torch.bfloat16)
+    return out
+
+
+def rows(device: str = "cpu", quick: bool = False, shapes=None):
+    """Yield one dict per (shape, provider)."""
+    shapes = shapes or (CPU_SHAPES if device == "cpu" else GPU_SHAPES)
+    if quick:
+        shapes = shapes[::3]
+    timer = _time_cpu if device == "cpu" else _time_gpu
+    for name, M, K, N in shapes:
+        torch.manual_seed(0)
+        lin = nn.Linear(K, N)
+        x32 = torch.randn(M, K)
+        res = {}
+        for prov, (mod, dt) in _providers(lin, device).items():
+            x = x32.to(device, dt)
+            with torch.inference_mode():
+                backend = "triton" if prov.startswith("ember-triton") else None
+                ctx = ember.backend(backend) if backend else _null()
+                with ctx:
+                    res[prov] = timer(lambda: mod(x))
+        base = {k: res.get(k) for k in ("torch-fp32", "torch-bf16", "torch.ao-dynamic")}
+        for prov, ms in res.items():
+            yield {
+                "op": "linear", "shape": name, "provider": prov, "M": M, "K": K, "N": N, "device": device,
+                "median_ms": round(ms, 4), "TOPS": round(2 * M * N * K / ms / 1e9, 3),
+                **{f"x_vs_{k}": (round(v / ms, 2) if v else None) for k, v in base.items()},
+            }
+
+
+def decoder_tokens_per_s(device="cpu", hidden=1024, layers=8, inter=2816, vocab=32000, prompt=32, new=32,
+                         providers=("torch-fp32", "torch-bf16", "torch.ao-dynamic", "ember-w8a8", "ember-w8a16")):
+    """Greedy-decode tokens/s of a Llama-style decoder (random weights; transformers' LlamaForCausalLM)
+    with each provider's Linear layers. Default ~0.2B parameters on CPU; pass hidden=2048, layers=16,
+    inter=5632 for the ~1B model on GPU. Yields {provider, params, tokens_per_s, ms_per_token}."""
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                         num_attention_heads=hidden // 64, num_key_value_heads=max(1, hidden // 256),
+                         max_position_embeddings=prompt + new + 8)
+    torch.manual_seed(0)
+    base = tf.LlamaForCausalLM(cfg).eval()
+    sd = base.state_dict()
+    n_params = sum(p.numel() for p in base.parameters())
+    ids = torch.randint(0, vocab, (1, prompt), device=device)
+    for prov in providers:
+        m = tf.LlamaForCausalLM(cfg).eval()
+        m.load_state_dict(sd)
+        if prov == "torch-bf16":
+            m = m.to(torch.bfloat16)
+        elif prov == "torch.ao-dynamic":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                m = torch.ao.quantization.quantize_dynamic(m, {nn.Linear}, dtype=torch.qint8)
+        elif prov.startswith("ember-"):
+            ember.quantize(m, mode=prov.split("-")[1])
+        m = m.to(device)
+        gen = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
+        with torch.inference_mode():
+            m.generate(ids, **dict(gen, max_new_tokens=4, min_new_tokens=4))  # warm-up
+            t0 = time.perf_counter()
+            m.generate(ids, **gen)
+            dt = time.perf_counter() - t0
+        yield {"provider": prov, "params": n_params, "tokens_per_s": round(new / dt, 2),
+               "ms_per_token": round(dt / new * 1e3, 1)}
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--csv", default=None)
+    p.add_argument("--decoder", action="store_true", help="also time greedy decoding of a Llama-style model")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (CPU); default: torch's")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    allrows = []
+    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    print("| shape | M,K,N | provider | ms | TOPS | vs fp32 | vs bf16 | vs ao-dynamic |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows(a.device, a.quick):
+        allrows.append(r)
+        print(f"| {r['shape']} | {r['M']},{r['K']},{r['N']} | {r['provider']} | {r['median_ms']} | {r['TOPS']} | "
+              f"{r['x_vs_torch-fp32']} | {r['x_vs_torch-bf16']} | {r['x_vs_torch.ao-dynamic']} |", flush=True)
+    if a.decoder:
+        print("\n| decoder provider | params | tokens/s | ms/token |\n|---|---|---|---|")
+        for r in decoder_tokens_per_s(a.device):
+            print(f"| {r['provider']} | {r['params'] / 1e6:.0f}M | {r['tokens_per_s']} | {r['ms_per_token']} |", flush=True)
+    if a.csv:
+        with open(a.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(allrows[0]))
+            w.writeheader()
+            w.writerows(allrows)
+
+
+if __name__ == "__main__":
+    main()

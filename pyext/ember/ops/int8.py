@@ -1,0 +1,307 @@
+"""Int8 inference ops: ``ember::quantize_per_token`` and ``ember::int8_linear``.
+
+Quantization is symmetric (no zero points): an int8 value q stands for q * scale.
+
+  weights      per output channel (scale (N,)) or per group of ``group_size`` input channels
+               (scale (N, K / group_size)); made once, offline, by ``quantize_weight``
+  activations  per token (row) at run time: scale_m = max_k |x[m, k]| / 127, computed inside the op
+
+``int8_linear(x, w, w_scale, bias, act=, mode=, smooth=)`` computes ``act(x @ dequant(w).T + bias)``:
+
+  mode="w8a16"  weight-only: the int8 weight is widened inside the GEMM (x keeps its precision)
+  mode="w8a8"   dynamic: x is quantized per token, the product runs on int8 units with int32
+                accumulation, and the dequantization (row scale x column scale), bias and activation
+                are the GEMM's epilogue
+  smooth        optional (K,) fp32 per-input-channel multiplier applied to x before quantization
+                (SmoothQuant's 1 / s; ``ember.quantize`` folds s into the weight)
+
+Rows whose activations hold NaN or Inf give NaN outputs in that row only (torch would give a mix of
++-Inf and NaN there); other rows are never affected. Inference only: backward raises.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import _backend
+from ._common import as_rows, check_float
+
+MODES = ("w8a8", "w8a16")
+ACT_IDS = {"none": -1, "relu": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3}
+QMAX = 127.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure-PyTorch reference (the test oracle and the fallback on any device).
+# ---------------------------------------------------------------------------------------------
+def quantize_weight(w: torch.Tensor, group_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 weight, per output channel (``group_size=None``) or per group of input channels.
+
+    Returns ``(w_int8 (N, K), scale fp32 (N,) or (N, K // group_size))``. An all-zero row (or group)
+    gets scale 0 and zeros, so it dequantizes to exactly zero.
+    """
+    check_float("quantize_weight", "w", w)
+    if w.dim() != 2:
+        raise ValueError(f"ember.ops.quantize_weight: w must be 2-D (out_features, in_features), got {w.dim()}-D")
+    N, K = w.shape
+    g = check_group_size("quantize_weight", K, group_size)
+    wf = w.detach().to(torch.float32 if w.dtype != torch.float64 else torch.float64).reshape(N, K // g, g)
+    if not wf.is_meta and not torch.isfinite(wf).all():
+        raise ValueError("ember.ops.quantize_weight: w holds NaN or Inf; such a weight cannot be quantized")
+    amax = wf.abs().amax(dim=-1, keepdim=True)
+    inv = torch.where(amax > 0, QMAX / amax, torch.zeros_like(amax))
+    q = torch.round(wf * inv).clamp_(-QMAX, QMAX).to(torch.int8).reshape(N, K)
+    scale = (amax / QMAX).to(torch.float32).reshape(N, K // g)
+    return q, (scale.reshape(N) if group_size is None else scale)
+
+
+def pack_weight_cpu(w: torch.Tensor) -> torch.Tensor | None:
+    """The CPU decode layout of an int8 weight: (N/16, K/4, 16, 4), each 64-byte line 4 k of 16 output
+    channels (what AVX512-VNNI's vpdpbusd consumes with a broadcast activation). None if N % 16 or K % 4."""
+    N, K = w.shape
+    if N % 16 or K % 4:
+        return None
+    return w.reshape(N // 16, 16, K // 4, 4).permute(0, 2, 1, 3).contiguous()
+
+
+def check_group_size(op: str, K: int, group_size: int | None) -> int:
+    if group_size is None:
+        return K
+    if not isinstance(group_size, int) or group_size <= 0 or K % group_size:
+        raise ValueError(f"ember.ops.{op}: group_size must be a positive divisor of in_features={K}, got {group_size!r}")
+    return group_size
+
+
+def quantize_per_token_reference(x: torch.Tensor, smooth: torch.Tensor | None = None):
+    """(q int8, scale fp32) per row of ``x.reshape(-1, K)``; the same fp32 arithmetic as the kernels."""
+    xf = x.reshape(-1, x.shape[-1]).float()
+    if smooth is not None:
+        xf = xf * smooth.float()
+    finite = torch.isfinite(xf).all(dim=-1, keepdim=True)
+    amax = xf.abs().amax(dim=-1, keepdim=True) if xf.shape[-1] else xf.new_zeros(xf.shape[0], 1)
+    inv = torch.where(amax > 0, QMAX / amax, torch.zeros_like(amax))
+    q = torch.round(torch.where(finite, xf * inv, 0.0)).clamp_(-QMAX, QMAX).to(torch.int8)
+    scale = torch.where(finite, amax / QMAX, torch.full_like(amax, math.nan)).reshape(-1)
+    return q, scale
+
+
+def _expand_scale(w_scale: torch.Tensor, K: int) -> torch.Tensor:
+    """(N,) or (N, G) scales -> (N, K) per-element scales."""
+    if w_scale.dim() == 1:
+        return w_scale[:, None].expand(-1, K)
+    return w_scale.repeat_interleave(K // w_scale.shape[1], dim=1)
+
+
+def dequantize_weight(w: torch.Tensor, w_scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    return (w.to(torch.float32) * _expand_scale(w_scale.float(), w.shape[1])).to(dtype)
+
+
+def _finish(y: torch.Tensor, bias, act: str, dtype) -> torch.Tensor:
+    from .activation import act_reference
+
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    if act != "none":
+        y = act_reference(y, act)
+    return y.to(dtype)
+
+
+def int8_linear_reference(x, w, w_scale, bias=None, act="none", mode="w8a8", smooth=None) -> torch.Tensor:
+    K, N = w.shape[1], w.shape[0]
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x2 = x.reshape(-1, K)
+    if mode == "w8a16":
+        xs = x2.to(wide) * smooth.to(wide) if smooth is not None else x2.to(wide)
+        y = xs @ dequantize_weight(w, w_scale, wide).T
+    else:
+        q, sx = quantize_per_token_reference(x2, smooth)
+        G = 1 if w_scale.dim() == 1 else w_scale.shape[1]
+        sw = w_scale.reshape(N, G).double()
+        # int32-exact products in float64 (|sum| < 2^53), one per weight group
+        qg, wg = q.double().reshape(-1, G, K // G), w.double().reshape(N, G, K // G)
+        acc = torch.einsum("mgk,ngk->mng", qg, wg)
+        y = ((acc * sw[None]).sum(-1) * sx.double()[:, None]).to(wide)
+    return _finish(y, bias, act, x.dtype).reshape(*x.shape[:-1], N)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends.
+# ---------------------------------------------------------------------------------------------
+def _quantize_forward(x, smooth, backend):
+    backend = _backend.resolve(backend, x.device, "quantize_per_token")
+    if backend == "reference":
+        return quantize_per_token_reference(x, smooth)
+    x2 = as_rows(x)
+    if backend == "triton":
+        from ember.kernels import int8_gemm as tk
+
+        return tk.quantize_per_token(x2, smooth)
+    return torch.ops.ember_C.quantize_per_token(x2, smooth)  # C++ CPU or CUDA kernel
+
+
+def _cuda_fallback(x, w, w_scale, mode) -> str:
+    """The CUDA C++ kernels cover per-channel W8A8 with in_features % 16 == 0; Triton does the rest."""
+    if mode == "w8a8" and (w_scale.dim() == 1 or w_scale.shape[1] == 1) and w.shape[1] % 16 == 0:
+        return "cuda"
+    return "triton" if _backend.why_unavailable("triton", x.device) is None else "reference"
+
+
+def _cpu_w8a8_grouped(x2, w, w_scale, bias, smooth, act):
+    # Groups in W8A8 need one int32 product per group: ATen's int8 GEMM per group, fp32 sum here.
+    q, sx = torch.ops.ember_C.quantize_per_token(x2, smooth)
+    N, K = w.shape
+    G = w_scale.shape[1]
+    g = K // G
+    y = torch.zeros(q.shape[0], N, dtype=torch.float32)
+    for i in range(G):
+        acc = torch._int_mm(q[:, i * g : (i + 1) * g], w[:, i * g : (i + 1) * g].t())
+        y.add_(acc.float() * w_scale[:, i])
+    return _finish(y * sx[:, None], bias, act, x2.dtype)
+
+
+def _linear_forward(x, w, w_scale, bias, smooth, act, mode, backend, w_packed=None):
+    backend = _backend.resolve(backend, x.device, "int8_linear")
+    N, K = w.shape
+    if backend == "cuda":
+        backend = _cuda_fallback(x, w, w_scale, mode)
+    if backend == "reference":
+        return int8_linear_reference(x, w, w_scale, bias, act, mode, smooth)
+    x2 = as_rows(x)
+    if x2.shape[0] == 0:
+        return x.new_empty(*x.shape[:-1], N)
+    if backend == "triton":
+        from ember.kernels import int8_gemm as tk
+
+        y = tk.int8_linear(x2, w, w_scale, bias, smooth, ACT_IDS[act], mode)
+    elif backend == "cuda":
+        y = torch.ops.ember_C.int8_linear_w8a8(x2, w, w_scale.reshape(N), bias, smooth, ACT_IDS[act])
+    elif mode == "w8a8":
+        if w_scale.dim() == 2 and w_scale.shape[1] > 1:
+            y = _cpu_w8a8_grouped(x2, w, w_scale, bias, smooth, act)
+        else:
+            y = torch.ops.ember_C.int8_linear_w8a8(x2, w, w_scale.reshape(N), bias, smooth, ACT_IDS[act], w_packed)
+    else:
+        if smooth is not None:
+            x2 = x2 * smooth.to(x2.dtype)
+        y = torch.ops.ember_C.int8_linear_w8a16(x2, w, w_scale, bias, ACT_IDS[act])
+    return torch.ops.aten._unsafe_view.default(y, (*x.shape[:-1], N))
+
+
+@torch.library.custom_op("ember::quantize_per_token", mutates_args=())
+def _quantize_op(x: torch.Tensor, smooth: torch.Tensor | None, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _quantize_forward(x, smooth, backend)
+
+
+@_quantize_op.register_fake
+def _(x, smooth, backend):
+    K = x.shape[-1]
+    M = x.numel() // K if K else math.prod(x.shape[:-1])
+    return x.new_empty(M, K, dtype=torch.int8), x.new_empty(M, dtype=torch.float32)
+
+
+@torch.library.custom_op("ember::int8_linear", mutates_args=())
+def _int8_linear_op(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    smooth: torch.Tensor | None,
+    act: str,
+    mode: str,
+    backend: str,
+    w_packed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    return _linear_forward(x, w, w_scale, bias, smooth, act, mode, backend, w_packed)
+
+
+@_int8_linear_op.register_fake
+def _(x, w, w_scale, bias, smooth, act, mode, backend, w_packed=None):
+    return x.new_empty(*x.shape[:-1], w.shape[0])
+
+
+def _no_backward(ctx, grad):
+    raise RuntimeError(
+        "ember.ops.int8_linear is inference-only: it has no backward. Run it under torch.no_grad() / "
+        "inference_mode, or keep the float layer for training."
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    pass
+
+
+_int8_linear_op.register_autograd(_no_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions.
+# ---------------------------------------------------------------------------------------------
+def _check_smooth(op, smooth, K, device):
+    if smooth is None:
+        return
+    if not isinstance(smooth, torch.Tensor) or smooth.shape != (K,) or smooth.dtype != torch.float32:
+        got = f"{smooth.dtype} {tuple(smooth.shape)}" if isinstance(smooth, torch.Tensor) else type(smooth).__name__
+        raise ValueError(f"ember.ops.{op}: smooth must be a float32 tensor of shape ({K},), got {got}")
+    if smooth.device != device:
+        raise ValueError(f"ember.ops.{op}: smooth must be on {device} like x, got {smooth.device}")
+
+
+def quantize_per_token(x: torch.Tensor, smooth: torch.Tensor | None = None, *, backend: str | None = None):
+    """Per-row symmetric int8 quantization of ``x.reshape(-1, K)``: ``(q int8 (M, K), scale fp32 (M,))``
+    with ``x[m] * smooth ~= q[m] * scale[m]``."""
+    check_float("quantize_per_token", "x", x)
+    if x.dim() == 0:
+        raise ValueError("ember.ops.quantize_per_token: x must have at least one dimension")
+    _check_smooth("quantize_per_token", smooth, x.shape[-1], x.device)
+    return _quantize_op(x, smooth, _backend.request(backend, x.device, "quantize_per_token"))
+
+
+def int8_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    act: str | None = None,
+    mode: str = "w8a8",
+    smooth: torch.Tensor | None = None,
+    backend: str | None = None,
+    w_packed: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``act((x * smooth) @ dequant(w, w_scale).T + bias)`` with int8 weights; see the module docstring.
+
+    ``w_packed`` (optional, CPU W8A8): ``pack_weight_cpu(w)``, used by the decode kernel (M <= 16);
+    Int8Linear makes and caches it."""
+    op = "int8_linear"
+    check_float(op, "x", x)
+    if mode not in MODES:
+        raise ValueError(f"ember.ops.{op}: mode must be one of {MODES}, got {mode!r}")
+    act = "none" if act is None else act
+    if act not in ACT_IDS:
+        raise ValueError(f"ember.ops.{op}: act must be None or one of {tuple(ACT_IDS)[1:]}, got {act!r}")
+    if not isinstance(w, torch.Tensor) or w.dtype != torch.int8 or w.dim() != 2:
+        got = f"{w.dtype} {w.dim()}-D" if isinstance(w, torch.Tensor) else type(w).__name__
+        raise TypeError(f"ember.ops.{op}: w must be a 2-D int8 tensor (out_features, in_features), got {got}")
+    N, K = w.shape
+    if x.dim() == 0 or x.shape[-1] != K:
+        raise ValueError(f"ember.ops.{op}: x must end in in_features={K}, got shape {tuple(x.shape)}")
+    if not isinstance(w_scale, torch.Tensor) or w_scale.dtype != torch.float32:
+        raise TypeError(f"ember.ops.{op}: w_scale must be a float32 tensor, got "
+                        f"{w_scale.dtype if isinstance(w_scale, torch.Tensor) else type(w_scale).__name__}")
+    if not (w_scale.shape == (N,) or (w_scale.dim() == 2 and w_scale.shape[0] == N and w_scale.shape[1] > 0
+                                      and K % w_scale.shape[1] == 0)):
+        raise ValueError(f"ember.ops.{op}: w_scale must be ({N},) or ({N}, K // group_size), got {tuple(w_scale.shape)}")
+    if bias is not None:
+        check_float(op, "bias", bias)
+        if bias.shape != (N,):
+            raise ValueError(f"ember.ops.{op}: bias must have shape ({N},), got {tuple(bias.shape)}")
+    for name, t in (("w", w), ("w_scale", w_scale), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"ember.ops.{op}: {name} must be on the same device as x ({x.device}), got {t.device}")
+    _check_smooth(op, smooth, K, x.device)
+    w = w if w.is_contiguous() else w.contiguous()
+    w_scale = w_scale if w_scale.is_contiguous() else w_scale.contiguous()
+    if w_packed is not None and (w_packed.dtype != torch.int8 or w_packed.numel() != w.numel() or w_packed.device != x.device):
+        raise ValueError(f"ember.ops.{op}: w_packed must be pack_weight_cpu(w) on {x.device}")
+    return _int8_linear_op(x, w, w_scale, bias, smooth, act, mode, _backend.request(backend, x.device, op), w_packed)
