@@ -1,39 +1,34 @@
-"""pytest-benchmark wrapper of ember.bench.optim: one benchmark per (optimizer, provider).
+"""The optimizer suite on a small CPU parameter list under pytest-benchmark: optimizer x provider.
 
-    PYTHONPATH=pyext:. python -m pytest bench/bench_optim.py --benchmark-only
-    EMBER_BENCH_PARAMS=5e7 sets the parameter count (default 1e9 on GPU, 5e7 on CPU).
+    pytest bench/ --benchmark-enable     time every case (pytest-benchmark's table, --benchmark-json ...)
+    pytest bench/                        pyproject adds --benchmark-disable: each case is checked
+                                         (ember and peers against torch, three steps on small
+                                         tensors) and steps once, as a smoke test
+    python -m ember bench --suites optim the full report: ~5e7 parameters on CPU, 1e9 on a GPU,
+                                         GB/s, fraction of copy bandwidth, state memory, targets
+
+The cases (parameter list, providers, byte counts, checks) come from ``ember.bench.optim``; this file
+only picks a smaller parameter list (~1.3M parameters in 15 tensors) and hands each case to the
+``benchmark`` fixture.
 """
-import os
-
 import pytest
 import torch
 
-from ember.bench import optim as bo
+from ember.bench import optim
+from ember.bench.harness import Config, dtype_name
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-TOTAL = float(os.environ.get("EMBER_BENCH_PARAMS", 1e9 if DEVICE.type == "cuda" else 5e7))
-CASES = [(name, prov) for name in bo.CONFIGS for prov in bo.providers(name, DEVICE)]
-
-
-@pytest.fixture(scope="module")
-def params():
-    ps = [torch.randn(s, device=DEVICE) * 0.02 for s in bo.scale_shapes(TOTAL)]
-    for p in ps:
-        p.grad = torch.randn_like(p) * 1e-3
-    return ps
+CFG = Config(device="cpu", dtypes=(torch.float32,), sizes="small", quick=True)
+CASES = optim.cases(CFG, shapes=optim.llm_shapes(1e6, d=256, vocab=2048))  # cheap: nothing allocated yet
 
 
-@pytest.mark.parametrize("name,provider", CASES, ids=[f"{n}-{p}" for n, p in CASES])
-def test_step(benchmark, params, name, provider):
-    kw, bytes_per = bo.CONFIGS[name]
-    opt = bo.providers(name, DEVICE)[provider](params, kw)
-    opt.step()
-
-    def step():
-        opt.step()
-        if DEVICE.type == "cuda":
-            torch.cuda.synchronize()
-
-    benchmark.pedantic(step, rounds=5, warmup_rounds=1)
-    n = sum(p.numel() for p in params)
-    benchmark.extra_info["GBps"] = bytes_per * n / benchmark.stats.stats.median / 1e9
+@pytest.mark.bench
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.op}-{c.provider}" for c in CASES])
+def test_optim(benchmark, case):
+    torch.manual_seed(0)
+    fn = case.make(True, warmup=benchmark.enabled)
+    benchmark.group = f"{case.op} step {dtype_name(case.dtype)} {case.shape[0]} params"
+    benchmark.extra_info.update(bytes=case.bytes, provider=case.provider)
+    benchmark(fn)
+    benchmark.extra_info["state_bytes"] = fn.extra["state_bytes"]
+    if benchmark.enabled and benchmark.stats is not None:
+        benchmark.extra_info["GB/s"] = round(case.bytes / benchmark.stats.stats.median / 1e9, 2)

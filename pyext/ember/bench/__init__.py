@@ -24,6 +24,7 @@ from .harness import Case, Config, EnergyMeter, Row, Target, copy_bandwidth, jud
 # when the suite runs, so one suite's heavy imports never slow another down.
 SUITES: dict[str, str] = {
     "activations": "activations",
+    "optim": "optim",
     "matmul": "matmul",
 }
 # Suites run only when named with --suites: the matmul suite's GPU shapes compile torch.compile

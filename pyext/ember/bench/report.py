@@ -19,7 +19,7 @@ CSV_COLUMNS = [
     "timestamp", "device", "git_sha", "torch", "triton", "ember",
     "suite", "op", "direction", "provider", "dtype", "shape",
     "median_us", "p20_us", "p80_us", "bytes", "gbps", "frac_copy_bw", "copy_bw_gbps",
-    "speedup_vs_torch", "energy_mj", "target", "status", "error",
+    "speedup_vs_torch", "energy_mj", "target", "status", "error", "extra",
 ]  # fmt: skip
 
 
@@ -141,6 +141,7 @@ def csv_rows(rows: list[Row], meta: Meta) -> list[dict]:
                 "target": "" if c.target is None else c.target.label(),
                 "status": r.status,
                 "error": r.error,
+                "extra": ";".join(f"{k}={v}" for k, v in r.extra.items()),
             }
         )
     return out
@@ -167,8 +168,21 @@ def write_csv(path: Path, rows: list[Row], meta: Meta) -> Path:
 
 _TABLE_HEAD = (
     "| direction | provider | dtype | shape | median us | p20-p80 us | GB/s | of copy BW | vs torch | mJ/call "
-    "| target | status |\n|---|---|---|---|--:|--:|--:|--:|--:|--:|---|---|"
+    "|{extra} target | status |\n|---|---|---|---|--:|--:|--:|--:|--:|--:|{align}---|---|"
 )
+
+
+def _extra_head(key: str) -> str:
+    """Row.extra columns: keys ending in ``_bytes`` are shown in MB."""
+    return f"{key.removesuffix('_bytes')} MB" if key.endswith("_bytes") else key
+
+
+def _extra_cell(key: str, value) -> str:
+    if value is None:
+        return ""
+    if key.endswith("_bytes"):
+        return _num(value / 1e6)
+    return _num(value) if isinstance(value, (int, float)) else str(value)
 
 
 def markdown(rows: list[Row], meta: Meta) -> str:
@@ -195,7 +209,9 @@ def markdown(rows: list[Row], meta: Meta) -> str:
     for r in rows:
         groups.setdefault((r.case.suite, r.case.op), []).append(r)
     for (suite, op), group in groups.items():
-        lines += ["", f"## {suite}: {op}", "", _TABLE_HEAD]
+        keys = list(dict.fromkeys(k for r in group for k in r.extra))
+        head = _TABLE_HEAD.format(extra="".join(f" {_extra_head(k)} |" for k in keys), align="--:|" * len(keys))
+        lines += ["", f"## {suite}: {op}", "", head]
         notes, problems = [], []
         for r in group:
             c = r.case
@@ -203,9 +219,10 @@ def markdown(rows: list[Row], meta: Meta) -> str:
             frac = "" if r.frac_copy is None else f"{r.frac_copy:.0%}"
             speed = "" if r.speedup is None else f"{r.speedup:.2f}x"
             target = "" if c.target is None else c.target.label()
+            extra = "".join(f" {_extra_cell(k, r.extra.get(k))} |" for k in keys)
             lines.append(
                 f"| {c.direction} | {c.provider} | {dtype_name(c.dtype)} | {_shape(c.shape)} | {_num(_us(r.median_s))} "
-                f"| {spread} | {_num(r.gbps)} | {frac} | {speed} | {_num(r.energy_mj)} | {target} | {r.status} |"
+                f"| {spread} | {_num(r.gbps)} | {frac} | {speed} | {_num(r.energy_mj)} |{extra} {target} | {r.status} |"
             )
             if c.note and c.note not in notes:
                 notes.append(c.note)
