@@ -1,7 +1,8 @@
 """ember.optim against torch.optim: every optimizer x option set x dtype x backend, step by step.
 
 fp32 parameters must agree with torch to 1e-6 of their scale after >= 50 steps (fewer steps on the
-Triton interpreter, which is slow); fp16 / bf16 parameters are checked against ember's own reference
+Triton interpreter, which is slow), except in rare ill-conditioned elements, where ember must be as close
+to torch's float64 run as torch's fp32 run is (see assert_scaled_close); fp16 / bf16 parameters are checked against ember's own reference
 (same math, one rounding per stored tensor) within a few ulps, and against torch more loosely (torch
 rounds the state after every sub-operation, ember once).
 """
@@ -42,26 +43,54 @@ def make_params(shapes, dtype, device):
     return [torch.randn(s, dtype=torch.float64, device=device).to(dtype) for s in shapes]
 
 
-def run_pair(name, kw, backend, device, dtype, shapes, steps, ember_kw=None):
-    """Runs torch.optim.<name> and ember.optim.<name> on identical parameters and gradients."""
+def run_pair(name, kw, backend, device, dtype, shapes, steps, ember_kw=None, fp64_truth=False):
+    """Runs torch.optim.<name> and ember.optim.<name> on identical parameters and gradients (and,
+    with ``fp64_truth``, torch in float64 on the same sequence: its parameters and optimizer are
+    returned as fifth and sixth values)."""
     ps = make_params(shapes, dtype, device)
     qs = [p.clone() for p in ps]
+    ts = [p.double() for p in ps] if fp64_truth else []
     a = getattr(torch.optim, name)(ps, **kw)
     b = getattr(ember.optim, name)(qs, backend=backend, **kw, **(ember_kw or {}))
+    c = getattr(torch.optim, name)(ts, **kw) if fp64_truth else None
     for _ in range(steps):
-        for p, q in zip(ps, qs):
+        for p, q, t in zip(ps, qs, ts or ps):
             p.grad = torch.randn_like(p)
             q.grad = p.grad.clone()
+            if fp64_truth:
+                t.grad = p.grad.double()
         a.step()
         b.step()
-    return ps, qs, a, b
+        if c is not None:
+            c.step()
+    return (ps, qs, a, b, ts, c) if fp64_truth else (ps, qs, a, b)
 
 
-def assert_scaled_close(actual, expected, rel):
-    for x, y in zip(actual, expected):
+def _max_err(x, y):
+    return (x.double() - y.double()).abs().max().item() if y.numel() else 0.0
+
+
+def assert_scaled_close(actual, expected, rel, truth=None, factor=4.0):
+    """|actual - expected| <= rel x scale, or, given ``truth`` (torch's float64 results of the same run),
+    ember no farther from the exact result than ``factor`` x torch's own fp32 run or 2 x rel x scale.
+
+    The second clause is for the tails: after 50 steps, a 65k-element tensor occasionally has an
+    element where two correct fp32 implementations part by a few 1e-6 (Adam with amsgrad and weight
+    decay on ~1 seed in 8), and centered RMSprop's sqrt(E[g^2] - E[g]^2) cancels catastrophically on
+    random gradients (up to ~1e-3 apart, torch's own fp32 run as far from float64). There ember must
+    be as accurate as torch, not bit-close to it.
+    """
+    for i, (x, y) in enumerate(zip(actual, expected)):
         scale = max(1.0, y.double().abs().max().item()) if y.numel() else 1.0
-        err = (x.double() - y.double()).abs().max().item() if y.numel() else 0.0
-        assert err <= rel * scale, f"shape {tuple(y.shape)}: max error {err:.3g} > {rel:g} x scale {scale:.3g}"
+        err = _max_err(x, y)
+        if err <= rel * scale:
+            continue
+        assert truth is not None, f"shape {tuple(y.shape)}: max error {err:.3g} > {rel:g} x scale {scale:.3g}"
+        ours, theirs = _max_err(x, truth[i]), _max_err(y, truth[i])
+        assert ours <= max(factor * theirs, 2 * rel * scale), (
+            f"shape {tuple(y.shape)}: {err:.3g} from torch (> {rel:g} x scale {scale:.3g}) and {ours:.3g} from "
+            f"float64, more than {factor:g} x torch's own {theirs:.3g}"
+        )
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
@@ -69,18 +98,19 @@ def test_fp32_matches_torch(case, backend_device):
     name, kw = case
     backend, device = backend_device
     shapes = TRITON_SHAPES if backend == "triton" else SHAPES
-    ps, qs, a, b = run_pair(name, kw, backend, device, torch.float32, shapes, steps_for(backend))
-    assert_scaled_close(qs, ps, 1e-6)
+    ps, qs, a, b, exact, c = run_pair(name, kw, backend, device, torch.float32, shapes, steps_for(backend),
+                                      fp64_truth=True)
+    assert_scaled_close(qs, ps, 1e-6, truth=exact)
     # the state agrees too, key for key, in torch's layout
-    for p, q in zip(ps, qs):
-        sa, sb = a.state[p], b.state[q]
+    for p, q, t in zip(ps, qs, exact):
+        sa, sb, st = a.state[p], b.state[q], c.state[t]
         assert sa.keys() == sb.keys()
         for k in sa:
             assert sa[k].dtype == sb[k].dtype and sa[k].shape == sb[k].shape and sa[k].device == sb[k].device, k
             if k == "step":
                 assert sa[k].item() == sb[k].item()
             else:
-                assert_scaled_close([sb[k]], [sa[k]], 1e-5)
+                assert_scaled_close([sb[k]], [sa[k]], 1e-5, truth=[st[k]])
 
 
 LOW = [pytest.param((torch.bfloat16, 2e-2, 6e-2), id="bf16"), pytest.param((torch.float16, 3e-3, 1e-2), id="fp16")]
