@@ -11,6 +11,10 @@ DEFAULT_MAX_TIME = "0.25"
 
 
 def pytest_collect_file(file_path, parent):
+    # a file named on the command line is collected by pytest itself; collecting it here too would
+    # run every case twice
+    if parent.session.isinitpath(file_path):
+        return None
     if file_path.suffix == ".py" and file_path.name.startswith("bench_"):
         return pytest.Module.from_parent(parent, path=file_path)
     return None
