@@ -174,23 +174,72 @@ def test_torch_compile_fullgraph():
 
 
 @pytest.mark.skipif(ember.available_backends()["cpu"] is not None, reason="needs ember._C")
-def test_cpu_packed_decode_layout_matches():
-    w, sw = _weights(48, 100, "cpu")
+def test_cpu_packed_layout():
+    w, _ = _weights(48, 100, "cpu")
     wp = I.pack_weight_cpu(w)
-    assert wp.shape == (3, 25, 16, 4) and I.pack_weight_cpu(w[:40]) is None
-    bias = torch.randn(48)
-    for M in (1, 3, 4, 7, 16):
-        for dtype in (torch.float32, torch.bfloat16):
-            x = torch.randn(M, 100).to(dtype)
-            a = I.int8_linear(x, w, sw, bias, act="gelu", backend="cpu", w_packed=wp)
-            b = I.int8_linear(x, w, sw, bias, act="gelu", backend="cpu")
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5 if dtype == torch.float32 else 1e-2)
+    assert wp.dtype == torch.int8 and wp.numel() == 48 * 100 + 4 * 48 and I.pack_weight_cpu(w[:40]) is None
+    tiles = wp[: 48 * 100].view(3, 25, 16, 4)
+    assert torch.equal(tiles[1, 7, 5], w[16 + 5, 28:32])  # block 1, k 4*7.., channel 16+5
+    assert torch.equal(wp[48 * 100 :].view(torch.int32), w.sum(1, dtype=torch.int32) * 128)
+
+
+# (M, K, N): M across the 6-row register tile and its tails, decode and prefill sizes; N in whole and
+# partial 64-channel panels; K not a multiple of 64.
+PACKED_SHAPES = [(1, 100, 48), (5, 388, 80), (6, 64, 64), (7, 4, 16), (16, 256, 112), (37, 132, 208), (301, 768, 96)]
+
+
+@pytest.mark.skipif(ember.available_backends()["cpu"] is not None, reason="needs ember._C")
+@pytest.mark.parametrize("shape", PACKED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cpu_packed_gemm_matches_reference(shape):
+    M, K, N = shape
+    w, sw = _weights(N, K, "cpu")
+    wp = I.pack_weight_cpu(w)
+    bias, smooth = torch.randn(N), torch.rand(K) + 0.5
+    for dtype, act, b, sm in ((torch.float32, None, None, None), (torch.float32, "gelu", bias, smooth),
+                              (torch.bfloat16, "silu", bias, None), (torch.float16, "relu", bias, None),
+                              (torch.float64, None, bias, smooth)):
+        # a non-contiguous x (every other column of a wider tensor is not allowed: rows strided instead)
+        x = torch.randn(M, K + 3)[:, :K].to(dtype)
+        y = I.int8_linear(x, w, sw, b, act=act, smooth=sm, backend="cpu", w_packed=wp)
+        ref = I.int8_linear_reference(x, w, sw, b, act=act or "none", smooth=sm)
+        assert y.dtype == dtype and y.shape == (M, N)
+        tol = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+        torch.testing.assert_close(y.double(), ref.double(), atol=tol * ref.abs().max().item(), rtol=tol)
+
+
+@pytest.mark.skipif(ember.available_backends()["cpu"] is not None, reason="needs ember._C")
+def test_cpu_packed_gemm_nan_and_zero_rows_stay_in_their_row():
+    w, sw = _weights(64, 96, "cpu")
+    w[5] = 0
+    sw[5] = 0
+    bias = torch.randn(64)
+    x = torch.randn(13, 96)
+    x[1, 3], x[2, 7], x[3] = float("nan"), float("inf"), 0.0
+    y = I.int8_linear(x, w, sw, bias, backend="cpu", w_packed=I.pack_weight_cpu(w))
+    assert y[1].isnan().all() and y[2].isnan().all()
+    keep = [0] + list(range(3, 13))
+    torch.testing.assert_close(y[keep], I.int8_linear_reference(x[keep], w, sw, bias), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(y[3], bias)  # zero row -> bias
+    torch.testing.assert_close(y[keep, 5], bias[5].expand(len(keep)))  # zero weight row -> bias
+
+
+@pytest.mark.skipif(ember.available_backends()["cpu"] is not None, reason="needs ember._C")
+def test_int8linear_cpu_eager_path_matches_op():
     lin = torch.nn.Linear(100, 48)
-    q = ember.nn.Int8Linear.from_linear(lin, "w8a8")
-    x = torch.randn(2, 100)
+    q = ember.nn.Int8Linear.from_linear(lin, "w8a8", act="gelu")
+    x = torch.randn(2, 3, 100)
     y = q(x)
-    assert "_packed" in q.__dict__
-    torch.testing.assert_close(y, I.int8_linear_reference(x, q.weight, q.weight_scale, q.bias), atol=1e-5, rtol=1e-5)
+    assert "_packed" in q.__dict__ and y.shape == (2, 3, 48)
+    ref = I.int8_linear_reference(x, q.weight, q.weight_scale, q.bias, act="gelu")
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    q.weight[0, 0] += 1  # an in-place weight edit repacks
+    torch.testing.assert_close(q(x), I.int8_linear_reference(x, q.weight, q.weight_scale, q.bias, act="gelu"),
+                               atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="in_features"):
+        q(torch.randn(2, 99))  # bad input still gets int8_linear's error
+    with ember.backend("reference"):  # an ambient backend choice is still honoured
+        ref = I.int8_linear(x, q.weight, q.weight_scale, q.bias, act="gelu")
+        torch.testing.assert_close(q(x), ref, atol=0, rtol=0)
 
 
 def test_cpu_w8a8_inside_and_outside_inference_mode():

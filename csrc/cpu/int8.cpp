@@ -43,19 +43,20 @@ at::Tensor float_or_null(const c10::optional<at::Tensor>& t) {
   return t ? t->to(at::kFloat).contiguous() : at::Tensor();
 }
 
+// shift128: q holds q + 128 as uint8 (the operand of the packed VNNI GEMM).
 std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& x, const c10::optional<at::Tensor>& mul,
-                                                 const char* op) {
+                                                 const char* op, bool shift128 = false) {
   check_x(x, op);
   const int64_t M = x.size(0), K = x.size(1);
   at::Tensor m = float_or_null(mul);
   TORCH_CHECK(!m.defined() || (m.dim() == 1 && m.size(0) == K), "ember_C.", op, ": smooth must be (K,) = (", K,
               ",), got ", m.sizes());
-  at::Tensor q = at::empty({M, K}, x.options().dtype(at::kChar));
+  at::Tensor q = at::empty({M, K}, x.options().dtype(shift128 ? at::kByte : at::kChar));
   at::Tensor s = at::empty({M}, x.options().dtype(at::kFloat));
   if (M > 0)
     kernels().quantize_rows(x.const_data_ptr(), M, K, x.stride(0), to_dtype(x.scalar_type(), op, "x"),
-                            m.defined() ? m.const_data_ptr<float>() : nullptr, q.mutable_data_ptr<int8_t>(),
-                            s.mutable_data_ptr<float>());
+                            m.defined() ? m.const_data_ptr<float>() : nullptr,
+                            static_cast<int8_t*>(q.mutable_data_ptr()), s.mutable_data_ptr<float>(), shift128);
   return {q, s};
 }
 
@@ -73,18 +74,23 @@ at::Tensor int8_linear_w8a8(const at::Tensor& x, const at::Tensor& w, const at::
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
   if (x.size(1) == 0) return out.zero_().add_(bias ? *bias : at::zeros({N}, x.options()));
-  auto [q, sx] = quantize_impl(x, mul, "int8_linear_w8a8");
   const at::Tensor b = float_or_null(bias);
   const DType dtype = to_dtype(x.scalar_type(), "int8_linear_w8a8", "x");
-  if (M <= 16 && w_packed) {
-    TORCH_CHECK(w_packed->scalar_type() == at::kChar && w_packed->is_contiguous() && w_packed->numel() == w.numel(),
-                "ember_C.int8_linear_w8a8: w_packed must be the contiguous int8 (N/16, K/4, 16, 4) packing of w");
-    if (kernels().w8a8_gemv_packed(q.const_data_ptr<int8_t>(), sx.const_data_ptr<float>(),
+  const int64_t K = x.size(1);
+  if (w_packed) {
+    // ember's own VNNI GEMM with quantize, dequant, bias and activation fused around it (int8_impl.h).
+    TORCH_CHECK(w_packed->scalar_type() == at::kChar && w_packed->is_contiguous() &&
+                    w_packed->numel() == N * K + 4 * N,
+                "ember_C.int8_linear_w8a8: w_packed must be ember.ops.int8.pack_weight_cpu(w) (", N * K + 4 * N,
+                " int8), got ", w_packed->scalar_type(), " ", w_packed->sizes());
+    auto [qu, sxu] = quantize_impl(x, mul, "int8_linear_w8a8", /*shift128=*/true);
+    if (kernels().w8a8_gemm_packed(qu.const_data_ptr<uint8_t>(), sxu.const_data_ptr<float>(),
                                    w_packed->const_data_ptr<int8_t>(), sw.const_data_ptr<float>(),
-                                   b.defined() ? b.const_data_ptr<float>() : nullptr, out.mutable_data_ptr(), M, N,
-                                   x.size(1), dtype, static_cast<int32_t>(act)))
+                                   b.defined() ? b.const_data_ptr<float>() : nullptr, out.mutable_data_ptr(), M, N, K,
+                                   dtype, static_cast<int32_t>(act)))
       return out;
   }
+  auto [q, sx] = quantize_impl(x, mul, "int8_linear_w8a8");
   if (M <= 16) {  // decode: ATen's int8 GEMM is slower than a register-blocked GEMV here
     kernels().w8a8_gemv(q.const_data_ptr<int8_t>(), sx.const_data_ptr<float>(), w.const_data_ptr<int8_t>(),
                         sw.const_data_ptr<float>(), b.defined() ? b.const_data_ptr<float>() : nullptr,

@@ -56,7 +56,7 @@ inline void row_to_float(const T* x, int64_t cols, const float* mul, float* dst)
 }
 
 inline void quantize_rows(const void* x, int64_t rows, int64_t cols, int64_t ld, DType dtype, const float* mul,
-                          int8_t* q, float* scale) {
+                          int8_t* q, float* scale, bool shift128) {
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* xp = static_cast<const T*>(x);
@@ -71,26 +71,30 @@ inline void quantize_rows(const void* x, int64_t rows, int64_t cols, int64_t ld,
         float amax = at::vec::vec_reduce_all<float>([](VF& a, VF& b) { return at::vec::maximum(a, b); }, vmax);
         for (; i < cols; ++i) amax = std::isnan(buf[i]) ? buf[i] : std::max(amax, std::abs(buf[i]));
         int8_t* qr = q + r * cols;
+        // shift128: store q + 128 as u8 (the VNNI GEMM's u8 x s8 operand); same bits as q ^ 0x80.
+        const int8_t flip = shift128 ? int8_t(-128) : int8_t(0);
         if (!std::isfinite(amax)) {
           // NaN/Inf in the row: the row's outputs become NaN (scale NaN), other rows are untouched.
-          std::fill(qr, qr + cols, int8_t(0));
+          std::fill(qr, qr + cols, flip);
           scale[r] = std::numeric_limits<float>::quiet_NaN();
           continue;
         }
         const float inv = amax > 0.f ? 127.f / amax : 0.f;
         scale[r] = amax / 127.f;
-        const VF vinv(inv), lo(-127.f), hi(127.f);
         i = 0;
-        alignas(64) int32_t tmp[kVF];
-        for (; i + kVF <= cols; i += kVF) {
-          const VF v = at::vec::clamp((VF::loadu(buf.data() + i) * vinv).round(), lo, hi);
-          alignas(64) float f[kVF];
-          v.store(f);
-          for (int64_t j = 0; j < kVF; ++j) tmp[j] = static_cast<int32_t>(f[j]);
-          for (int64_t j = 0; j < kVF; ++j) qr[i + j] = static_cast<int8_t>(tmp[j]);
+#if defined(CPU_CAPABILITY_AVX512)
+        // cvtps_epi32 rounds half to even (the default MXCSR mode), as torch.round does.
+        const __m512 vinv = _mm512_set1_ps(inv);
+        const __m512i lo = _mm512_set1_epi32(-127), hi = _mm512_set1_epi32(127);
+        const __m128i vflip = _mm_set1_epi8(flip);
+        for (; i + 16 <= cols; i += 16) {
+          __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(buf.data() + i), vinv));
+          v = _mm512_min_epi32(_mm512_max_epi32(v, lo), hi);
+          _mm_storeu_si128(reinterpret_cast<__m128i*>(qr + i), _mm_xor_si128(_mm512_cvtepi32_epi8(v), vflip));
         }
+#endif
         for (; i < cols; ++i)
-          qr[i] = static_cast<int8_t>(std::clamp(std::nearbyint(buf[i] * inv), -127.f, 127.f));
+          qr[i] = static_cast<int8_t>(static_cast<int8_t>(std::clamp(std::nearbyint(buf[i] * inv), -127.f, 127.f)) ^ flip);
       }
     });
   });
@@ -259,40 +263,53 @@ __attribute__((target("avx512vnni"), noinline)) void w8a8_block_vnni(const uint8
   }
 }
 
-// Decode W8A8 on the packed weight layout wp[N / 16][K / 4][16][4] (int8_linear's `w_packed`): each
-// 64-byte line holds 4 k of 16 output channels, so the weight is one sequential stream per 16
-// channels and the 16 lanes of every accumulator are 16 finished dot products (no horizontal sums).
-// The row-major kernel above reads 4 interleaved 2 KiB rows per step and ran at a third of
-// quantize_dynamic's (fbgemm, packed) speed on a 1 x 2048 x 8192 layer here; this layout is why.
+// W8A8 GEMM on the packed weight (int8_linear's `w_packed`, ops/int8.py:pack_weight_cpu):
+//   wp[N / 16][K / 4][16][4] int8, then corr[N] int32 = 128 * sum_k w[n, k].
+// Each 64-byte line holds 4 k of 16 output channels: vpdpbusd takes it against 4 activation bytes
+// broadcast to all lanes, so the 16 lanes of an accumulator are 16 finished dot products (no
+// horizontal sums, no int32 product in memory). Activations are u8 (q + 128, written so by the
+// quantize pass); corr removes the 128 * sum_k w that shift adds. An MB x NB tile keeps MB * NB
+// accumulators in registers (6 x 4 = 24 of the 32 zmm) and writes fp32 y = (acc - corr) sx sw.
 template <int MB, int NB>
-__attribute__((target("avx512vnni"), noinline)) void w8a8_packed_block(const uint8_t* qu, int64_t K, const int8_t* wp,
-                                                                        const float* sx, const float* sw, float* y,
-                                                                        int64_t N, int64_t m0, int64_t b0) {
+__attribute__((target("avx512vnni"), noinline)) void w8a8_packed_tile(const uint8_t* qu, int64_t K, const int8_t* wp,
+                                                                       const int32_t* corr, const float* sx,
+                                                                       const float* sw, float* y, int64_t ldy,
+                                                                       int64_t m0, int64_t b0) {
   const int64_t K4 = K / 4;
-  __m512i acc[MB][NB], wsum[NB];
-  for (int j = 0; j < NB; ++j) wsum[j] = _mm512_setzero_si512();
+  __m512i acc[MB][NB];
+  // Fully unrolled so that every acc[i][j] lives in its own register.
+#pragma GCC unroll 8
   for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 8
     for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_si512();
-  const __m512i ones = _mm512_set1_epi8(1);
+  const int8_t* wb = wp + b0 * K4 * 64;
+  const uint8_t* xr = qu + m0 * K;
   for (int64_t k4 = 0; k4 < K4; ++k4) {
     __m512i wv[NB];
-    for (int j = 0; j < NB; ++j) {
-      wv[j] = _mm512_loadu_si512(wp + ((b0 + j) * K4 + k4) * 64);
-      wsum[j] = _mm512_dpbusd_epi32(wsum[j], ones, wv[j]);
-    }
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) wv[j] = _mm512_loadu_si512(wb + (j * K4 + k4) * 64);
+#pragma GCC unroll 8
     for (int i = 0; i < MB; ++i) {
       int32_t xq;
-      std::memcpy(&xq, qu + (m0 + i) * K + 4 * k4, 4);
+      std::memcpy(&xq, xr + i * K + 4 * k4, 4);
       const __m512i xb = _mm512_set1_epi32(xq);
+#pragma GCC unroll 8
       for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xb, wv[j]);
     }
   }
-  for (int j = 0; j < NB; ++j) {
-    const __m512i corr = _mm512_slli_epi32(wsum[j], 7);  // 128 * sum_k w
-    const __m512 s = _mm512_loadu_ps(sw + (b0 + j) * 16);
-    for (int i = 0; i < MB; ++i) {
-      const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], corr));
-      _mm512_storeu_ps(y + (m0 + i) * N + (b0 + j) * 16, _mm512_mul_ps(_mm512_mul_ps(d, s), _mm512_set1_ps(sx[m0 + i])));
+  // The products leave the registers through a small int32 buffer: reading acc[][] in the float
+  // epilogue directly made GCC keep the whole array on the stack and store it every step (half speed).
+  alignas(64) int32_t dots[MB][NB * 16];
+#pragma GCC unroll 8
+  for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 8
+    for (int j = 0; j < NB; ++j) _mm512_store_si512(dots[i] + j * 16, acc[i][j]);
+  for (int i = 0; i < MB; ++i) {
+    const __m512 sxi = _mm512_set1_ps(sx[m0 + i]);
+    for (int j = 0; j < NB; ++j) {
+      const __m512i d = _mm512_sub_epi32(_mm512_load_si512(dots[i] + j * 16), _mm512_loadu_si512(corr + (b0 + j) * 16));
+      const __m512 s = _mm512_loadu_ps(sw + (b0 + j) * 16);
+      _mm512_storeu_ps(y + i * ldy + j * 16, _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), s), sxi));
     }
   }
 }
@@ -381,41 +398,63 @@ inline void w8a8_gemv(const int8_t* q, const float* sx, const int8_t* w, const f
   });
 }
 
-// W8A8 for M <= 16 on the packed layout; false when this build or CPU cannot (caller falls back).
-inline bool w8a8_gemv_packed(const int8_t* q, const float* sx, const int8_t* wp, const float* sw, const float* bias,
+// W8A8 for any M on the packed weight (see w8a8_packed_tile); qu is the quantized x as u8 (q + 128),
+// (M, K) contiguous. Returns false (nothing done) when this build or CPU has no VNNI kernel, or
+// N % 16 or K % 4 (the caller falls back to ATen's int8 GEMM).
+// Work split: rows in chunks whose u8 activations fit in half of L2 (<= 128 KiB), output channels in
+// panels of 64; one task = one (chunk, panel), run chunk-major so a thread walks every panel of its
+// chunk while the chunk stays in cache, and each panel (64 x K bytes) is reused by the chunk's
+// 6-row tiles. The epilogue (bias, activation, output dtype) runs on each finished tile in registers
+// / L1, so nothing of size M x N but the output is written.
+inline bool w8a8_gemm_packed(const uint8_t* qu, const float* sx, const int8_t* wp, const float* sw, const float* bias,
                              void* out, int64_t M, int64_t N, int64_t K, DType dtype, int32_t act) {
 #if defined(CPU_CAPABILITY_AVX512)
   if (!has_vnni() || N % 16 || K % 4) return false;
+  const int32_t* corr = reinterpret_cast<const int32_t*>(wp + N * K);
+  constexpr int MR = 6, NBMAX = 4, PANEL = NBMAX * 16;
+  const int64_t blocks = N / 16, panels = (blocks + NBMAX - 1) / NBMAX;
+  const int64_t chunk = std::max<int64_t>(MR, (int64_t(128) * 1024 / K) / MR * MR);
+  const int64_t chunks = (M + chunk - 1) / chunk;
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
-    std::vector<float> yf(M * N);
-    std::vector<uint8_t> qu(M * K);
-    for (int64_t i = 0; i < M * K; ++i) qu[i] = static_cast<uint8_t>(q[i] + 128);
-    const int64_t blocks = N / 16;
-    auto rows = [&]<int NB>(int64_t b0) {
-      int64_t m0 = 0;
-      for (; m0 + 4 <= M; m0 += 4) w8a8_packed_block<4, NB>(qu.data(), K, wp, sx, sw, yf.data(), N, m0, b0);
-      switch (M - m0) {
-        case 3: w8a8_packed_block<3, NB>(qu.data(), K, wp, sx, sw, yf.data(), N, m0, b0); break;
-        case 2: w8a8_packed_block<2, NB>(qu.data(), K, wp, sx, sw, yf.data(), N, m0, b0); break;
-        case 1: w8a8_packed_block<1, NB>(qu.data(), K, wp, sx, sw, yf.data(), N, m0, b0); break;
-        default: break;
-      }
-    };
-    at::parallel_for(0, (blocks + 3) / 4, 4, [&](int64_t g0, int64_t g1) {
-      for (int64_t g = g0; g < g1; ++g) {
-        if (g * 4 + 4 <= blocks) {
-          rows.template operator()<4>(g * 4);
-        } else {
-          for (int64_t b = g * 4; b < blocks; ++b) rows.template operator()<1>(b);
+    dispatch_act(act, [&]<Act A, bool HAS_ACT>() {
+      at::parallel_for(0, chunks * panels, 1, [&](int64_t t0, int64_t t1) {
+        alignas(64) float tile[MR * PANEL];
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t c = t / panels, p = t % panels;
+          const int64_t b0 = p * NBMAX, nb = std::min<int64_t>(NBMAX, blocks - b0), n0 = b0 * 16;
+          const int64_t m_end = std::min(M, (c + 1) * chunk);
+          for (int64_t m0 = c * chunk; m0 < m_end; m0 += MR) {
+            const int64_t mb = std::min<int64_t>(MR, m_end - m0);
+            auto run = [&]<int MB>() {
+              switch (nb) {
+                case 4: w8a8_packed_tile<MB, 4>(qu, K, wp, corr, sx, sw, tile, PANEL, m0, b0); break;
+                case 3: w8a8_packed_tile<MB, 3>(qu, K, wp, corr, sx, sw, tile, PANEL, m0, b0); break;
+                case 2: w8a8_packed_tile<MB, 2>(qu, K, wp, corr, sx, sw, tile, PANEL, m0, b0); break;
+                default: w8a8_packed_tile<MB, 1>(qu, K, wp, corr, sx, sw, tile, PANEL, m0, b0); break;
+              }
+            };
+            switch (mb) {
+              case 6: run.template operator()<6>(); break;
+              case 5: run.template operator()<5>(); break;
+              case 4: run.template operator()<4>(); break;
+              case 3: run.template operator()<3>(); break;
+              case 2: run.template operator()<2>(); break;
+              default: run.template operator()<1>(); break;
+            }
+            for (int64_t i = 0; i < mb; ++i) {
+              float* yr = tile + i * PANEL;
+              finish_row<A, HAS_ACT>(yr, nb * 16, bias ? bias + n0 : nullptr);
+              at::vec::convert<float, T>(yr, static_cast<T*>(out) + (m0 + i) * N + n0, nb * 16);
+            }
+          }
         }
-      }
+      });
     });
-    store_rows<T>(yf.data(), out, M, N, bias, dtype, act);
   });
   return true;
 #else
-  (void)q, (void)sx, (void)wp, (void)sw, (void)bias, (void)out, (void)M, (void)N, (void)K, (void)dtype, (void)act;
+  (void)qu, (void)sx, (void)wp, (void)sw, (void)bias, (void)out, (void)M, (void)N, (void)K, (void)dtype, (void)act;
   return false;
 #endif
 }

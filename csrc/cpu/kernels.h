@@ -63,8 +63,9 @@ struct Kernels {
   // Int8 inference (cpu/int8_impl.h). `act` is an ember::Act value or -1 for none.
   // q[r, :] = round(x[r, :] * mul * 127 / absmax_r), scale[r] = absmax_r / 127 (NaN for a row with
   // NaN/Inf); x rows start every ld elements, mul (cols floats) may be null; q is contiguous.
+  // shift128: q holds q + 128 as uint8 instead (the u8 operand of w8a8_gemm_packed).
   void (*quantize_rows)(const void* x, int64_t rows, int64_t cols, int64_t ld, DType dtype, const float* mul,
-                        int8_t* q, float* scale);
+                        int8_t* q, float* scale, bool shift128);
   // out[m, n] = act(acc[m, n] * sx[m] * sw[n] + bias[n]) in dtype; acc, out contiguous; bias may be null.
   void (*dequant_epilogue)(const int32_t* acc, const float* sx, const float* sw, const float* bias, void* out,
                            int64_t M, int64_t N, DType dtype, int32_t act);
@@ -75,9 +76,10 @@ struct Kernels {
   // W8A8 for M <= 16 from quantized rows: out = act(sx[m] sw[n] (q @ w.T)[m, n] + bias[n]).
   void (*w8a8_gemv)(const int8_t* q, const float* sx, const int8_t* w, const float* sw, const float* bias,
                     void* out, int64_t M, int64_t N, int64_t K, DType dtype, int32_t act);
-  // The same from the packed weight wp (N / 16, K / 4, 16, 4); returns false (nothing done) when this
-  // CPU / build has no VNNI kernel or N % 16 or K % 4.
-  bool (*w8a8_gemv_packed)(const int8_t* q, const float* sx, const int8_t* wp, const float* sw, const float* bias,
+  // The same for any M from the packed weight wp = (N / 16, K / 4, 16, 4) int8 tiles then N int32
+  // 128 * sum_k w[n, k] (ops/int8.py:pack_weight_cpu) and qu = q + 128 as uint8 (quantize_rows with
+  // shift128). Returns false (nothing done) when this CPU / build has no VNNI kernel or N % 16 or K % 4.
+  bool (*w8a8_gemm_packed)(const uint8_t* qu, const float* sx, const int8_t* wp, const float* sw, const float* bias,
                            void* out, int64_t M, int64_t N, int64_t K, DType dtype, int32_t act);
 };
 

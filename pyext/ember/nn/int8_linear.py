@@ -82,15 +82,20 @@ class Int8Linear(nn.Module):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self._cpu_packing(x)
+        if packed is not None:
+            y = int8_ops.cpu_w8a8_eager(x, self.weight, self.weight_scale, self.bias, self.smooth, self.act, packed)
+            if y is not None:
+                return y
         return int8_ops.int8_linear(x, self.weight, self.weight_scale, self.bias, act=self.act, mode=self.mode,
-                                    smooth=self.smooth, w_packed=self._decode_packing(x))
+                                    smooth=self.smooth, w_packed=packed)
 
-    def _decode_packing(self, x: torch.Tensor) -> torch.Tensor | None:
-        """CPU W8A8 decode (<= 16 rows) reads the weight in the packed VNNI layout (see
-        ``ops.int8.pack_weight_cpu``): made on the first such call and cached beside the module (not a
-        buffer, not in the state_dict; N x K bytes more), remade if the weight changes."""
-        if (self.mode != "w8a8" or x.device.type != "cpu" or self.group_size is not None or x.dim() == 0
-                or x.numel() > 16 * x.shape[-1] or torch.compiler.is_compiling()):
+    def _cpu_packing(self, x: torch.Tensor) -> torch.Tensor | None:
+        """CPU W8A8 reads the weight in the packed VNNI layout (see ``ops.int8.pack_weight_cpu``): made on
+        the first CPU call and cached beside the module (not a buffer, not in the state_dict; N x K bytes
+        more), remade if the weight changes."""
+        if (self.mode != "w8a8" or x.device.type != "cpu" or self.group_size is not None
+                or torch.compiler.is_compiling()):
             return None
         key = (self.weight.data_ptr(), self.weight._version)
         cached = self.__dict__.get("_packed")
