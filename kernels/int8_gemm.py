@@ -1,10 +1,15 @@
 """Int8 inference in Triton: per-token quantization, the W8A8 int8 GEMM and the W8A16 weight-only GEMM.
 
   _quantize_rows_kernel  one program per row: absmax pass, then scale / round / store int8 (the row is
-                         read twice, from L2 on GPU; 1 byte written per element)
-  _w8a8_gemm_kernel      int8 x int8 tl.dot on int8 tensor cores (mma s8, int32 accumulators); the
-                         epilogue applies row scale x column scale, bias and the activation, and writes
-                         the output dtype. Grouped weights rescale once per K block of one group.
+                         read twice, from L2 on GPU; 1 byte written per element); the quantize_per_token op
+  _w8a8_gemm_kernel      per-token quantization fused into the prologue (a first pass over K finds the
+                         absmax of the program's rows; the main loop quantizes each x tile in registers
+                         as it loads it), then int8 x int8 tl.dot on int8 tensor cores (mma s8, int32
+                         accumulators); the epilogue applies row scale x column scale, bias and the
+                         activation, and writes the output dtype. Grouped weights rescale once per K
+                         block of one group. No int8 copy of x is written: x is read twice per program
+                         (the second time from L2), against one quantize kernel launch + an M x K int8
+                         round trip for the unfused pair.
   _w8a16_gemm_kernel     x in its own dtype, int8 weight tiles widened to x's dtype in registers inside
                          the main loop (never dequantized into memory). SPLIT_K > 1 for decode (M <= 16):
                          K is cut across programs so a skinny GEMV fills the GPU, fp32 partials are
@@ -70,8 +75,8 @@ def _quantize_rows_kernel(
 
 @triton.jit
 def _w8a8_gemm_kernel(
-    a_ptr,  # (M, K) int8 quantized activations, contiguous
-    sa_ptr,  # (M,) fp32 activation scales
+    x_ptr,  # (M, K) float activations, row stride stride_xm, unit column stride
+    mul_ptr,  # (K,) fp32 smoothing multiplier (ignored unless HAS_MUL)
     b_ptr,  # (N, K) int8 weight, contiguous (the nn.Linear layout)
     sb_ptr,  # (N, GROUPS) fp32 weight scales
     bias_ptr,  # (N,) bias (ignored unless HAS_BIAS)
@@ -79,8 +84,10 @@ def _w8a8_gemm_kernel(
     M,
     N,
     K,
+    stride_xm,
     GROUP: tl.constexpr,  # input channels per weight scale (K for per-channel)
     GROUPED: tl.constexpr,  # GROUP < K
+    HAS_MUL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr,  # -1 none, else ACT_IDS
     INTERPRET_BF16: tl.constexpr,
@@ -93,11 +100,30 @@ def _w8a8_gemm_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     groups = K // GROUP
+    x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+    # Prologue: the per-token absmax of this program's BLOCK_M rows, one pass over K (the rows come
+    # back from L2 in the main loop). NaN / Inf anywhere in a row make the row's scale NaN and its
+    # quantized values 0, as the standalone quantize kernel does.
+    amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+    finite = tl.full([BLOCK_M], 1, dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + rk
+        v = tl.load(x_rows + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0).to(tl.float32)
+        if HAS_MUL:
+            v = v * tl.load(mul_ptr + kk, mask=kk < K, other=1.0)[None, :]
+        finite = tl.minimum(finite, tl.min((tl.abs(v) < float("inf")).to(tl.int32), axis=1))
+        amax = tl.maximum(amax, tl.max(tl.where(v == v, tl.abs(v), 0.0), axis=1))
+    ok = finite > 0
+    inv = tl.where(ok & (amax > 0.0), 127.0 / amax, 0.0)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     facc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
-        a = tl.load(a_ptr + rm[:, None].to(tl.int64) * K + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0)
+        v = tl.load(x_rows + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0).to(tl.float32)
+        if HAS_MUL:
+            v = v * tl.load(mul_ptr + kk, mask=kk < K, other=1.0)[None, :]
+        # inv is 0 for rows with NaN / Inf, but NaN * 0 is NaN: select explicitly.
+        a = tl.clamp(_rint(tl.where(ok[:, None], v * inv[:, None], 0.0)), -127.0, 127.0).to(tl.int8)
         b = tl.load(b_ptr + rn[None, :].to(tl.int64) * K + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K), other=0)
         if GROUPED:  # BLOCK_K divides GROUP: this block lies in one group
             part = tl.dot(a, b, out_dtype=tl.int32)
@@ -105,7 +131,7 @@ def _w8a8_gemm_kernel(
             facc += part.to(tl.float32) * sb[None, :]
         else:
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-    sa = tl.load(sa_ptr + rm, mask=rm < M, other=0.0)
+    sa = tl.where(ok, amax / 127.0, float("nan"))
     if GROUPED:
         y = facc * sa[:, None]
     else:
@@ -220,16 +246,16 @@ def int8_linear(x2, w, w_scale, bias, smooth, act_id: int, mode: str) -> torch.T
     interp = _interp(x2)
     ib16 = interp and x2.dtype == torch.bfloat16
     if mode == "w8a8":
-        q, sx = quantize_per_token(x2, smooth)
         bk = 64 if not grouped else min(64, group)
         if grouped and group % bk:
             raise ValueError(f"ember triton int8_linear: group_size {group} must be a multiple of 16")
         bm = 16 if M <= 16 else (64 if M <= 64 else 128)
         bn = 64 if interp else 128
         grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-        _w8a8_gemm_kernel[grid](q, sx, w, w_scale, bias if bias is not None else sx, out, M, N, K,
-                                GROUP=group, GROUPED=grouped, HAS_BIAS=bias is not None, ACT=act_id,
-                                INTERPRET_BF16=ib16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        _w8a8_gemm_kernel[grid](x2, smooth if smooth is not None else w_scale, w, w_scale,
+                                bias if bias is not None else w_scale, out, M, N, K, x2.stride(0),
+                                GROUP=group, GROUPED=grouped, HAS_MUL=smooth is not None, HAS_BIAS=bias is not None,
+                                ACT=act_id, INTERPRET_BF16=ib16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
                                 num_warps=4 if bm <= 64 else 8)
         return out
     if smooth is not None:

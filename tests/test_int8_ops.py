@@ -66,6 +66,20 @@ def test_int8_linear_matches_reference(backend_device, mode, group_size, shape):
     torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_int8_linear_w8a8_smoothing_and_strided_rows(backend_device, group_size):
+    # the smoothing multiply and the row stride feed the quantization (Triton: the GEMM's prologue)
+    name, dev = _backend_args(backend_device)
+    M, K, N = 19, 96, 40
+    w, sw = _weights(N, K, dev, group_size)
+    x = torch.randn(M, K + 5, device=dev)[:, :K] * 4
+    smooth = torch.rand(K, device=dev) + 0.5
+    bias = torch.randn(N, device=dev)
+    y = I.int8_linear(x, w, sw, bias, act="silu", smooth=smooth, backend=name)
+    ref = I.int8_linear_reference(x, w, sw, bias, "silu", "w8a8", smooth)
+    torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 2e-3), (torch.float64, 1e-6)])
 @pytest.mark.parametrize("act", [None, "relu", "silu", "gelu", "gelu_tanh"])
 @pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
