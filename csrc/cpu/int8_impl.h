@@ -12,6 +12,7 @@
 #pragma once
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #if defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
@@ -269,12 +270,13 @@ __attribute__((target("avx512vnni"), noinline)) void w8a8_block_vnni(const uint8
 // broadcast to all lanes, so the 16 lanes of an accumulator are 16 finished dot products (no
 // horizontal sums, no int32 product in memory). Activations are u8 (q + 128, written so by the
 // quantize pass); corr removes the 128 * sum_k w that shift adds. An MB x NB tile keeps MB * NB
-// accumulators in registers (6 x 4 = 24 of the 32 zmm) and writes fp32 y = (acc - corr) sx sw.
+// accumulators in registers (6 x 4 = 24 of the 32 zmm) and writes fp32 y = (acc - corr) sx sw + bias
+// (rows every ldy floats; bias may be null).
 template <int MB, int NB>
 __attribute__((target("avx512vnni"), noinline)) void w8a8_packed_tile(const uint8_t* qu, int64_t K, const int8_t* wp,
                                                                        const int32_t* corr, const float* sx,
-                                                                       const float* sw, float* y, int64_t ldy,
-                                                                       int64_t m0, int64_t b0) {
+                                                                       const float* sw, const float* bias, float* y,
+                                                                       int64_t ldy, int64_t m0, int64_t b0) {
   const int64_t K4 = K / 4;
   __m512i acc[MB][NB];
   // Fully unrolled so that every acc[i][j] lives in its own register.
@@ -309,7 +311,9 @@ __attribute__((target("avx512vnni"), noinline)) void w8a8_packed_tile(const uint
     for (int j = 0; j < NB; ++j) {
       const __m512i d = _mm512_sub_epi32(_mm512_load_si512(dots[i] + j * 16), _mm512_loadu_si512(corr + (b0 + j) * 16));
       const __m512 s = _mm512_loadu_ps(sw + (b0 + j) * 16);
-      _mm512_storeu_ps(y + i * ldy + j * 16, _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), s), sxi));
+      __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), s), sxi);
+      if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + (b0 + j) * 16));
+      _mm512_storeu_ps(y + i * ldy + j * 16, v);
     }
   }
 }
@@ -434,16 +438,23 @@ inline bool w8a8_gemm_packed(const uint8_t* qu, const float* sx, const int8_t* w
           const int64_t m_end = std::min(M, (c + 1) * chunk);
           for (int64_t m0 = c * chunk; m0 < m_end; m0 += MR) {
             const int64_t mb = std::min<int64_t>(MR, m_end - m0);
+            // fp32 output without activation: the tile writes the output rows itself; otherwise a
+            // 6 x 64 fp32 tile in L1 gets the activation and the conversion to T.
+            constexpr bool direct = std::is_same_v<T, float> && !HAS_ACT;
+            float* y = direct ? reinterpret_cast<float*>(out) + m0 * N + n0 : tile;
+            const int64_t ldy = direct ? N : PANEL;
             auto run = [&]<int MB>() {
               with_count<NBMAX>(nb, [&]<int NB>() {
-                w8a8_packed_tile<MB, NB>(qu, K, wp, corr, sx, sw, tile, PANEL, m0, b0);
+                w8a8_packed_tile<MB, NB>(qu, K, wp, corr, sx, sw, bias, y, ldy, m0, b0);
               });
             };
             with_count<MR>(mb, run);
-            for (int64_t i = 0; i < mb; ++i) {
-              float* yr = tile + i * PANEL;
-              finish_row<A, HAS_ACT>(yr, nb * 16, bias ? bias + n0 : nullptr);
-              at::vec::convert<float, T>(yr, static_cast<T*>(out) + (m0 + i) * N + n0, nb * 16);
+            if constexpr (!direct) {
+              for (int64_t i = 0; i < mb; ++i) {
+                float* yr = tile + i * PANEL;
+                finish_row<A, HAS_ACT>(yr, nb * 16, nullptr);
+                at::vec::convert<float, T>(yr, static_cast<T*>(out) + (m0 + i) * N + n0, nb * 16);
+              }
             }
           }
         }
