@@ -75,6 +75,12 @@ void optim_range(const OptLaunch& L, const OptTensor& t, int64_t begin, int64_t 
   using V = at::vec::Vectorized<float>;
   constexpr int64_t kStep = Pair<float>::kStep;
   const V inv_scale(L.inv_scale);
+  // Local copies: the stores below go through float pointers, which the compiler must assume may
+  // alias the float fields of L and t, reloading every scalar after every store otherwise.
+  const OptHyper hyper = L.hyper;
+  const OptCoef coef = t.coef;
+  const bool scaled = L.inv_scale != 1.0f;
+  float* const master = t.master;
   const bool use_s2 = t.s2 != nullptr, use_s3 = t.s3 != nullptr, use_s1 = t.s1 != nullptr;
   P* param = static_cast<P*>(t.param);
   const P* grad = static_cast<const P*>(t.grad);
@@ -84,16 +90,16 @@ void optim_range(const OptLaunch& L, const OptTensor& t, int64_t begin, int64_t 
   const std::array<V, 2> zeros{V(0.0f), V(0.0f)};
   for (int64_t i = begin; i < end; i += kStep) {
     const int64_t count = std::min(kStep, end - i);
-    auto p = t.master ? Pair<float>::load(t.master + i, count) : Pair<P>::load(param + i, count);
+    auto p = master ? Pair<float>::load(master + i, count) : Pair<P>::load(param + i, count);
     auto g = Pair<P>::load(grad + i, count);
     auto a = use_s1 ? Pair<S>::load(s1 + i, count) : zeros;
     auto b = use_s2 ? Pair<S>::load(s2 + i, count) : zeros;
     auto c = use_s3 ? Pair<S>::load(s3 + i, count) : zeros;
     for (int k = 0; k < 2; ++k) {
-      if (L.inv_scale != 1.0f) g[k] = g[k] * inv_scale;
-      opt_update<K, VecMath>(L.hyper, t.coef, p[k], g[k], a[k], b[k], c[k]);
+      if (scaled) g[k] = g[k] * inv_scale;
+      opt_update<K, VecMath>(hyper, coef, p[k], g[k], a[k], b[k], c[k]);
     }
-    if (t.master) Pair<float>::store(t.master + i, p, count);
+    if (master) Pair<float>::store(master + i, p, count);
     Pair<P>::store(param + i, p, count);
     if (use_s1) Pair<S>::store(s1 + i, a, count);
     if (use_s2) Pair<S>::store(s2 + i, b, count);
