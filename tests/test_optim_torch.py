@@ -177,3 +177,31 @@ def test_master_weights_track_fp32(name, backend_device):
     assert_scaled_close(ps, ref, 1e-2)
     for p, m in zip(ps, masters):
         assert torch.equal(p, m.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_fp64_matches_torch(case, backend, monkeypatch):
+    """float64 parameters: the C++ CPU kernel has a float64 path (float64 math and state); the CUDA
+    and Triton kernels send float64 groups to the reference backend. Both agree with torch's float64
+    run to float64 rounding."""
+    if ember._backend.why_unavailable(backend, torch.device("cpu")):
+        pytest.skip(ember._backend.why_unavailable(backend, torch.device("cpu")))
+    if backend == "cpu":  # the group must not be rerouted to the reference backend
+        from ember.ops import optim as op
+
+        def rerouted(*args):
+            raise AssertionError("a float64 group ran on the reference backend")
+
+        monkeypatch.setattr(op, "_step_reference", rerouted)
+    name, kw = case
+    ps, qs, a, b = run_pair(name, kw, backend, "cpu", torch.float64, SHAPES, 30)
+    assert all(q.dtype == torch.float64 for q in qs)
+    assert_scaled_close(qs, ps, 1e-12)
+    for p, q in zip(ps, qs):
+        for k, v in a.state[p].items():
+            assert b.state[q][k].dtype == v.dtype, k
+            if k == "step":
+                assert b.state[q][k].item() == v.item()
+            else:
+                assert_scaled_close([b.state[q][k]], [v], 1e-11)

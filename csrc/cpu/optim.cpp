@@ -54,7 +54,9 @@ void optim_step(c10::string_view kind_name, at::TensorList params, at::TensorLis
   L.param_dtype = g.param_dtype;
   L.state_fp32 = g.state_fp32;
   L.hyper = make_hyper(lr_value, hyper[1], hyper[2], hyper[3], hyper[4], static_cast<int32_t>(flags));
-  L.inv_scale = grad_scale.has_value() ? static_cast<float>(1.0 / one_value(*grad_scale, "grad_scale")) : 1.0f;
+  L.hyper64 = make_hyper<double>(lr_value, hyper[1], hyper[2], hyper[3], hyper[4], static_cast<int32_t>(flags));
+  L.inv_scale64 = grad_scale.has_value() ? 1.0 / one_value(*grad_scale, "grad_scale") : 1.0;
+  L.inv_scale = static_cast<float>(L.inv_scale64);
 
   const int64_t n = static_cast<int64_t>(params.size());
   std::vector<OptTensor> ts(n);
@@ -69,7 +71,8 @@ void optim_step(c10::string_view kind_name, at::TensorList params, at::TensorLis
                       masters.empty() ? nullptr : masters[i].data_ptr<float>(),
                       params[i].numel(),
                       // in double, as torch computes bias corrections in Python floats
-                      opt_coef(g.kind, lr_value, hyper[1], hyper[2], step)};
+                      opt_coef(g.kind, lr_value, hyper[1], hyper[2], step),
+                      opt_coef<double>(g.kind, lr_value, hyper[1], hyper[2], step)};
   }
   L.tensors = ts.data();
   L.count = n;

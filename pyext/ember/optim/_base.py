@@ -17,10 +17,20 @@ from torch import _prims_common
 from .. import _backend
 from ..ops import optim as _op
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Parameter dtypes each backend's kernel takes; other groups (and non-dense parameters) run on the
+# reference backend. Only the C++ CPU kernel has a float64 path (float64 math throughout).
+_FLOATS_16_32 = (torch.float32, torch.float16, torch.bfloat16)
+_KERNEL_DTYPES = {"cpu": _FLOATS_16_32 + (torch.float64,), "cuda": _FLOATS_16_32, "triton": _FLOATS_16_32}
 _LOW_DTYPES = (torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _STRIDED = torch.strided
+
+
+@torch.compiler.assume_constant_result
+def _resolve(requested, device: torch.device, op: str) -> str:
+    # Inside a torch.compile'd step Dynamo cannot trace the availability probes (imports, caches);
+    # the answer is a constant for the process, so the trace takes it as one.
+    return _backend.resolve(requested, device, op)
 
 
 def _dense(t: Tensor) -> bool:
@@ -159,7 +169,7 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
             extra = self._bucket_key(group, self.state.get(p, {}), slots)
             state = self._state_for(group, p, slots, master)
             lp = local(p)
-            kernel_ok = lp.dtype in _KERNEL_DTYPES and _dense(lp)
+            kernel_ok = lp.dtype in _FLOAT_DTYPES and _dense(lp)
             key = (lp.device, lp.dtype, master, kernel_ok, extra)
             b = buckets.get(key)
             if b is None:
@@ -174,8 +184,8 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
                 b[4].append(state["step"])
             b[5].append(p)
         for (device, dtype, master, kernel_ok, extra), (params, grads, states, masters, steps, ps) in buckets.items():
-            backend = _backend.resolve(self.backend, device, f"optim.{self._name}")
-            if not kernel_ok and backend != "reference":
+            backend = _resolve(self.backend, device, f"optim.{self._name}")
+            if backend != "reference" and not (kernel_ok and dtype in _KERNEL_DTYPES.get(backend, ())):
                 backend = "reference"
             lists = [states[k] if k is not None else [] for k in slots]
             gs = fi = None
