@@ -19,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 STEPS, BATCH, WORLD = 8, 16, 2
-TOL_MASTER = 2e-2  # bf16 gradients: one bf16 ulp is 2^-8 ~ 4e-3 relative
+TOL_MASTER = 2e-3  # bf16 gradients summed in another order: ~3e-4 seen after 8 steps (one bf16 ulp is ~4e-3)
 
 
 def make_model(mode="ddp"):
