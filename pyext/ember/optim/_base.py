@@ -8,8 +8,6 @@ state_dict interchange with torch.optim — is handled here once.
 """
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 from torch import Tensor
 from torch import _prims_common
