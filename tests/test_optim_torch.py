@@ -195,7 +195,9 @@ def test_fp64_matches_torch(case, backend, monkeypatch):
 
         monkeypatch.setattr(op, "_step_reference", rerouted)
     name, kw = case
-    ps, qs, a, b = run_pair(name, kw, backend, "cpu", torch.float64, SHAPES, 30)
+    # The reference path is the one fp32 runs already cover; small shapes keep it quick.
+    shapes = SHAPES if backend == "cpu" else SHAPES[:-1]
+    ps, qs, a, b = run_pair(name, kw, backend, "cpu", torch.float64, shapes, 20)
     assert all(q.dtype == torch.float64 for q in qs)
     assert_scaled_close(qs, ps, 1e-12)
     for p, q in zip(ps, qs):
