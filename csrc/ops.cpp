@@ -68,8 +68,6 @@ OptGroup check_optim_group(c10::string_view kind, at::TensorList params, at::Ten
 
   const at::Tensor& p0 = params[0];
   g.param_dtype = to_dtype(p0.scalar_type(), "optim_step", "params");
-  TORCH_CHECK_TYPE(g.param_dtype != DType::kFloat64, "ember_C.optim_step: params must be float32, float16 or ",
-                   "bfloat16 (float64 groups run on the reference backend), got float64");
   TORCH_CHECK(p0.device().type() == device, "ember_C.optim_step: params are on ", p0.device(),
               ", this implementation runs on ", device);
   const at::ScalarType state_type = !s1.empty() ? s1[0].scalar_type() : at::kFloat;

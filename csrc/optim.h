@@ -43,36 +43,44 @@ enum OptFlag : int32_t {
 //   SGD: momentum, dampening   Adam, Lion: beta1, beta2   Adagrad: lr_decay, -   RMSprop: alpha, momentum
 // om1 = 1 - h1, om2 = 1 - h2 and decay = 1 - lr wd are rounded from double once, as torch passes
 // these Python floats to its kernels (1.0f - 0.9f is one ulp away from float(1 - 0.9)).
-struct OptHyper {
-  float lr, h1, h2, eps, wd;
-  float om1, om2, decay;
+// T is float for every kernel's fp32 math; the CPU kernel's float64 path instantiates T = double.
+template <class T>
+struct OptHyperT {
+  T lr, h1, h2, eps, wd;
+  T om1, om2, decay;
   int32_t flags;
 };
+using OptHyper = OptHyperT<float>;
 
-inline OptHyper make_hyper(double lr, double h1, double h2, double eps, double wd, int32_t flags) {
-  return {static_cast<float>(lr),       static_cast<float>(h1),       static_cast<float>(h2),
-          static_cast<float>(eps),      static_cast<float>(wd),       static_cast<float>(1.0 - h1),
-          static_cast<float>(1.0 - h2), static_cast<float>(1.0 - lr * wd), flags};
+template <class T = float>
+inline OptHyperT<T> make_hyper(double lr, double h1, double h2, double eps, double wd, int32_t flags) {
+  return {static_cast<T>(lr),       static_cast<T>(h1),       static_cast<T>(h2),
+          static_cast<T>(eps),      static_cast<T>(wd),       static_cast<T>(1.0 - h1),
+          static_cast<T>(1.0 - h2), static_cast<T>(1.0 - lr * wd), flags};
 }
 
 // Per-tensor scalars that depend on the tensor's step count (torch keeps one step per parameter).
 // Adam: a = lr / (1 - beta1^t), b = sqrt(1 - beta2^t). Adagrad: a = lr / (1 + (t - 1) lr_decay).
 // Others: a = lr. Computed in double, as torch computes them on the host in Python floats.
-struct OptCoef {
-  float a, b;
+template <class T>
+struct OptCoefT {
+  T a, b;
 };
+using OptCoef = OptCoefT<float>;
 
-EMBER_HD OptCoef opt_coef(Opt kind, double lr, double h1, double h2, double step) {
+template <class T = float>
+EMBER_HD OptCoefT<T> opt_coef(Opt kind, double lr, double h1, double h2, double step) {
   if (kind == Opt::kAdam)
-    return {static_cast<float>(lr / (1.0 - pow(h1, step))), static_cast<float>(sqrt(1.0 - pow(h2, step)))};
-  if (kind == Opt::kAdagrad) return {static_cast<float>(lr / (1.0 + (step - 1.0) * h1)), 1.0f};
-  return {static_cast<float>(lr), 1.0f};
+    return {static_cast<T>(lr / (1.0 - pow(h1, step))), static_cast<T>(sqrt(1.0 - pow(h2, step)))};
+  if (kind == Opt::kAdagrad) return {static_cast<T>(lr / (1.0 + (step - 1.0) * h1)), T(1)};
+  return {static_cast<T>(lr), T(1)};
 }
 
-// One update, elementwise on V (a float or a vector of floats). p is the fp32 parameter (or master
-// weight), g the gradient already multiplied by 1/grad_scale; s1..s3 the optimizer state.
-template <Opt K, class M, class V>
-EMBER_HD void opt_update(const OptHyper& h, const OptCoef& c, V& p, const V& grad, V& s1, V& s2, V& s3) {
+// One update, elementwise on V (a float or a vector of floats; doubles in the CPU float64 path). p is
+// the fp32 parameter (or master weight), g the gradient already multiplied by 1/grad_scale; s1..s3
+// the optimizer state.
+template <Opt K, class M, class V, class T>
+EMBER_HD void opt_update(const OptHyperT<T>& h, const OptCoefT<T>& c, V& p, const V& grad, V& s1, V& s2, V& s3) {
   const int32_t f = h.flags;
   V g = grad;
   if (f & kMaximize) g = M::splat(0.0f) - g;

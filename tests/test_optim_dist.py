@@ -1,5 +1,6 @@
 """ember.optim under DDP and FSDP2 (DTensor parameters, local-shard updates): 2 gloo CPU processes
-train to the same parameters as one process on the same global batches."""
+train to the same parameters as one process on the same global batches; with bf16 FSDP2 parameters
+and master_weights=True, the fp32 masters are DTensor shards too (see optim_dist_worker.py)."""
 import os
 import subprocess
 import sys
@@ -11,7 +12,8 @@ WORKER = os.path.join(os.path.dirname(__file__), "optim_dist_worker.py")
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
-@pytest.mark.parametrize("mode,names", [("ddp", "AdamW,SGD"), ("fsdp2", "AdamW,Lion,RMSprop")])
+@pytest.mark.parametrize("mode,names", [("ddp", "AdamW,SGD"), ("fsdp2", "AdamW,Lion,RMSprop"),
+                                        ("fsdp2-master", "AdamW,SGD")])
 def test_distributed_matches_single_process(mode, names):
     backend = "cpu"
     from ember import _backend

@@ -19,15 +19,18 @@ struct OptTensor {
   float* master;  // when set, the update reads and writes it and param receives its rounding
   int64_t n;
   OptCoef coef;
+  OptCoefT<double> coef64;  // float64 parameters: the same coefficients, unrounded
 };
 
 // A whole (dtype, master) group, updated by one call.
 struct OptLaunch {
   Opt kind;
-  DType param_dtype;  // float32, float16 or bfloat16
+  DType param_dtype;  // float32, float16, bfloat16 or float64 (float64 state, float64 math)
   bool state_fp32;    // state tensors are float32 (else they have the parameter's dtype)
   OptHyper hyper;
-  float inv_scale;  // 1 / grad_scale (1 without AMP)
+  OptHyperT<double> hyper64;  // for float64 parameters
+  float inv_scale;     // 1 / grad_scale (1 without AMP)
+  double inv_scale64;  // the same for float64 parameters
   const OptTensor* tensors;
   int64_t count;
 };

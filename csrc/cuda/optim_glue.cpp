@@ -27,6 +27,8 @@ void optim_step(c10::string_view kind_name, at::TensorList params, at::TensorLis
                 const std::optional<at::Tensor>& grad_scale, const std::optional<at::Tensor>& found_inf) {
   const OptGroup g = check_optim_group(kind_name, params, grads, s1, s2, s3, masters, steps, hyper, at::kCUDA);
   if (params.empty()) return;
+  TORCH_CHECK_TYPE(g.param_dtype != DType::kFloat64, "ember_C.optim_step: CUDA params must be float32, float16 ",
+                   "or bfloat16 (float64 groups run on the reference backend), got float64");
   const at::Tensor& p0 = params[0];
   const c10::cuda::CUDAGuard guard(p0.device());
   const float* lr_ptr = device_scalar(lr, p0, "lr");

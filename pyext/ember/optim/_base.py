@@ -8,8 +8,6 @@ state_dict interchange with torch.optim — is handled here once.
 """
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 from torch import Tensor
 from torch import _prims_common
@@ -17,7 +15,20 @@ from torch import _prims_common
 from .. import _backend
 from ..ops import optim as _op
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Parameter dtypes each backend's kernel takes; other groups (and non-dense parameters) run on the
+# reference backend. Only the C++ CPU kernel has a float64 path (float64 math throughout).
+_FLOATS_16_32 = (torch.float32, torch.float16, torch.bfloat16)
+_KERNEL_DTYPES = {"cpu": _FLOATS_16_32 + (torch.float64,), "cuda": _FLOATS_16_32, "triton": _FLOATS_16_32}
+_LOW_DTYPES = (torch.float16, torch.bfloat16)
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_STRIDED = torch.strided
+
+
+@torch.compiler.assume_constant_result
+def _resolve(requested, device: torch.device, op: str) -> str:
+    # Inside a torch.compile'd step Dynamo cannot trace the availability probes (imports, caches);
+    # the answer is a constant for the process, so the trace takes it as one.
+    return _backend.resolve(requested, device, op)
 
 
 def _dense(t: Tensor) -> bool:
@@ -102,6 +113,10 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
     # -- step ------------------------------------------------------------------------------------
     def _check_grad(self, p: Tensor) -> Tensor:
         g = p.grad
+        # The common case in one test: same floating dtype, dense, same strides (complex and sparse
+        # gradients fail it and get their error below).
+        if g.dtype is p.dtype and p.dtype in _FLOAT_DTYPES and g.layout is _STRIDED and g.stride() == p.stride():
+            return g
         if g.is_sparse:
             raise RuntimeError(f"ember.optim.{self._name} does not support sparse gradients")
         if torch.is_complex(p) or torch.is_complex(g):
@@ -117,7 +132,8 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _local(t: Tensor) -> Tensor:
         # FSDP2 / DTensor parameters: the update is elementwise, so each rank updates its own shard.
-        return t.to_local() if hasattr(t, "to_local") else t
+        # (Looked up on the class: hasattr on a plain tensor instance is a slow failed lookup.)
+        return t.to_local() if hasattr(type(t), "to_local") else t
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -138,26 +154,38 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
         lr_t = lr if isinstance(lr, Tensor) else None
         if lr_t is not None:
             hyper[0] = 0.0
-        buckets: dict = defaultdict(list)
+        keys = [k for k in slots if k is not None]
+        local = self._local
+        # bucket key -> (params, grads, {slot: states}, masters, steps, original params); the lists
+        # are built in the one pass over the parameters (this loop is most of the step's Python time).
+        buckets: dict = {}
         for p in group["params"]:
             if p.grad is None:
                 continue
             g = self._check_grad(p)
-            master = self.master_weights and p.dtype in (torch.float16, torch.bfloat16)
+            master = self.master_weights and p.dtype in _LOW_DTYPES
             extra = self._bucket_key(group, self.state.get(p, {}), slots)
             state = self._state_for(group, p, slots, master)
-            lp = self._local(p)
-            kernel_ok = lp.dtype in _KERNEL_DTYPES and _dense(lp)
-            buckets[(lp.device, lp.dtype, master, kernel_ok, extra)].append((p, g, state))
-        for (device, dtype, master, kernel_ok, extra), items in buckets.items():
-            backend = _backend.resolve(self.backend, device, f"optim.{self._name}")
-            if not kernel_ok and backend != "reference":
+            lp = local(p)
+            kernel_ok = lp.dtype in _FLOAT_DTYPES and _dense(lp)
+            key = (lp.device, lp.dtype, master, kernel_ok, extra)
+            b = buckets.get(key)
+            if b is None:
+                b = buckets[key] = ([], [], {k: [] for k in keys}, [], [], [])
+            b[0].append(lp)
+            b[1].append(local(g))
+            for k in keys:
+                b[2][k].append(local(state[k]))
+            if master:
+                b[3].append(local(state["master_param"]))
+            if self._has_step:
+                b[4].append(state["step"])
+            b[5].append(p)
+        for (device, dtype, master, kernel_ok, extra), (params, grads, states, masters, steps, ps) in buckets.items():
+            backend = _resolve(self.backend, device, f"optim.{self._name}")
+            if backend != "reference" and not (kernel_ok and dtype in _KERNEL_DTYPES.get(backend, ())):
                 backend = "reference"
-            params = [self._local(p) for p, _, _ in items]
-            grads = [self._local(g) for _, g, _ in items]
-            lists = [[self._local(st[k]) for _, _, st in items] if k is not None else [] for k in slots]
-            masters = [self._local(st["master_param"]) for _, _, st in items] if master else []
-            steps = [st["step"] for _, _, st in items] if self._has_step else []
+            lists = [states[k] if k is not None else [] for k in slots]
             gs = fi = None
             if grad_scale is not None:
                 gs = grad_scale.to(device, non_blocking=True)
@@ -166,9 +194,9 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
             lt = lr_t
             if lt is not None and backend != "cpu":
                 lt = lt.to(device=device, dtype=torch.float32, non_blocking=True)
-            _op.optim_step(self._kind, params, grads, *lists, masters, steps, list(hyper),
-                           flags | self._bucket_flags(extra), lt, gs, fi, backend)
-            self._after_group(group, items, extra)
+            _op.step(self._kind, params, grads, *lists, masters, steps, list(hyper),
+                     flags | self._bucket_flags(extra), lt, gs, fi, backend)
+            self._after_group(group, ps, extra)
 
     # Hooks for SGD's first momentum step (a buffer created from the gradient itself).
     def _bucket_key(self, group, state, slots):
@@ -177,7 +205,7 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
     def _bucket_flags(self, extra) -> int:
         return 0
 
-    def _after_group(self, group, items, extra):
+    def _after_group(self, group, params, extra):
         pass
 
     # -- checkpoints -----------------------------------------------------------------------------
