@@ -166,9 +166,14 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
             lt = lr_t
             if lt is not None and backend != "cpu":
                 lt = lt.to(device=device, dtype=torch.float32, non_blocking=True)
-            _op.optim_step(self._kind, params, grads, *lists, masters, steps, list(hyper),
-                           flags | self._bucket_flags(extra), lt, gs, fi, backend)
+            self._launch(backend, items, params, grads, lists, masters, steps, list(hyper),
+                         flags | self._bucket_flags(extra), lt, gs, fi)
             self._after_group(group, items, extra)
+
+    def _launch(self, backend, items, params, grads, lists, masters, steps, hyper, flags, lr, grad_scale, found_inf):
+        """One bucket's kernel call(s); AdamW8bit splits its buckets between two ops."""
+        _op.optim_step(self._kind, params, grads, *lists, masters, steps, hyper, flags, lr, grad_scale, found_inf,
+                       backend)
 
     # Hooks for SGD's first momentum step (a buffer created from the gradient itself).
     def _bucket_key(self, group, state, slots):
