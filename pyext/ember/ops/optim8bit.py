@@ -59,7 +59,7 @@ def quantize_signed(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def dequantize_signed(q: Tensor, absmax: Tensor) -> Tensor:
     b = _blocks(q)
-    u = b / 127.0
+    u = b / b.new_full((), 127.0)  # a tensor divisor: torch's CUDA kernel multiplies by 1 / a scalar one
     return (absmax.view(-1, 1) * torch.sign(u) * u * u).reshape(-1)[: q.numel()].view(q.shape)
 
 
@@ -72,7 +72,8 @@ def quantize_unsigned(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def dequantize_unsigned(q: Tensor, absmax: Tensor) -> Tensor:
-    u = _blocks(q) / 255.0
+    b = _blocks(q)
+    u = b / b.new_full((), 255.0)
     u2 = u * u
     return (absmax.view(-1, 1) * u2 * u2).reshape(-1)[: q.numel()].view(q.shape)
 
