@@ -25,6 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import _backend
 from . import optim as _op
 
 BLOCK = 256
@@ -163,6 +164,7 @@ def adamw8bit_step(
         _check_triton(*args[:6], flags)
         tk.adamw8bit_step(*args)
     else:
+        _backend.extension()  # registers ember_C (normally done by backend resolution)
         torch.ops.ember_C.adamw8bit_step(*args)
 
 

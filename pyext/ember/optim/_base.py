@@ -21,7 +21,10 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _dense(t: Tensor) -> bool:
-    return t.is_contiguous() or _prims_common.is_non_overlapping_and_dense(t)
+    # torch 2.13 renamed is_non_overlapping_and_dense to ..._or_false
+    dense = getattr(_prims_common, "is_non_overlapping_and_dense", None) or \
+        _prims_common.is_non_overlapping_and_dense_or_false
+    return t.is_contiguous() or dense(t)
 
 
 def _scalar_dtype():
