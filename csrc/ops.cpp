@@ -101,6 +101,49 @@ OptGroup check_optim_group(c10::string_view kind, at::TensorList params, at::Ten
   return g;
 }
 
+DType check_adamw8bit_group(at::TensorList params, at::TensorList grads, at::TensorList exp_avg,
+                            at::TensorList exp_avg_sq, at::TensorList exp_avg_absmax, at::TensorList exp_avg_sq_absmax,
+                            at::TensorList steps, at::ArrayRef<double> hyper, int64_t flags, c10::DeviceType device) {
+  constexpr const char* op = "ember_C.adamw8bit_step: ";
+  const size_t n = params.size();
+  TORCH_CHECK(hyper.size() == 5, op, "hyper must hold 5 numbers (lr, beta1, beta2, eps, weight_decay), got ",
+              hyper.size());
+  TORCH_CHECK(!(flags & kAmsgrad), op, "amsgrad is not supported");
+  const std::pair<const char*, at::TensorList> lists[] = {{"grads", grads},
+                                                          {"exp_avg", exp_avg},
+                                                          {"exp_avg_sq", exp_avg_sq},
+                                                          {"exp_avg_absmax", exp_avg_absmax},
+                                                          {"exp_avg_sq_absmax", exp_avg_sq_absmax}};
+  for (const auto& [name, list] : lists)
+    TORCH_CHECK(list.size() == n, op, name, " has ", list.size(), " tensors, params ", n);
+  TORCH_CHECK(steps.empty() || steps.size() == n, op, "steps must be empty or hold one tensor per parameter (", n,
+              "), got ", steps.size());
+  if (n == 0) return DType::kFloat32;
+  const at::Tensor& p0 = params[0];
+  const DType dtype = to_dtype(p0.scalar_type(), "adamw8bit_step", "params");
+  TORCH_CHECK_TYPE(dtype != DType::kFloat64, op, "params must be float32, float16 or bfloat16, got float64");
+  TORCH_CHECK(p0.device().type() == device, op, "params are on ", p0.device(), ", this implementation runs on ",
+              device);
+  // Blocks are runs of kQBlock elements in logical order, so everything is walked contiguously.
+  auto check = [&](const at::Tensor& t, const char* name, size_t i, at::ScalarType dt, int64_t numel) {
+    TORCH_CHECK(t.device() == p0.device(), op, name, "[", i, "] is on ", t.device(), ", params[0] on ", p0.device());
+    TORCH_CHECK_TYPE(t.scalar_type() == dt, op, name, "[", i, "] must be ", dt, ", got ", t.scalar_type());
+    TORCH_CHECK(t.numel() == numel, op, name, "[", i, "] must have ", numel, " elements, got ", t.numel());
+    TORCH_CHECK(t.is_contiguous(), op, name, "[", i, "] must be contiguous, got strides ", t.strides());
+  };
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    const int64_t nb = (p.numel() + kQBlock - 1) / kQBlock;
+    check(p, "params", i, p0.scalar_type(), p.numel());
+    check(grads[i], "grads", i, p0.scalar_type(), p.numel());
+    check(exp_avg[i], "exp_avg", i, at::kChar, p.numel());
+    check(exp_avg_sq[i], "exp_avg_sq", i, at::kByte, p.numel());
+    check(exp_avg_absmax[i], "exp_avg_absmax", i, at::kFloat, nb);
+    check(exp_avg_sq_absmax[i], "exp_avg_sq_absmax", i, at::kFloat, nb);
+  }
+  return dtype;
+}
+
 void check_unary_backward(const at::Tensor& grad_out, const at::Tensor& x) {
   TORCH_CHECK(grad_out.sizes() == x.sizes(), "ember_C.unary_act_backward: grad_out shape ", grad_out.sizes(),
               " differs from x shape ", x.sizes());
@@ -145,6 +188,12 @@ TORCH_LIBRARY(ember_C, m) {
       "optim_step(str kind, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] s1, Tensor(c!)[] s2, "
       "Tensor(d!)[] s3, Tensor(e!)[] masters, Tensor(f!)[] steps, float[] hyper, int flags, Tensor? lr, "
       "Tensor? grad_scale, Tensor? found_inf) -> ()");
+  // AdamW with block-wise 8-bit moments (csrc/optim8bit.h): exp_avg int8, exp_avg_sq uint8, one fp32
+  // absmax per 256 elements of each; hyper = [lr, beta1, beta2, eps, weight_decay], flags as optim_step's.
+  m.def(
+      "adamw8bit_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avg, Tensor(c!)[] exp_avg_sq, "
+      "Tensor(d!)[] exp_avg_absmax, Tensor(e!)[] exp_avg_sq_absmax, Tensor(f!)[] steps, float[] hyper, int flags, "
+      "Tensor? lr, Tensor? grad_scale, Tensor? found_inf) -> ()");
   // int8 inference (csrc/cpu/int8.cpp); act is -1 (none) or an ember::Act value.
   m.def("quantize_per_token(Tensor x, Tensor? smooth) -> (Tensor, Tensor)");
   m.def(

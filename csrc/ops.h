@@ -10,6 +10,7 @@
 
 #include "activation.h"
 #include "optim.h"
+#include "optim8bit.h"
 
 namespace ember {
 
@@ -37,6 +38,12 @@ struct OptGroup {
 OptGroup check_optim_group(c10::string_view kind, at::TensorList params, at::TensorList grads, at::TensorList s1,
                            at::TensorList s2, at::TensorList s3, at::TensorList masters, at::TensorList steps,
                            at::ArrayRef<double> hyper, c10::DeviceType device);
+
+// ember_C::adamw8bit_step: checks every list (lengths, devices, dtypes, sizes, contiguity) and
+// returns the parameters' dtype.
+DType check_adamw8bit_group(at::TensorList params, at::TensorList grads, at::TensorList exp_avg,
+                            at::TensorList exp_avg_sq, at::TensorList exp_avg_absmax, at::TensorList exp_avg_sq_absmax,
+                            at::TensorList steps, at::ArrayRef<double> hyper, int64_t flags, c10::DeviceType device);
 
 // The value of a one-element tensor (lr, grad_scale, found_inf, a step count), read on the host.
 double one_value(const at::Tensor& t, const char* arg);

@@ -5,6 +5,7 @@
 
 #include "activation.h"
 #include "optim.h"
+#include "optim8bit.h"
 
 namespace ember::cpu {
 
@@ -20,6 +21,27 @@ struct OptTensor {
   int64_t n;
   OptCoef coef;
   OptCoefT<double> coef64;  // float64 parameters: the same coefficients, unrounded
+};
+
+// One tensor of an AdamW8bit step (csrc/optim8bit.h): parameter and gradient (same dtype,
+// contiguous), int8 / uint8 moment codes (n each) and their fp32 absmax (one per kQBlock elements).
+struct Opt8Tensor {
+  void* param;
+  const void* grad;
+  int8_t* exp_avg;
+  uint8_t* exp_avg_sq;
+  float* exp_avg_absmax;
+  float* exp_avg_sq_absmax;
+  int64_t n;
+  OptCoef coef;
+};
+
+struct Opt8Launch {
+  DType param_dtype;  // float32, float16 or bfloat16
+  OptHyper hyper;     // Adam's; flags without kAmsgrad
+  float inv_scale;    // 1 / grad_scale (1 without AMP)
+  const Opt8Tensor* tensors;
+  int64_t count;
 };
 
 // A whole (dtype, master) group, updated by one call.
@@ -84,6 +106,8 @@ struct Kernels {
   // shift128). Returns false (nothing done) when this CPU / build has no VNNI kernel or N % 16 or K % 4.
   bool (*w8a8_gemm_packed)(const uint8_t* qu, const float* sx, const int8_t* wp, const float* sw, const float* bias,
                            void* out, int64_t M, int64_t N, int64_t K, DType dtype, int32_t act);
+  // One AdamW8bit step over every tensor of the launch: one parallel loop over all their blocks.
+  void (*adamw8bit_step)(const Opt8Launch& launch);
 };
 
 const Kernels& kernels_default();

@@ -4,6 +4,7 @@
 #include "cpu/kernels.h"
 #include "cpu/vec_activation.h"
 #include "cpu/optim_impl.h"
+#include "cpu/optim8bit_impl.h"
 #include "cpu/int8_impl.h"
 
 namespace ember::cpu::EMBER_ISA {
@@ -140,7 +141,8 @@ inline void linear_act_backward(const void* grad, const void* pre, void* dpre, v
 inline const Kernels& table() {
   static const Kernels k{&unary_act,       &unary_act_backward,  &gated_act,        &gated_act_backward,
                          &linear_epilogue, &linear_act_backward, &optim_step,       &quantize_rows,
-                         &dequant_epilogue, &w8a16_gemv,        &w8a8_gemv,        &w8a8_gemm_packed};
+                         &dequant_epilogue, &w8a16_gemv,        &w8a8_gemv,        &w8a8_gemm_packed,
+                         &adamw8bit_step};
   return k;
 }
 

@@ -33,3 +33,25 @@ cudaError_t optim_step(Opt kind, DType param_dtype, bool state_fp32, const OptHy
                        cudaStream_t stream);
 
 }  // namespace ember::cuda
+
+namespace ember::cuda {
+
+// One tensor of an AdamW8bit step (csrc/optim8bit.h); step / coef as in OptCudaTensor.
+struct Opt8CudaTensor {
+  void* param;
+  const void* grad;
+  int8_t* exp_avg;
+  uint8_t* exp_avg_sq;
+  float* exp_avg_absmax;
+  float* exp_avg_sq_absmax;
+  float* step;
+  int64_t n;
+  OptCoef coef;
+};
+
+// AdamW8bit over every tensor in `tensors` (host array) in as few launches as the kernel parameter
+// space allows; lr / grad_scale / found_inf as in optim_step. Asynchronous on `stream`.
+cudaError_t adamw8bit_step(DType param_dtype, const OptHyper& hyper, const Opt8CudaTensor* tensors, int64_t count,
+                           const float* lr, const float* grad_scale, const float* found_inf, cudaStream_t stream);
+
+}  // namespace ember::cuda

@@ -24,8 +24,9 @@ Providers: "torch" is torch.optim's per-parameter for-loop (foreach=False), so '
 speedup over it; "torch-foreach" (foreach=True); "torch-fused" (fused=True, where this torch has a
 fused kernel for the optimizer on this device); "ember-<backend>" for each ember backend live on the
 device (Triton only on GPUs); on a GPU "apex" (FusedAdam, when installed) and "bnb"
-(bitsandbytes AdamW32bit / AdamW8bit, when installed). Lion has no torch baseline; ember's AdamW8bit
-runs whole-tensor PyTorch ops per parameter (provider "ember-reference": no fused kernel yet).
+(bitsandbytes AdamW32bit / AdamW8bit, when installed). Lion and AdamW8bit have no torch baseline; AdamW8bit's
+"ember-reference" is its pure-PyTorch oracle (whole-tensor ops per parameter), the other ember
+providers its fused kernels.
 
 The suite always times fp32 (what mixed-precision training's optimizer touches: fp32 master weights
 and state); other --dtype values add pure low-precision runs. Before timing, ember and peer providers
@@ -184,9 +185,15 @@ def providers(cfg: Config, name: str, dtype: torch.dtype) -> list[tuple[str, Bui
                 ("torch-foreach", _torch(name, foreach=True), None, "")]
         if fused:
             out.append(("torch-fused", _torch(name, fused=True), None, ""))
+    live = ember.available_backends(cfg.device)
     if name == "AdamW8bit":
-        out.append(("ember-reference", _ember(name), None, "ember-reference: ember.optim.AdamW8bit, whole-tensor "
-                    "PyTorch ops per parameter (no fused kernel yet)"))
+        # The oracle is ember's own reference (torch has no 8-bit AdamW); the kernels match it bit for bit.
+        ref = _ember(name, backend="reference")
+        out.append(("ember-reference", ref, None, "ember-reference: ember.optim.AdamW8bit(backend='reference'), "
+                    "whole-tensor PyTorch ops per parameter"))
+        for backend in ("cpu", "cuda", "triton"):
+            if (gpu or backend != "triton") and live.get(backend) is None:
+                out.append((f"ember-{backend}", _ember(name, backend=backend), ref, ""))
         if gpu and importlib.util.find_spec("bitsandbytes") is not None:
             out.append(("bnb", _bnb("AdamW8bit"), None, "bnb: bitsandbytes.optim.AdamW8bit"))
         return out
@@ -196,7 +203,6 @@ def providers(cfg: Config, name: str, dtype: torch.dtype) -> list[tuple[str, Bui
         ref = _torch(name, foreach=False)
     else:
         ref = _ember(name, backend="reference")
-    live = ember.available_backends(cfg.device)
     for backend in ("cpu", "cuda", "triton"):
         if backend == "triton" and not gpu:
             continue  # under TRITON_INTERPRET=1 Triton "runs" on CPU, far too slowly to time

@@ -41,8 +41,9 @@ def coefficients(kind: str, lr, h1: float, h2: float, step):
     return lr, 1.0
 
 
-def update(kind, flags, p, g, s1, s2, s3, lr, h1, h2, eps, wd, a, b):
-    """One update on fp32 tensors; returns the new (p, s1, s2, s3). Mirrors ember::opt_update."""
+def update(kind, flags, p, g, s1, s2, s3, lr, h1, h2, eps, wd, a, b, sqrt=torch.sqrt):
+    """One update on fp32 tensors; returns the new (p, s1, s2, s3). Mirrors ember::opt_update.
+    ``sqrt``: AdamW8bit's reference passes a correctly rounded one (see ops/optim8bit.py)."""
     if flags & MAXIMIZE:
         g = -g
     if kind == "sgd":
@@ -64,7 +65,7 @@ def update(kind, flags, p, g, s1, s2, s3, lr, h1, h2, eps, wd, a, b):
         if flags & AMSGRAD:
             s3 = torch.maximum(s3, s2)
             v = s3
-        p = p - a * (s1 / (v.sqrt() / b + eps))
+        p = p - a * (s1 / (sqrt(v) / b + eps))
     elif kind == "adagrad":
         if wd != 0:
             g = g + wd * p

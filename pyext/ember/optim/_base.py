@@ -31,8 +31,13 @@ def _resolve(requested, device: torch.device, op: str) -> str:
     return _backend.resolve(requested, device, op)
 
 
+# torch 2.13 renamed is_non_overlapping_and_dense to ..._or_false.
+_non_overlapping_and_dense = getattr(_prims_common, "is_non_overlapping_and_dense", None) or \
+    _prims_common.is_non_overlapping_and_dense_or_false
+
+
 def _dense(t: Tensor) -> bool:
-    return t.is_contiguous() or _prims_common.is_non_overlapping_and_dense(t)
+    return t.is_contiguous() or _non_overlapping_and_dense(t)
 
 
 def _scalar_dtype():
@@ -194,9 +199,15 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
             lt = lr_t
             if lt is not None and backend != "cpu":
                 lt = lt.to(device=device, dtype=torch.float32, non_blocking=True)
-            _op.step(self._kind, params, grads, *lists, masters, steps, list(hyper),
-                     flags | self._bucket_flags(extra), lt, gs, fi, backend)
+            self._launch(backend, ps, params, grads, lists, masters, steps, list(hyper),
+                         flags | self._bucket_flags(extra), lt, gs, fi)
             self._after_group(group, ps, extra)
+
+    def _launch(self, backend, ps, params, grads, lists, masters, steps, hyper, flags, lr, grad_scale, found_inf):
+        """One bucket's kernel call(s); ``ps`` are the original parameters (state keys). AdamW8bit
+        splits its buckets between two ops."""
+        _op.step(self._kind, params, grads, *lists, masters, steps, hyper, flags, lr, grad_scale, found_inf,
+                 backend)
 
     # Hooks for SGD's first momentum step (a buffer created from the gradient itself).
     def _bucket_key(self, group, state, slots):
