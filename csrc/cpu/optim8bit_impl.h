@@ -20,7 +20,7 @@
 namespace ember::cpu::EMBER_ISA {
 
 // opt_update's math policy plus what the quantizer needs.
-struct Vec8Math : VecMath {
+struct Vec8Math : VecMath<float> {
   static V abs(const V& x) { return x.abs(); }
   static V round(const V& x) { return x.round(); }  // half to even, like torch.round
   static V copysign(const V& x, const V& s) { return V::blendv(x, V(0.0f) - x, s < V(0.0f)); }
