@@ -42,6 +42,8 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     The halves of a ``[..., 2N]`` tensor (``x.chunk(2, -1)``) qualify, so the gated kernels read them
     in place; any layout that needs more than one row stride is copied once.
     """
+    if t.dim() == 2 and (t.shape[1] <= 1 or t.stride(1) == 1):
+        return t  # already (rows, cols) with contiguous rows: the common case, without a view op
     cols = t.shape[-1] if t.dim() else 1
     rows = math.prod(t.shape[:-1]) if t.dim() else 1
     try:
