@@ -1,7 +1,8 @@
 """The eager fast path (ember.ops._common.eager_native): plain eager calls on the CPU backend skip the
 torch.library custom op and run the ember_C kernels directly (inference) or through a small
-torch.autograd.Function (training). Its results and gradients must equal the custom op's (up to the BLAS's own run-to-run rounding),
-and anything that must see the custom op (dispatch modes, vmap, compile) must still get it."""
+torch.autograd.Function (training). Its results and gradients must equal the custom op's (up to the
+BLAS's own run-to-run rounding), and anything that must see the custom op (dispatch modes, vmap,
+compile) must still get it."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -42,7 +43,8 @@ def test_linear_matches_custom_op(act):
 
 def test_gated_linear_matches_custom_op():
     torch.manual_seed(1)
-    x, wg, wu, bg, bu = torch.randn(2, 5, 13), torch.randn(11, 13), torch.randn(11, 13), torch.randn(11), torch.randn(11)
+    x, wg, wu = torch.randn(2, 5, 13), torch.randn(11, 13), torch.randn(11, 13)
+    bg, bu = torch.randn(11), torch.randn(11)
     grad = torch.randn(2, 5, 11)
     fast = _grads(lambda *t: ember.ops.gated_linear(*t, activation="silu", backend="cpu"), _leaves(x, wg, wu, bg, bu),
                   grad)

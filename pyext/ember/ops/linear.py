@@ -409,7 +409,8 @@ class _GatedLinearFn(torch.autograd.Function):
         need = ctx.needs_input_grad
         has_b = b_gate is not None
         dx, dwg, dwu, dbg, dbu = native_op("gated_linear_backward")(
-            _rows(grad), _rows(x), w_gate, w_up, pre, ctx.act, need[0], need[1] or need[2], has_b and (need[3] or need[4])
+            _rows(grad), _rows(x), w_gate, w_up, pre, ctx.act,
+            need[0], need[1] or need[2], has_b and (need[3] or need[4]),
         )
         return (
             dx.view(x.shape) if need[0] else None,
