@@ -144,6 +144,24 @@ def resolve(requested: str | None, device: torch.device, op: str) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=None)
+def _native_auto(device_type: str) -> bool:
+    # What "auto" resolves to depends only on the device type and on the build of ember._C.
+    if device_type == "cpu":
+        return extension() is not None
+    return device_type == "cuda" and extension_has_cuda()
+
+
+def native(requested: str | None, device: torch.device, op: str) -> bool:
+    """Whether a call resolves to ember's compiled kernels ("cpu" / "cuda": the ember_C ops), which
+    the eager fast paths then call directly. The common case ("auto" on CPU or CUDA) is one cached
+    lookup; anything else goes through resolve(), which also raises for an unavailable request."""
+    name = requested if requested is not None else get_backend()
+    if name == "auto" and device.type in ("cpu", "cuda"):
+        return _native_auto(device.type)
+    return resolve(name, device, op) in ("cpu", "cuda")
+
+
 # Under torch.compile / torch.export the request is read once, at trace time, and baked into the
 # graph as the op's `backend` string argument (it reads thread-locals and the environment, which do
 # not belong in a graph). "auto" stays "auto" in the graph and is resolved per call from the tensors'

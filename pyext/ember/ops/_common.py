@@ -1,9 +1,12 @@
 """Argument checks and layout helpers shared by every ember op."""
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
+
+from .. import _backend
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -39,6 +42,8 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     The halves of a ``[..., 2N]`` tensor (``x.chunk(2, -1)``) qualify, so the gated kernels read them
     in place; any layout that needs more than one row stride is copied once.
     """
+    if t.dim() == 2 and (t.shape[1] <= 1 or t.stride(1) == 1):
+        return t  # already (rows, cols) with contiguous rows: the common case, without a view op
     cols = t.shape[-1] if t.dim() else 1
     rows = math.prod(t.shape[:-1]) if t.dim() else 1
     try:
@@ -48,3 +53,40 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     if cols > 1 and view.stride(1) != 1:
         return t.contiguous().view(rows, cols)
     return view
+
+
+# ---------------------------------------------------------------------------------------------
+# The eager fast path. Each ember op is a torch.library custom op (what torch.compile, torch.export,
+# opcheck and dispatch modes see), but on CPU one trip through it costs ~15-30 us of Python and
+# dispatcher work per call, and its registered autograd as much again, which at M = 1 is as much
+# as the GEMM itself. Plain eager calls that resolve to ember's compiled kernels therefore call the
+# ember_C op directly (inference) or through a small torch.autograd.Function (training). Everything
+# else keeps the custom op: tracing/compiling, a dispatch mode (FakeTensorMode, FlopCounterMode,
+# export's make_fx), functorch transforms (vmap/grad, whose wrapped tensors look plain) and tensor
+# subclasses.
+# ---------------------------------------------------------------------------------------------
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_is_compiling = torch.compiler.is_compiling
+_dispatch_depth = torch._C._len_torch_dispatch_stack
+_functorch_top = torch._C._functorch.peek_interpreter_stack
+
+
+def eager_native(backend, device: torch.device, op: str, *ts) -> bool:
+    """True when this call may skip the custom op and run the ember_C kernel directly."""
+    if _is_compiling() or _dispatch_depth() or _functorch_top() is not None:
+        return False
+    for t in ts:
+        if t is not None and type(t) not in _PLAIN:
+            return False
+    return _backend.native(backend, device, op)
+
+
+def wants_grad(*ts) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+@functools.lru_cache(maxsize=None)
+def native_op(name: str):
+    """The ``torch.ops.ember_C.<name>.default`` overload (skips the packet's overload lookup)."""
+    _backend.extension()
+    return getattr(torch.ops.ember_C, name).default

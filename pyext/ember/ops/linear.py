@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
-from ._common import check_float
+from ._common import check_float, eager_native, native_op, wants_grad
 from .activation import ACTS, act_backward_reference, act_reference
 
 LINEAR_ACTS = ("none",) + ACTS
@@ -89,6 +89,11 @@ def _shaped(t: torch.Tensor, shape) -> torch.Tensor:
 
 def _empty(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty((0,))
+
+
+def _out_shaped(out2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    # Not .view(): autograd forbids in-place ops on a view created inside a custom Function.
+    return out2 if x.dim() == 2 else _shaped(out2, (*x.shape[:-1], out2.shape[1]))
 
 
 def _nrows(x: torch.Tensor) -> int:
@@ -357,25 +362,64 @@ def _check_x(op: str, x: torch.Tensor) -> None:
         raise ValueError(f"ember.ops.{op}: x must have at least 1 dimension (..., in_features), got a scalar")
 
 
-def _wants_grad(*ts) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+class _LinearFn(torch.autograd.Function):
+    """The eager training path on ember's compiled kernels (see _common.eager_native): the same
+    kernels, saved tensors and gradients as ``ember::linear_act``'s registered autograd."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, act):
+        r2 = None if residual is None else _rows(residual)
+        out, pre = native_op("linear_act")(_rows(x), weight, bias, r2, act, act != "none")
+        ctx.save_for_backward(x, weight, bias, pre)
+        ctx.act = act
+        return _out_shaped(out, x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight, bias, pre = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_db = need[2] and bias is not None
+        dx, dw, db = native_op("linear_act_backward")(
+            _rows(grad), _rows(x), weight, pre, ctx.act, need[0], need[1], need_db
+        )
+        return (
+            dx.view(x.shape) if need[0] else None,
+            dw if need[1] else None,
+            db if need_db else None,
+            grad if need[3] else None,
+            None,
+        )
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+class _GatedLinearFn(torch.autograd.Function):
+    """Eager training path of ``ember::gated_linear`` (as _LinearFn)."""
 
+    @staticmethod
+    def forward(ctx, x, w_gate, w_up, b_gate, b_up, act):
+        h, pre = native_op("gated_linear")(_rows(x), w_gate, w_up, b_gate, b_up, act, True)
+        ctx.save_for_backward(x, w_gate, w_up, b_gate, b_up, pre)
+        ctx.act = act
+        return _out_shaped(h, x)
 
-def _direct_backend(requested: str, device: torch.device, op: str, *ts) -> str | None:
-    """Eager inference fast path: the concrete backend ("cpu" / "cuda") when a call that needs no
-    autograd may go straight to the ember_C kernel, skipping the custom-op wrapper (measured ~30 us
-    per call on CPU, most of a small layer's time at M = 1). Never while compiling or exporting,
-    under a dispatch mode (FakeTensorMode, FlopCounterMode, ...) or with tensor subclasses: those
-    must see the ``ember::`` op."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
-        return None
-    if any(t is not None and type(t) not in _PLAIN for t in ts):
-        return None
-    name = _backend.resolve(requested, device, op)
-    return name if name in ("cpu", "cuda") else None
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, w_gate, w_up, b_gate, b_up, pre = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        has_b = b_gate is not None
+        dx, dwg, dwu, dbg, dbu = native_op("gated_linear_backward")(
+            _rows(grad), _rows(x), w_gate, w_up, pre, ctx.act,
+            need[0], need[1] or need[2], has_b and (need[3] or need[4]),
+        )
+        return (
+            dx.view(x.shape) if need[0] else None,
+            dwg if need[1] else None,
+            dwu if need[2] else None,
+            dbg if has_b and need[3] else None,
+            dbu if has_b and need[4] else None,
+            None,
+        )
 
 
 def linear(
@@ -404,12 +448,14 @@ def linear(
                 f"ember.ops.linear: residual must have the output's shape {want}, dtype {x.dtype} and device "
                 f"{x.device}, got {tuple(residual.shape)}, {residual.dtype}, {residual.device}"
             )
-    wants = _wants_grad(x, weight, bias, residual)
-    requested = _backend.request(backend, x.device, "linear")
-    if not wants and _direct_backend(requested, x.device, "linear", x, weight, bias, residual):
+    wants = wants_grad(x, weight, bias, residual)
+    if eager_native(backend, x.device, "linear", x, weight, bias, residual):
+        if wants:
+            return _LinearFn.apply(x, weight, bias, residual, act)
         r2 = None if residual is None else _rows(residual)
-        out, _ = torch.ops.ember_C.linear_act(_rows(x), weight, bias, r2, act, False)
+        out, _ = native_op("linear_act")(_rows(x), weight, bias, r2, act, False)
         return out.view(*x.shape[:-1], weight.shape[0])
+    requested = _backend.request(backend, x.device, "linear")
     out, _ = linear_act(x, weight, bias, residual, act, act != "none" and wants, requested)
     return out
 
@@ -437,10 +483,12 @@ def gated_linear(
         )
     if (b_gate is None) != (b_up is None):
         raise ValueError("ember.ops.gated_linear: give both b_gate and b_up or neither")
-    wants = _wants_grad(x, w_gate, w_up, b_gate, b_up)
-    requested = _backend.request(backend, x.device, "gated_linear")
-    if not wants and _direct_backend(requested, x.device, "gated_linear", x, w_gate, w_up, b_gate, b_up):
-        h, _ = torch.ops.ember_C.gated_linear(_rows(x), w_gate, w_up, b_gate, b_up, act, False)
+    wants = wants_grad(x, w_gate, w_up, b_gate, b_up)
+    if eager_native(backend, x.device, "gated_linear", x, w_gate, w_up, b_gate, b_up):
+        if wants:
+            return _GatedLinearFn.apply(x, w_gate, w_up, b_gate, b_up, act)
+        h, _ = native_op("gated_linear")(_rows(x), w_gate, w_up, b_gate, b_up, act, False)
         return h.view(*x.shape[:-1], w_gate.shape[0])
+    requested = _backend.request(backend, x.device, "gated_linear")
     h, _ = gated_linear_op(x, w_gate, w_up, b_gate, b_up, act, wants, requested)
     return h
