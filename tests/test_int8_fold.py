@@ -26,6 +26,10 @@ def _decoder(kind: str, seed: int = 0):
         m = tf.LlamaForCausalLM(tf.LlamaConfig(**common))
     elif kind == "qwen2":
         m = tf.Qwen2ForCausalLM(tf.Qwen2Config(**common))
+    elif kind == "qwen3":
+        m = tf.Qwen3ForCausalLM(tf.Qwen3Config(head_dim=16, **common))
+    elif kind == "mistral":
+        m = tf.MistralForCausalLM(tf.MistralConfig(**common))
     else:
         m = tf.GemmaForCausalLM(tf.GemmaConfig(head_dim=16, **common))
     # Random weights have no outlier channels, so smoothing would have nothing to do: give a few
@@ -46,7 +50,7 @@ def _min_cos(a, b):
     return F.cosine_similarity(a.flatten(0, 1), b.flatten(0, 1), dim=-1).min().item()
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral", "gemma"])
 def test_fold_keeps_float_function(kind):
     m = _decoder(kind)
     ref = _logits(m)
