@@ -10,7 +10,11 @@ Smoothing (SmoothQuant, Xiao et al. 2022): outlier activation channels make per-
 every other channel. With s_j = max|X_j|^alpha / max|W_j|^(1 - alpha), x @ W.T == (x / s) @ (W * s).T:
 the weight absorbs the outliers (W * s is quantized) and the activations are divided by s at run time.
 Here the division is a per-channel multiply fused into the quantization pass of each Int8Linear, which
-works for any model; folding it into a preceding LayerNorm (saving even that multiply) is not done.
+works for any model. Where the Linears' input is provably the output of a norm that feeds them alone
+(q/k/v after ``input_layernorm``, gate/up after ``post_attention_layernorm`` of known pre-norm decoder
+layers: Llama, Mistral, Qwen2/3, Gemma; see ``ember/smooth_fold.py``), the group shares one s, 1/s is
+folded into the norm's weight and those Int8Linears do no run-time multiply (``fold_smoothing=True``,
+the default; the folded norms are listed in ``QuantReport.folded``).
 
 Quantization is a swap (see ``ember.swap``): one SwapRule made per call from the arguments, applied with
 ``swap(model, rules=[rule], filter=filter)``. The rule is not in the global registry on purpose: a plain
@@ -30,6 +34,7 @@ import torch
 from torch import nn
 
 from .nn.int8_linear import Int8Linear
+from .smooth_fold import find_groups, fold
 from .swapping import SwapReport, SwapRule, swap
 
 _STATS: "weakref.WeakKeyDictionary[nn.Linear, torch.Tensor]" = weakref.WeakKeyDictionary()
@@ -68,10 +73,12 @@ def activation_stats(linear: nn.Linear) -> torch.Tensor | None:
     return _STATS.get(linear)
 
 
-def smoothing_factors(act_amax: torch.Tensor, weight: torch.Tensor, alpha: float = 0.5) -> torch.Tensor:
+def smoothing_factors(act_amax: torch.Tensor, weight, alpha: float = 0.5) -> torch.Tensor:
     """SmoothQuant's s_j = max|X_j|^alpha / max|W_j|^(1-alpha), clamped away from 0 and inf; channels
-    never seen active (max|X_j| = 0) keep s_j = 1."""
-    w_amax = weight.detach().float().abs().amax(0).clamp(min=1e-5)
+    never seen active (max|X_j| = 0) keep s_j = 1. ``weight`` may be a list of weights reading the same
+    input (a folded group): max|W_j| is then taken over all of them."""
+    weights = [weight] if isinstance(weight, torch.Tensor) else list(weight)
+    w_amax = torch.stack([w.detach().float().abs().amax(0) for w in weights]).amax(0).clamp(min=1e-5)
     a = act_amax.float().to(w_amax.device)
     s = a.clamp(min=1e-5).pow(alpha) / w_amax.pow(1.0 - alpha)
     s = torch.where(a > 0, s, torch.ones_like(s))
@@ -84,6 +91,7 @@ class QuantReport:
     group_size: int | None
     converted: list[str] = field(default_factory=list)
     smoothed: list[str] = field(default_factory=list)
+    folded: dict[str, list[str]] = field(default_factory=dict)  # norm -> the Linears whose 1/s it took
     skipped: list[tuple[str, str]] = field(default_factory=list)
     bytes_before: int = 0
     bytes_after: int = 0
@@ -99,7 +107,8 @@ class QuantReport:
         g = f", group_size={self.group_size}" if self.group_size else ""
         lines = [
             f"ember.quantize(mode={self.mode!r}{g}): {len(self.converted)} Linear layers -> Int8Linear"
-            f" ({len(self.smoothed)} smoothed); {self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} MiB"
+            f" ({len(self.smoothed)} smoothed, {sum(map(len, self.folded.values()))} of them folded into"
+            f" {len(self.folded)} norms); {self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} MiB"
             f" ({self.bytes_saved / 2**20:.2f} MiB saved)"
         ]
         for name, why in self.skipped:
@@ -131,6 +140,7 @@ def quantize(
     filter=None,  # noqa: A002  (same name as ember.swap's)
     smooth_alpha: float = 0.5,
     use_calibration: bool = True,
+    fold_smoothing: bool = True,
 ) -> QuantReport:
     """Replace every ``nn.Linear`` in ``model`` (not the root) with an ``ember.nn.Int8Linear``, in place.
 
@@ -139,6 +149,8 @@ def quantize(
     filter       ``(qualified_name, module) -> bool``: only layers it accepts are converted
                  (e.g. ``lambda n, m: "lm_head" not in n``)
     smooth_alpha SmoothQuant migration strength, used for w8a8 layers that ``calibrate`` saw
+    fold_smoothing  fold 1/s into the preceding norm where that is provably exact (see module doc);
+                 False: every smoothed layer multiplies its input by 1/s at run time
     """
     from .ops.int8 import MODES
 
@@ -152,14 +164,20 @@ def quantize(
         raise ValueError(f"ember.quantize: smooth_alpha must be in [0, 1], got {smooth_alpha}")
     report = QuantReport(mode, group_size)
     names = {id(m): n for n, m in model.named_modules()}
+    smoothing = use_calibration and mode == "w8a8"
+    folded: set[int] = set()
+    if smoothing and fold_smoothing:
+        with torch.no_grad():
+            folded = _fold_groups(model, report, group_size, filter, smooth_alpha)
 
     def replace(m: nn.Linear) -> Int8Linear:
-        stats = _STATS.get(m) if (use_calibration and mode == "w8a8") else None
+        # A folded Linear's weight already holds s and its input is already divided by s.
+        stats = _STATS.get(m) if (smoothing and id(m) not in folded) else None
         s = smoothing_factors(stats, m.weight, smooth_alpha) if stats is not None else None
         new = Int8Linear.from_linear(m, mode, group_size=group_size, smooth=s)
         report.bytes_before += sum(t.numel() * t.element_size() for t in (m.weight, m.bias) if t is not None)
         report.bytes_after += new.nbytes()
-        if s is not None:
+        if s is not None or id(m) in folded:
             report.smoothed.append(names.get(id(m), "?"))
         return new
 
@@ -181,3 +199,24 @@ def quantize(
         if isinstance(m, Int8Linear):
             m.__dict__.pop("_ember_original", None)
     return report
+
+
+def _fold_groups(model: nn.Module, report: QuantReport, group_size, filter, alpha: float) -> set[int]:  # noqa: A002
+    """Fold smoothing into every recognised norm whose Linears were all calibrated and will all be
+    converted; returns the ids of those Linears. The float model stays exactly equivalent (up to
+    rounding), so a Linear the swap then does not convert still computes the right thing."""
+    out: set[int] = set()
+    for g in find_groups(model):
+        stats = [_STATS.get(lin) for lin in g.linears]
+        if any(st is None for st in stats) or g.norm.weight.is_meta or not g.norm.weight.is_floating_point():
+            continue
+        if any(_why_not(lin, group_size) is not None or (filter is not None and not filter(n, lin))
+               for n, lin in zip(g.names, g.linears)):
+            continue
+        # All members read the same tensor; the max only guards against partial calibration runs.
+        amax = torch.stack([st.to(stats[0].device) for st in stats]).amax(0)
+        s = smoothing_factors(amax, [lin.weight for lin in g.linears], alpha)
+        fold(g, s)
+        report.folded[g.norm_name] = list(g.names)
+        out.update(id(lin) for lin in g.linears)
+    return out

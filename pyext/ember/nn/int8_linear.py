@@ -7,7 +7,8 @@ State (all buffers, so ``state_dict`` round-trips bit-exactly, through safetenso
     weight        int8 (out_features, in_features)
     weight_scale  fp32 (out_features,) or (out_features, in_features // group_size)
     bias          the float layer's bias in its dtype, or absent
-    smooth        fp32 (in_features,), only for SmoothQuant-smoothed layers: x is multiplied by it
+    smooth        fp32 (in_features,), only for SmoothQuant-smoothed layers whose 1/s was not folded into a
+                  preceding norm (see ember/smooth_fold.py): x is multiplied by it
                   inside the quantization pass (no extra pass over x)
 Module ``.to(dtype)`` converts the bias only: scales stay fp32 (they are part of the int8 format).
 """
