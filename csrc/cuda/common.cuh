@@ -49,6 +49,17 @@ __device__ __forceinline__ T from_opmath(opmath_t<T> x) {
   }
 }
 
+// Element i of p widened to its math type, and a math-type value rounded back into p[i].
+template <typename T>
+__device__ __forceinline__ opmath_t<T> load(const T* p, int64_t i) {
+  return to_opmath(p[i]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store(T* p, int64_t i, opmath_t<T> v) {
+  p[i] = from_opmath<T>(v);
+}
+
 // Accurate math by precision (the float overloads are the f-suffixed functions).
 __device__ __forceinline__ float op_exp(float x) { return expf(x); }
 __device__ __forceinline__ double op_exp(double x) { return exp(x); }

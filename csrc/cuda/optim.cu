@@ -8,6 +8,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "cuda/common.cuh"
 #include "cuda/optim_launchers.h"
 
 namespace ember::cuda {
@@ -30,20 +31,6 @@ struct ScalarMath {
   static __device__ __forceinline__ float max(float a, float b) { return a != a ? a : fmaxf(a, b); }
   static __device__ __forceinline__ float sign(float x) { return x > 0.f ? 1.f : (x < 0.f ? -1.f : 0.f); }
 };
-
-template <typename T>
-__device__ __forceinline__ float load(const T* p, int64_t i) {
-  if constexpr (std::is_same_v<T, float>) return p[i];
-  else if constexpr (std::is_same_v<T, __half>) return __half2float(p[i]);
-  else return __bfloat162float(p[i]);
-}
-
-template <typename T>
-__device__ __forceinline__ void store(T* p, int64_t i, float v) {
-  if constexpr (std::is_same_v<T, float>) p[i] = v;
-  else if constexpr (std::is_same_v<T, __half>) p[i] = __float2half_rn(v);
-  else p[i] = __float2bfloat16_rn(v);
-}
 
 template <Opt K, typename P, typename S>
 __global__ void __launch_bounds__(kThreads) optim_kernel(const __grid_constant__ Table table, OptHyper h,

@@ -10,6 +10,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include "cuda/common.cuh"
 #include "cuda/optim_launchers.h"
 #include "optim8bit.h"
 
@@ -40,20 +41,6 @@ struct Math8 {
   static __device__ __forceinline__ float copysign(float x, float s) { return s < 0.f ? -x : x; }
   static __device__ __forceinline__ float div(float a, float b, float) { return a / b; }
 };
-
-template <typename T>
-__device__ __forceinline__ float load(const T* p, int64_t i) {
-  if constexpr (std::is_same_v<T, float>) return p[i];
-  else if constexpr (std::is_same_v<T, __half>) return __half2float(p[i]);
-  else return __bfloat162float(p[i]);
-}
-
-template <typename T>
-__device__ __forceinline__ void store(T* p, int64_t i, float v) {
-  if constexpr (std::is_same_v<T, float>) p[i] = v;
-  else if constexpr (std::is_same_v<T, __half>) p[i] = __float2half_rn(v);
-  else p[i] = __float2bfloat16_rn(v);
-}
 
 template <typename P>
 __global__ void __launch_bounds__(kThreads) adamw8bit_kernel(const __grid_constant__ Table table, OptHyper h,

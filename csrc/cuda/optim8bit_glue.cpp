@@ -7,18 +7,13 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "cuda/optim_launchers.h"
+#include "cuda/optim_glue.h"
 #include "ops.h"
 
 namespace ember::cuda_glue {
 namespace {
 
-const float* device_scalar(const std::optional<at::Tensor>& t, const at::Tensor& like, const char* arg) {
-  if (!t.has_value()) return nullptr;
-  TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat && t->device() == like.device(),
-              "ember_C.adamw8bit_step: ", arg, " must be a one-element float32 tensor on ", like.device(), ", got ",
-              t->scalar_type(), " with ", t->numel(), " elements on ", t->device());
-  return t->const_data_ptr<float>();
-}
+constexpr const char* kOp = "ember_C.adamw8bit_step";
 
 void adamw8bit_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avg, at::TensorList exp_avg_sq,
                     at::TensorList exp_avg_absmax, at::TensorList exp_avg_sq_absmax, at::TensorList steps,
@@ -29,9 +24,9 @@ void adamw8bit_step(at::TensorList params, at::TensorList grads, at::TensorList 
   if (params.empty()) return;
   const at::Tensor& p0 = params[0];
   const c10::cuda::CUDAGuard guard(p0.device());
-  const float* lr_ptr = device_scalar(lr, p0, "lr");
-  const float* scale_ptr = device_scalar(grad_scale, p0, "grad_scale");
-  const float* inf_ptr = device_scalar(found_inf, p0, "found_inf");
+  const float* lr_ptr = device_scalar(lr, p0, kOp, "lr");
+  const float* scale_ptr = device_scalar(grad_scale, p0, kOp, "grad_scale");
+  const float* inf_ptr = device_scalar(found_inf, p0, kOp, "found_inf");
   const bool steps_on_device = !steps.empty() && steps[0].is_cuda();
   // Host step counts (e.g. from an old checkpoint) can only honour found_inf after reading it.
   if (inf_ptr != nullptr && !steps_on_device && found_inf->item<float>() != 0.f) return;
@@ -39,16 +34,8 @@ void adamw8bit_step(at::TensorList params, at::TensorList grads, at::TensorList 
   const OptHyper h = make_hyper(hyper[0], hyper[1], hyper[2], hyper[3], hyper[4], static_cast<int32_t>(flags));
   std::vector<cuda::Opt8CudaTensor> ts(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
-    float* step_ptr = nullptr;
-    double step = 1.0;
-    if (steps_on_device) {
-      TORCH_CHECK(steps[i].is_cuda() && steps[i].scalar_type() == at::kFloat && steps[i].numel() == 1,
-                  "ember_C.adamw8bit_step: device step counts must be one-element float32 CUDA tensors");
-      step_ptr = steps[i].mutable_data_ptr<float>();
-    } else if (!steps.empty()) {
-      step = one_value(steps[i], "steps[i]") + 1.0;
-      steps[i].fill_(step);
-    }
+    float* step_ptr;
+    const double step = advance_step(steps, i, steps_on_device, kOp, &step_ptr);
     ts[i] = cuda::Opt8CudaTensor{params[i].data_ptr(),
                                  grads[i].const_data_ptr(),
                                  exp_avg[i].mutable_data_ptr<int8_t>(),

@@ -8,18 +8,13 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include "cuda/optim_launchers.h"
+#include "cuda/optim_glue.h"
 #include "ops.h"
 
 namespace ember::cuda_glue {
 namespace {
 
-const float* device_scalar(const std::optional<at::Tensor>& t, const at::Tensor& like, const char* arg) {
-  if (!t.has_value()) return nullptr;
-  TORCH_CHECK(t->numel() == 1 && t->scalar_type() == at::kFloat && t->device() == like.device(),
-              "ember_C.optim_step: ", arg, " must be a one-element float32 tensor on ", like.device(), ", got ",
-              t->scalar_type(), " with ", t->numel(), " elements on ", t->device());
-  return t->const_data_ptr<float>();
-}
+constexpr const char* kOp = "ember_C.optim_step";
 
 void optim_step(c10::string_view kind_name, at::TensorList params, at::TensorList grads, at::TensorList s1,
                 at::TensorList s2, at::TensorList s3, at::TensorList masters, at::TensorList steps,
@@ -31,9 +26,9 @@ void optim_step(c10::string_view kind_name, at::TensorList params, at::TensorLis
                    "or bfloat16 (float64 groups run on the reference backend), got float64");
   const at::Tensor& p0 = params[0];
   const c10::cuda::CUDAGuard guard(p0.device());
-  const float* lr_ptr = device_scalar(lr, p0, "lr");
-  const float* scale_ptr = device_scalar(grad_scale, p0, "grad_scale");
-  const float* inf_ptr = device_scalar(found_inf, p0, "found_inf");
+  const float* lr_ptr = device_scalar(lr, p0, kOp, "lr");
+  const float* scale_ptr = device_scalar(grad_scale, p0, kOp, "grad_scale");
+  const float* inf_ptr = device_scalar(found_inf, p0, kOp, "found_inf");
   const bool steps_on_device = !steps.empty() && steps[0].is_cuda();
   // Host step counts (torch's default, capturable=False) are advanced here, unless AMP may skip the
   // step, which only the device knows: then torch's fused optimizers also sync, and so do we.
@@ -43,16 +38,8 @@ void optim_step(c10::string_view kind_name, at::TensorList params, at::TensorLis
   const OptHyper h = make_hyper(hyper[0], hyper[1], hyper[2], hyper[3], hyper[4], static_cast<int32_t>(flags));
   std::vector<cuda::OptCudaTensor> ts(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
-    float* step_ptr = nullptr;
-    double step = 1.0;
-    if (steps_on_device) {
-      TORCH_CHECK(steps[i].is_cuda() && steps[i].scalar_type() == at::kFloat && steps[i].numel() == 1,
-                  "ember_C.optim_step: capturable step counts must be one-element float32 CUDA tensors");
-      step_ptr = steps[i].mutable_data_ptr<float>();
-    } else if (!steps.empty()) {
-      step = one_value(steps[i], "steps[i]") + 1.0;
-      steps[i].fill_(step);
-    }
+    float* step_ptr;
+    const double step = advance_step(steps, i, steps_on_device, kOp, &step_ptr);
     ts[i] = cuda::OptCudaTensor{params[i].data_ptr(),
                                 grads[i].const_data_ptr(),
                                 s1.empty() ? nullptr : s1[i].data_ptr(),
