@@ -20,7 +20,7 @@ import sys
 
 import torch
 
-from .harness import Case, Config, EnergyMeter, Row, Target, copy_bandwidth, judge, parse_dtype, run_case
+from .harness import Case, Config, EnergyMeter, Row, Target, copy_bandwidth, inplace_bandwidth, judge, parse_dtype, run_case
 
 # Suite name -> module (in this package) whose ``cases(cfg)`` produces the cases. Imported only
 # when the suite runs, so one suite's heavy imports never slow another down.
@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     print(f"ember bench: {len(cases)} cases on {device}; measuring copy bandwidth ...", file=sys.stderr)
     copy_bw = copy_bandwidth(str(device), args.quick)
+    inplace_bw = inplace_bandwidth(str(device), args.quick)
     energy = EnergyMeter(str(device))
     rows: list[Row] = []
     try:
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         energy.close()
     judge(rows)
 
-    meta = report.make_meta(str(device), copy_bw, targets, when=started)
+    meta = report.make_meta(str(device), copy_bw, targets, when=started, inplace_bw=inplace_bw)
     csv_path, md_path, text = report.write(args.out, rows, meta)
     print(text)
     print(f"ember bench: wrote {csv_path} and {md_path}", file=sys.stderr)

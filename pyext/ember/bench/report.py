@@ -34,6 +34,7 @@ class Meta:
     git_sha: str
     when: _dt.datetime
     copy_bw: float  # bytes/s
+    inplace_bw: float | None = None  # bytes/s of an in-place read + write (see harness.inplace_bandwidth)
     targets: list[str] = field(default_factory=list)
 
 
@@ -63,7 +64,8 @@ def git_sha() -> str:
         return "unknown"
 
 
-def make_meta(device: str, copy_bw: float, targets: list[str], when: _dt.datetime | None = None) -> Meta:
+def make_meta(device: str, copy_bw: float, targets: list[str], when: _dt.datetime | None = None,
+              inplace_bw: float | None = None) -> Meta:
     import ember
     from .. import _backend
 
@@ -85,6 +87,7 @@ def make_meta(device: str, copy_bw: float, targets: list[str], when: _dt.datetim
         git_sha=git_sha(),
         when=when or _dt.datetime.now().astimezone(),
         copy_bw=copy_bw,
+        inplace_bw=inplace_bw,
         targets=targets,
     )
 
@@ -193,6 +196,9 @@ def markdown(rows: list[Row], meta: Meta) -> str:
         "|---|---|",
         f"| device | {meta.device} |",
         f"| measured copy bandwidth | {meta.copy_bw / 1e9:.1f} GB/s (`dst.copy_(src)`, 2 x size bytes) |",
+        *([f"| measured in-place bandwidth | {meta.inplace_bw / 1e9:.1f} GB/s (`x.add_(1)`, 2 x size bytes; "
+           "in-place updates such as optimizer steps skip the write-allocate read a copy pays, so they can "
+           "exceed 100% of copy BW) |"] if meta.inplace_bw else []),
         f"| torch | {meta.torch} (CUDA {meta.cuda}) |",
         f"| triton | {meta.triton} |",
         f"| ember | {meta.ember} (git {meta.git_sha}) |",
