@@ -66,10 +66,14 @@ def test_compiled_step_fullgraph(case, backend):
         _close(ps, torch_ps, 1e-6)
 
 
-@pytest.mark.parametrize("name", ["AdamW", "SGD", "Lion"])
-def test_compiled_training_step(name):
+@pytest.mark.parametrize("name,compiler", [("AdamW", "aot_eager"), ("SGD", "aot_eager"), ("Lion", "aot_eager"),
+                                           ("AdamW", "inductor")])
+def test_compiled_training_step(name, compiler):
     """forward + backward + opt.step() + zero_grad() in one compiled function (graph breaks allowed
-    around backward), against the same model trained eagerly with ember and with torch."""
+    around backward), against the same model trained eagerly with ember and with torch. One inductor
+    case (~10 s: it generates and compiles C++ for the model) checks that inductor leaves the step's
+    custom op and its in-place state updates intact; its fused model code rounds differently, hence
+    the looser tolerance there."""
     kw = dict(CASES[IDS.index(name)][1])
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -87,15 +91,16 @@ def test_compiled_training_step(name):
         opt.zero_grad()
         return loss
 
-    compiled_step = torch.compile(train_step, backend="aot_eager")
+    compiled_step = torch.compile(train_step, backend=compiler)
+    tol = 1e-6 if compiler == "aot_eager" else 1e-5
     for _ in range(4):
         x, y = torch.randn(5, 8), torch.randn(5, 1)
         l0 = compiled_step(models[0], compiled_opt, x, y)
         l1 = train_step(models[1], eager_opt, x, y)
-        torch.testing.assert_close(l0, l1, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(l0, l1, rtol=tol, atol=tol / 10)
         if torch_opt is not None:
             train_step(models[2], torch_opt, x, y)
-    _close(list(models[0].parameters()), list(models[1].parameters()), 1e-6)
+    _close(list(models[0].parameters()), list(models[1].parameters()), tol)
     if torch_opt is not None:
         _close(list(models[0].parameters()), list(models[2].parameters()), 1e-5)
 
