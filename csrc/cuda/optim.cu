@@ -1,29 +1,25 @@
 // Multi-tensor optimizer step on CUDA: one launch for up to kMaxTensors tensors of a group.
 //
-// The tensor table travels in the kernel's parameter space (CUDA 12.1+ allows 32 KB: 320 tensors of
-// 72 bytes), so no host-to-device copy precedes the launch and the launch is graph-capturable. Each
-// block owns one chunk of kChunk elements of one tensor and finds it by binary search over the
-// tensors' first-block indices. Every element is read once and written once; the math is
-// ember::opt_update (csrc/optim.h) on floats, the same source the CPU kernels instantiate.
+// The tensor table travels in the kernel's parameter space, so the launch needs no upload and is
+// graph-capturable (csrc/cuda/multi_tensor.cuh). Each block owns one chunk of kChunk elements of one
+// tensor and finds it by binary search over the tensors' first-block indices. Every element is read
+// once and written once; the math is ember::opt_update (csrc/optim.h) on floats, the same source the
+// CPU kernels instantiate.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include "cuda/common.cuh"
+#include "cuda/multi_tensor.cuh"
 #include "cuda/optim_launchers.h"
 
 namespace ember::cuda {
 namespace {
 
-constexpr int kMaxTensors = 320;
 constexpr int kThreads = 512;
 constexpr int kUnroll = 4;
 constexpr int64_t kChunk = int64_t{kThreads} * kUnroll * 16;  // 32768 elements per block
 
-struct Table {
-  OptCudaTensor t[kMaxTensors];
-  int64_t first_block[kMaxTensors + 1];
-  int count;
-};
+using Table = TensorTable<OptCudaTensor>;
 
 struct ScalarMath {
   static __device__ __forceinline__ float splat(float x) { return x; }
@@ -38,21 +34,11 @@ __global__ void __launch_bounds__(kThreads) optim_kernel(const __grid_constant__
                                                          const float* inf_ptr) {
   if (inf_ptr != nullptr && *inf_ptr != 0.f) return;  // AMP: skip the whole step
   const int64_t block = blockIdx.x;
-  int lo = 0, hi = table.count - 1;  // last tensor whose first block is <= block
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (table.first_block[mid] <= block) lo = mid;
-    else hi = mid - 1;
-  }
-  const OptCudaTensor& t = table.t[lo];
-  if (lr_ptr != nullptr) {
-    h.lr = *lr_ptr;
-    h.decay = 1.f - h.lr * h.wd;
-  }
-  OptCoef c = t.coef;
-  if (t.step != nullptr) c = opt_coef(K, h.lr, h.h1, h.h2, static_cast<double>(*t.step) + 1.0);
+  const int owner = owner_of(table, block);
+  const OptCudaTensor& t = table.t[owner];
+  const OptCoef c = device_coef(K, h, t, lr_ptr);
   const float inv_scale = scale_ptr != nullptr ? 1.f / *scale_ptr : 1.f;
-  const int64_t begin = (block - table.first_block[lo]) * kChunk;
+  const int64_t begin = (block - table.first_cta[owner]) * kChunk;
   const int64_t end = min(begin + kChunk, t.n);
   P* param = static_cast<P*>(t.param);
   const P* grad = static_cast<const P*>(t.grad);
@@ -87,50 +73,24 @@ __global__ void __launch_bounds__(kThreads) optim_kernel(const __grid_constant__
   }
 }
 
-// Advances device step counts after the update (a separate launch: every block of a tensor must have
-// read the old count first).
-__global__ void advance_steps(const __grid_constant__ Table table, const float* inf_ptr) {
-  if (inf_ptr != nullptr && *inf_ptr != 0.f) return;
-  for (int i = threadIdx.x; i < table.count; i += blockDim.x)
-    if (table.t[i].step != nullptr) *table.t[i].step += 1.f;
-}
-
 template <typename P, typename S>
 cudaError_t launch_typed(Opt kind, const OptHyper& h, const OptCudaTensor* tensors, int64_t count, const float* lr,
                          const float* scale, const float* inf, cudaStream_t stream) {
-  for (int64_t start = 0; start < count; start += kMaxTensors) {
-    Table table;
-    table.count = static_cast<int>(count - start < kMaxTensors ? count - start : kMaxTensors);
-    int64_t blocks = 0;
-    bool any_step = false;
-    for (int i = 0; i < table.count; ++i) {
-      table.t[i] = tensors[start + i];
-      table.first_block[i] = blocks;
-      blocks += (table.t[i].n + kChunk - 1) / kChunk;
-      any_step |= table.t[i].step != nullptr;
+  const auto ctas_of = [](const OptCudaTensor& t) { return (t.n + kChunk - 1) / kChunk; };
+  return for_each_table(tensors, count, inf, stream, ctas_of, [&](const Table& table, int64_t blocks) {
+    const dim3 grid(static_cast<unsigned>(blocks));
+    switch (kind) {  // C++17 here (nvcc), so a switch rather than dispatch_opt's template lambda
+      case Opt::kSGD: optim_kernel<Opt::kSGD, P, S><<<grid, kThreads, 0, stream>>>(table, h, lr, scale, inf); break;
+      case Opt::kAdam: optim_kernel<Opt::kAdam, P, S><<<grid, kThreads, 0, stream>>>(table, h, lr, scale, inf); break;
+      case Opt::kAdagrad:
+        optim_kernel<Opt::kAdagrad, P, S><<<grid, kThreads, 0, stream>>>(table, h, lr, scale, inf);
+        break;
+      case Opt::kRMSprop:
+        optim_kernel<Opt::kRMSprop, P, S><<<grid, kThreads, 0, stream>>>(table, h, lr, scale, inf);
+        break;
+      case Opt::kLion: optim_kernel<Opt::kLion, P, S><<<grid, kThreads, 0, stream>>>(table, h, lr, scale, inf); break;
     }
-    table.first_block[table.count] = blocks;
-    if (blocks > 0) {
-      const dim3 grid(static_cast<unsigned>(blocks));
-      switch (kind) {  // C++17 here (nvcc), so a switch rather than dispatch_opt's template lambda
-        case Opt::kSGD: optim_kernel<Opt::kSGD, P, S><<<grid, kThreads, 0, stream>>>(table, h, lr, scale, inf); break;
-        case Opt::kAdam: optim_kernel<Opt::kAdam, P, S><<<grid, kThreads, 0, stream>>>(table, h, lr, scale, inf); break;
-        case Opt::kAdagrad:
-          optim_kernel<Opt::kAdagrad, P, S><<<grid, kThreads, 0, stream>>>(table, h, lr, scale, inf);
-          break;
-        case Opt::kRMSprop:
-          optim_kernel<Opt::kRMSprop, P, S><<<grid, kThreads, 0, stream>>>(table, h, lr, scale, inf);
-          break;
-        case Opt::kLion: optim_kernel<Opt::kLion, P, S><<<grid, kThreads, 0, stream>>>(table, h, lr, scale, inf); break;
-      }
-      if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-    }
-    if (any_step) {
-      advance_steps<<<1, 256, 0, stream>>>(table, inf);
-      if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-    }
-  }
-  return cudaSuccess;
+  });
 }
 
 }  // namespace

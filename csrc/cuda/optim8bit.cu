@@ -1,8 +1,8 @@
 // AdamW8bit step on CUDA: one launch for up to kMaxTensors tensors of a group.
 //
-// The tensor table travels in the kernel's parameter space (as in optim.cu), so the launch needs no
-// upload and is graph-capturable. A thread block owns kBlocksPerCta consecutive 256-element blocks
-// of one tensor; each warp takes one block at a time, every lane holding 8 of its elements (lane +
+// The tensor table travels in the kernel's parameter space (csrc/cuda/multi_tensor.cuh), so the
+// launch needs no upload and is graph-capturable. A thread block owns kBlocksPerCta consecutive
+// 256-element blocks of one tensor; each warp takes one block at a time, every lane holding 8 of its elements (lane +
 // 32 k: coalesced loads of any width, no alignment needed). The block's new absmax is a warp
 // shuffle reduction, so no shared memory or atomics. The math is csrc/optim8bit.h + opt_update on
 // floats with IEEE division and sqrt, so the codes match the CPU kernels and the reference bit for
@@ -11,23 +11,19 @@
 #include <cuda_fp16.h>
 
 #include "cuda/common.cuh"
+#include "cuda/multi_tensor.cuh"
 #include "cuda/optim_launchers.h"
 #include "optim8bit.h"
 
 namespace ember::cuda {
 namespace {
 
-constexpr int kMaxTensors = 320;
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kPerLane = kQBlock / 32;
 constexpr int64_t kBlocksPerCta = kWarps * 4;  // 8192 elements per thread block
 
-struct Table {
-  Opt8CudaTensor t[kMaxTensors];
-  int64_t first_cta[kMaxTensors + 1];
-  int count;
-};
+using Table = TensorTable<Opt8CudaTensor>;
 
 // NaN-propagating max (torch.amax semantics), for either argument.
 __device__ __forceinline__ float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
@@ -48,23 +44,13 @@ __global__ void __launch_bounds__(kThreads) adamw8bit_kernel(const __grid_consta
                                                              const float* inf_ptr) {
   if (inf_ptr != nullptr && *inf_ptr != 0.f) return;  // AMP: skip the whole step
   const int64_t cta = blockIdx.x;
-  int lo = 0, hi = table.count - 1;  // last tensor whose first thread block is <= cta
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (table.first_cta[mid] <= cta) lo = mid;
-    else hi = mid - 1;
-  }
-  const Opt8CudaTensor& t = table.t[lo];
-  if (lr_ptr != nullptr) {
-    h.lr = *lr_ptr;
-    h.decay = 1.f - h.lr * h.wd;
-  }
-  OptCoef c = t.coef;
-  if (t.step != nullptr) c = opt_coef(Opt::kAdam, h.lr, h.h1, h.h2, static_cast<double>(*t.step) + 1.0);
+  const int owner = owner_of(table, cta);
+  const Opt8CudaTensor& t = table.t[owner];
+  const OptCoef c = device_coef(Opt::kAdam, h, t, lr_ptr);
   const float inv_scale = scale_ptr != nullptr ? 1.f / *scale_ptr : 1.f;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t nblocks = (t.n + kQBlock - 1) / kQBlock;
-  const int64_t b0 = (cta - table.first_cta[lo]) * kBlocksPerCta;
+  const int64_t b0 = (cta - table.first_cta[owner]) * kBlocksPerCta;
   const int64_t b1 = b0 + kBlocksPerCta < nblocks ? b0 + kBlocksPerCta : nblocks;
   P* param = static_cast<P*>(t.param);
   const P* grad = static_cast<const P*>(t.grad);
@@ -107,39 +93,16 @@ __global__ void __launch_bounds__(kThreads) adamw8bit_kernel(const __grid_consta
   }
 }
 
-// Advances device step counts after the update (every thread block must have read the old count).
-__global__ void advance_steps(const __grid_constant__ Table table, const float* inf_ptr) {
-  if (inf_ptr != nullptr && *inf_ptr != 0.f) return;
-  for (int i = threadIdx.x; i < table.count; i += blockDim.x)
-    if (table.t[i].step != nullptr) *table.t[i].step += 1.f;
-}
-
 template <typename P>
 cudaError_t launch_typed(const OptHyper& h, const Opt8CudaTensor* tensors, int64_t count, const float* lr,
                          const float* scale, const float* inf, cudaStream_t stream) {
-  for (int64_t start = 0; start < count; start += kMaxTensors) {
-    Table table;
-    table.count = static_cast<int>(count - start < kMaxTensors ? count - start : kMaxTensors);
-    int64_t ctas = 0;
-    bool any_step = false;
-    for (int i = 0; i < table.count; ++i) {
-      table.t[i] = tensors[start + i];
-      table.first_cta[i] = ctas;
-      const int64_t nblocks = (table.t[i].n + kQBlock - 1) / kQBlock;
-      ctas += (nblocks + kBlocksPerCta - 1) / kBlocksPerCta;
-      any_step |= table.t[i].step != nullptr;
-    }
-    table.first_cta[table.count] = ctas;
-    if (ctas > 0) {
-      adamw8bit_kernel<P><<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(table, h, lr, scale, inf);
-      if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-    }
-    if (any_step) {
-      advance_steps<<<1, 256, 0, stream>>>(table, inf);
-      if (cudaError_t e = cudaGetLastError(); e != cudaSuccess) return e;
-    }
-  }
-  return cudaSuccess;
+  const auto ctas_of = [](const Opt8CudaTensor& t) {
+    const int64_t nblocks = (t.n + kQBlock - 1) / kQBlock;
+    return (nblocks + kBlocksPerCta - 1) / kBlocksPerCta;
+  };
+  return for_each_table(tensors, count, inf, stream, ctas_of, [&](const Table& table, int64_t ctas) {
+    adamw8bit_kernel<P><<<static_cast<unsigned>(ctas), kThreads, 0, stream>>>(table, h, lr, scale, inf);
+  });
 }
 
 }  // namespace

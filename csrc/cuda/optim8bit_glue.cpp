@@ -24,18 +24,14 @@ void adamw8bit_step(at::TensorList params, at::TensorList grads, at::TensorList 
   if (params.empty()) return;
   const at::Tensor& p0 = params[0];
   const c10::cuda::CUDAGuard guard(p0.device());
-  const float* lr_ptr = device_scalar(lr, p0, kOp, "lr");
-  const float* scale_ptr = device_scalar(grad_scale, p0, kOp, "grad_scale");
-  const float* inf_ptr = device_scalar(found_inf, p0, kOp, "found_inf");
-  const bool steps_on_device = !steps.empty() && steps[0].is_cuda();
-  // Host step counts (e.g. from an old checkpoint) can only honour found_inf after reading it.
-  if (inf_ptr != nullptr && !steps_on_device && found_inf->item<float>() != 0.f) return;
+  const StepScalars sc = step_scalars(lr, grad_scale, found_inf, steps, p0, kOp);
+  if (sc.skip) return;
 
   const OptHyper h = make_hyper(hyper[0], hyper[1], hyper[2], hyper[3], hyper[4], static_cast<int32_t>(flags));
   std::vector<cuda::Opt8CudaTensor> ts(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     float* step_ptr;
-    const double step = advance_step(steps, i, steps_on_device, kOp, &step_ptr);
+    const double step = advance_step(steps, i, sc.steps_on_device, kOp, &step_ptr);
     ts[i] = cuda::Opt8CudaTensor{params[i].data_ptr(),
                                  grads[i].const_data_ptr(),
                                  exp_avg[i].mutable_data_ptr<int8_t>(),
@@ -46,8 +42,8 @@ void adamw8bit_step(at::TensorList params, at::TensorList grads, at::TensorList 
                                  params[i].numel(),
                                  opt_coef(Opt::kAdam, hyper[0], hyper[1], hyper[2], step)};
   }
-  const cudaError_t err = cuda::adamw8bit_step(dtype, h, ts.data(), static_cast<int64_t>(ts.size()), lr_ptr,
-                                               scale_ptr, inf_ptr, c10::cuda::getCurrentCUDAStream());
+  const cudaError_t err = cuda::adamw8bit_step(dtype, h, ts.data(), static_cast<int64_t>(ts.size()), sc.lr,
+                                               sc.grad_scale, sc.found_inf, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "ember_C.adamw8bit_step: CUDA launch failed: ", cudaGetErrorString(err));
 }
 

@@ -26,20 +26,14 @@ void optim_step(c10::string_view kind_name, at::TensorList params, at::TensorLis
                    "or bfloat16 (float64 groups run on the reference backend), got float64");
   const at::Tensor& p0 = params[0];
   const c10::cuda::CUDAGuard guard(p0.device());
-  const float* lr_ptr = device_scalar(lr, p0, kOp, "lr");
-  const float* scale_ptr = device_scalar(grad_scale, p0, kOp, "grad_scale");
-  const float* inf_ptr = device_scalar(found_inf, p0, kOp, "found_inf");
-  const bool steps_on_device = !steps.empty() && steps[0].is_cuda();
-  // Host step counts (torch's default, capturable=False) are advanced here, unless AMP may skip the
-  // step, which only the device knows: then torch's fused optimizers also sync, and so do we.
-  const bool skip = inf_ptr != nullptr && !steps_on_device && found_inf->item<float>() != 0.f;
-  if (skip) return;
+  const StepScalars sc = step_scalars(lr, grad_scale, found_inf, steps, p0, kOp);
+  if (sc.skip) return;
 
   const OptHyper h = make_hyper(hyper[0], hyper[1], hyper[2], hyper[3], hyper[4], static_cast<int32_t>(flags));
   std::vector<cuda::OptCudaTensor> ts(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     float* step_ptr;
-    const double step = advance_step(steps, i, steps_on_device, kOp, &step_ptr);
+    const double step = advance_step(steps, i, sc.steps_on_device, kOp, &step_ptr);
     ts[i] = cuda::OptCudaTensor{params[i].data_ptr(),
                                 grads[i].const_data_ptr(),
                                 s1.empty() ? nullptr : s1[i].data_ptr(),
@@ -51,7 +45,7 @@ void optim_step(c10::string_view kind_name, at::TensorList params, at::TensorLis
                                 opt_coef(g.kind, hyper[0], hyper[1], hyper[2], step)};
   }
   const cudaError_t err = cuda::optim_step(g.kind, g.param_dtype, g.state_fp32, h, ts.data(),
-                                           static_cast<int64_t>(ts.size()), lr_ptr, scale_ptr, inf_ptr,
+                                           static_cast<int64_t>(ts.size()), sc.lr, sc.grad_scale, sc.found_inf,
                                            c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "ember_C.optim_step: CUDA launch failed: ", cudaGetErrorString(err));
 }

@@ -19,6 +19,26 @@ inline const float* device_scalar(const std::optional<at::Tensor>& t, const at::
   return t->const_data_ptr<float>();
 }
 
+// A step's device scalars and where its step counts live. Host step counts (torch's default,
+// capturable=False) are advanced on the host, so AMP's skip must be known there: found_inf is read
+// (torch's fused optimizers sync the same way). Device step counts leave the skip to the kernels.
+struct StepScalars {
+  const float* lr;
+  const float* grad_scale;
+  const float* found_inf;
+  bool steps_on_device;
+  bool skip;  // found_inf is set and the step counts are on the host: nothing to launch
+};
+
+inline StepScalars step_scalars(const std::optional<at::Tensor>& lr, const std::optional<at::Tensor>& grad_scale,
+                                const std::optional<at::Tensor>& found_inf, at::TensorList steps,
+                                const at::Tensor& like, const char* op) {
+  StepScalars s{device_scalar(lr, like, op, "lr"), device_scalar(grad_scale, like, op, "grad_scale"),
+                device_scalar(found_inf, like, op, "found_inf"), !steps.empty() && steps[0].is_cuda(), false};
+  s.skip = s.found_inf != nullptr && !s.steps_on_device && found_inf->item<float>() != 0.f;
+  return s;
+}
+
 // Parameter i's step count. On the device (capturable=True) the kernel advances it through
 // *device_step; on the host (torch's default) it is advanced here and the new count returned.
 inline double advance_step(at::TensorList steps, size_t i, bool on_device, const char* op, float** device_step) {
