@@ -35,42 +35,56 @@ def _rint(v):
 
 
 @triton.jit
+def _scaled_tile(x_rows, mul_ptr, rm, kk, M, K, HAS_MUL: tl.constexpr):
+    # x[rm, kk] in fp32 (0 outside the matrix), times the smoothing multiplier when there is one.
+    v = tl.load(x_rows + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0).to(tl.float32)
+    if HAS_MUL:
+        v = v * tl.load(mul_ptr + kk, mask=kk < K, other=1.0)[None, :]
+    return v
+
+
+@triton.jit
+def _row_scales(x_rows, mul_ptr, rm, rk, M, K, HAS_MUL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Per-token quantization of rows rm, one pass over K: ok (row finite), amax and inv = 127 / amax.
+    # NaN / Inf anywhere in a row make its scale NaN and its quantized values 0 (inv = 0).
+    amax = tl.zeros([BLOCK_M], dtype=tl.float32)
+    finite = tl.full([BLOCK_M], 1, dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        v = _scaled_tile(x_rows, mul_ptr, rm, k0 + rk, M, K, HAS_MUL)
+        finite = tl.minimum(finite, tl.min((tl.abs(v) < float("inf")).to(tl.int32), axis=1))
+        amax = tl.maximum(amax, tl.max(tl.where(v == v, tl.abs(v), 0.0), axis=1))
+    ok = finite > 0
+    return ok, amax, tl.where(ok & (amax > 0.0), 127.0 / amax, 0.0)
+
+
+@triton.jit
+def _quantize_tile(v, ok, inv):
+    # inv is 0 for rows with NaN / Inf, but NaN * 0 is NaN: select explicitly.
+    return tl.clamp(_rint(tl.where(ok[:, None], v * inv[:, None], 0.0)), -127.0, 127.0).to(tl.int8)
+
+
+@triton.jit
 def _quantize_rows_kernel(
     x_ptr,  # (M, K) float, row stride stride_xm, unit column stride
     mul_ptr,  # (K,) fp32 smoothing multiplier (ignored unless HAS_MUL)
     q_ptr,  # (M, K) int8 out, contiguous
     s_ptr,  # (M,) fp32 out: absmax / 127 (NaN for rows with NaN / Inf)
+    M,
     K,
     stride_xm,
     HAS_MUL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride_xm
-    amax = tl.zeros([BLOCK_K], dtype=tl.float32)
-    finite = tl.full([BLOCK_K], 1, dtype=tl.int1)
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = tl.arange(0, BLOCK_K)
+    x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+    ok, amax, inv = _row_scales(x_rows, mul_ptr, rm, rk, M, K, HAS_MUL, BLOCK_M, BLOCK_K)
     for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
-        m = offs < K
-        v = tl.load(x_row + offs, mask=m, other=0.0).to(tl.float32)
-        if HAS_MUL:
-            v = v * tl.load(mul_ptr + offs, mask=m, other=1.0)
-        finite = finite & (tl.abs(v) < float("inf"))  # false for NaN and +-Inf
-        amax = tl.maximum(amax, tl.where(v == v, tl.abs(v), 0.0))
-    row_max = tl.max(amax, axis=0)
-    ok = tl.min(finite.to(tl.int32), axis=0) > 0
-    inv = tl.where(row_max > 0.0, 127.0 / row_max, 0.0)
-    inv = tl.where(ok, inv, 0.0)
-    for k0 in range(0, K, BLOCK_K):
-        offs = k0 + tl.arange(0, BLOCK_K)
-        m = offs < K
-        v = tl.load(x_row + offs, mask=m, other=0.0).to(tl.float32)
-        if HAS_MUL:
-            v = v * tl.load(mul_ptr + offs, mask=m, other=1.0)
-        v = tl.where(ok, v * inv, 0.0)
-        r = _rint(v)
-        tl.store(q_ptr + row * K + offs, tl.clamp(r, -127.0, 127.0).to(tl.int8), mask=m)
-    tl.store(s_ptr + row, tl.where(ok, row_max / 127.0, float("nan")))
+        kk = k0 + rk
+        q = _quantize_tile(_scaled_tile(x_rows, mul_ptr, rm, kk, M, K, HAS_MUL), ok, inv)
+        tl.store(q_ptr + rm[:, None].to(tl.int64) * K + kk[None, :], q, mask=(rm[:, None] < M) & (kk[None, :] < K))
+    tl.store(s_ptr + rm, tl.where(ok, amax / 127.0, float("nan")), mask=rm < M)
 
 
 @triton.jit
@@ -101,29 +115,14 @@ def _w8a8_gemm_kernel(
     rk = tl.arange(0, BLOCK_K)
     groups = K // GROUP
     x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
-    # Prologue: the per-token absmax of this program's BLOCK_M rows, one pass over K (the rows come
-    # back from L2 in the main loop). NaN / Inf anywhere in a row make the row's scale NaN and its
-    # quantized values 0, as the standalone quantize kernel does.
-    amax = tl.zeros([BLOCK_M], dtype=tl.float32)
-    finite = tl.full([BLOCK_M], 1, dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
-        kk = k0 + rk
-        v = tl.load(x_rows + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0).to(tl.float32)
-        if HAS_MUL:
-            v = v * tl.load(mul_ptr + kk, mask=kk < K, other=1.0)[None, :]
-        finite = tl.minimum(finite, tl.min((tl.abs(v) < float("inf")).to(tl.int32), axis=1))
-        amax = tl.maximum(amax, tl.max(tl.where(v == v, tl.abs(v), 0.0), axis=1))
-    ok = finite > 0
-    inv = tl.where(ok & (amax > 0.0), 127.0 / amax, 0.0)
+    # Prologue: the per-token scales of this program's BLOCK_M rows, one pass over K (the rows come
+    # back from L2 in the main loop), the same code as the standalone quantize kernel.
+    ok, amax, inv = _row_scales(x_rows, mul_ptr, rm, rk, M, K, HAS_MUL, BLOCK_M, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     facc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
-        v = tl.load(x_rows + kk[None, :], mask=(rm[:, None] < M) & (kk[None, :] < K), other=0.0).to(tl.float32)
-        if HAS_MUL:
-            v = v * tl.load(mul_ptr + kk, mask=kk < K, other=1.0)[None, :]
-        # inv is 0 for rows with NaN / Inf, but NaN * 0 is NaN: select explicitly.
-        a = tl.clamp(_rint(tl.where(ok[:, None], v * inv[:, None], 0.0)), -127.0, 127.0).to(tl.int8)
+        a = _quantize_tile(_scaled_tile(x_rows, mul_ptr, rm, kk, M, K, HAS_MUL), ok, inv)
         b = tl.load(b_ptr + rn[None, :].to(tl.int64) * K + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K), other=0)
         if GROUPED:  # BLOCK_K divides GROUP: this block lies in one group
             part = tl.dot(a, b, out_dtype=tl.int32)
@@ -224,8 +223,8 @@ def quantize_per_token(x2: torch.Tensor, smooth: torch.Tensor | None):
     s = torch.empty(M, dtype=torch.float32, device=x2.device)
     if M and K:
         block = min(triton.next_power_of_2(K), 4096)
-        _quantize_rows_kernel[(M,)](x2, smooth if smooth is not None else s, q, s, K, x2.stride(0),
-                                    HAS_MUL=smooth is not None, BLOCK_K=block)
+        _quantize_rows_kernel[(M,)](x2, smooth if smooth is not None else s, q, s, M, K, x2.stride(0),
+                                    HAS_MUL=smooth is not None, BLOCK_M=1, BLOCK_K=block)
     elif M:
         s.zero_()
     return q, s
