@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import ember
-from ember.bench.harness import Case, Config, Target, WrongResult, dtype_name, time_fn
+from ember.bench.harness import Case, Config, Target, WrongResult, dtype_name, group_cases, run_group, time_fn
 
 SUITE = "matmul"
 DIRECTIONS = ("fwd", "fwd+bwd")
@@ -246,43 +246,27 @@ def measured_peak(device: str, dtype: torch.dtype, quick: bool) -> float:
 
 
 def run(cfg: Config, rounds: int | None = None) -> tuple[list[Result], dict]:
-    """Time every case. Providers of one comparison (op, shape, dtype, direction) are timed in
-    interleaved rounds and each keeps its best round's median: on a shared machine (the CPU numbers
-    in bench/results come from 2 cores shared with other jobs) interference only ever adds time, so
-    the minimum over rounds is the fairest estimate and no provider is favoured by when it ran."""
+    """Time every case: the providers of one comparison (op, shape, dtype, direction) in the
+    harness's interleaved rounds (``run_group``), each keeping its best round's median."""
     rounds = rounds or (2 if cfg.quick else 8)
     peaks = {dtype_name(d): measured_peak(cfg.device, d, cfg.quick) for d in cfg.dtypes}
-    groups: dict[tuple, list[Case]] = {}
-    for case in cases(cfg):
-        groups.setdefault(case.key(), []).append(case)
     results: list[Result] = []
-    for key, group in groups.items():
-        fns, res = [], []
-        for case in group:
+    for group in group_cases(cases(cfg)):
+        rows = run_group(group, cfg.device, True, copy_bw=float("inf"), energy=None, rounds=rounds)
+        base = next((r.median_s for r in rows if r.case.provider == "torch"), None)
+        for row in rows:
+            case = row.case
             r = Result(case.op, case.provider, case.shape, dtype_name(case.dtype), case.direction, None, None, None,
-                       None)
-            try:
-                fns.append(case.make(True))
-            except Exception as err:  # noqa: BLE001  (one broken case must not sink the run)
-                fns.append(None)
-                r.error = f"{type(err).__name__}: {err}".splitlines()[0][:200]
-            res.append(r)
-        best = [float("inf")] * len(group)
-        for _ in range(rounds):
-            for i, fn in enumerate(fns):
-                if fn is not None:
-                    best[i] = min(best[i], time_fn(fn, cfg.device, True).median_s)
-        del fns
-        base = next((b for c, b in zip(group, best) if c.provider == "torch"), None)
-        for case, r, t in zip(group, res, best):
-            if t != float("inf"):
+                       None, row.error)
+            if row.median_s is not None:
+                t = row.median_s
                 r.median_ms = t * 1e3
                 r.tflops = flops(case.op, case.shape, case.direction) / t / 1e12
                 r.frac_peak = r.tflops / peaks[r.dtype]
-                r.speedup = base / t if base not in (None, float("inf")) else None
+                r.speedup = base / t if base else None
             print(f"  {r.op:12s} {r.direction:8s} {r.provider:14s} {r.dtype} {r.shape} "
                   f"{'%.3f ms' % r.median_ms if r.median_ms else r.error}", file=sys.stderr)
-        results += res
+            results.append(r)
     # The peak is the best plain-GEMM rate seen: the square torch.mm above, or any torch "linear" row
     # (on a shared CPU the square run can land in a busy moment).
     for d in list(peaks):

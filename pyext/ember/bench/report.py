@@ -204,7 +204,9 @@ def markdown(rows: list[Row], meta: Meta) -> str:
         f"| ember | {meta.ember} (git {meta.git_sha}) |",
         "",
         "Times are medians of calls timed one by one"
-        + (" with a cold L2 (CUDA events)." if meta.kind != "cpu" else " (torch.utils.benchmark).")
+        + (" with a cold L2 (CUDA events)" if meta.kind != "cpu" else " (torch.utils.benchmark)")
+        + "; the providers of each comparison are timed in interleaved rounds and each row shows its best"
+        " round (median and p20-p80), so load that comes and goes favours no provider."
         + " GB/s counts the bytes each op must move at minimum; 'vs torch' is torch eager time / this time.",
     ]
     if meta.targets:
