@@ -1,6 +1,7 @@
 """The benchmark harness: interleaved timing of one comparison, broken cases, the CLI end to end."""
 import time
 
+import pytest
 import torch
 
 from ember.bench import main as bench_main
@@ -66,3 +67,23 @@ def test_cli_quick_run_writes_a_report(tmp_path, capsys):
     assert rc == 0
     assert "## activations: relu" in out and "ember-cpu" in out
     assert len(list(tmp_path.glob("*.md"))) == 1 and len(list(tmp_path.glob("*.csv"))) == 1
+
+
+def test_int8_compute_limit_is_measured():
+    from ember import _backend
+    from ember.bench.harness import Config
+    from ember.bench.int8 import describe_targets
+
+    ext = _backend.extension()
+    if ext is None:
+        pytest.skip("no compiled extension")
+    rate = ext.int8_peak_macs()
+    with open("/proc/cpuinfo") as f:
+        vnni = "avx512_vnni" in f.read()
+    if not vnni:
+        assert rate == 0.0
+        return
+    # A core issues at most a few vpdpbusd (64 MACs) per cycle at a few GHz.
+    assert 1e9 < rate < torch.get_num_threads() * 4 * 64 * 6e9
+    lines = describe_targets(Config("cpu", (torch.float32,), "small", quick=True))
+    assert any("int8 compute limit measured here" in line for line in lines)

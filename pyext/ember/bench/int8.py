@@ -240,9 +240,33 @@ def cases(cfg) -> list:
     return out
 
 
+def int8_compute_floor(cfg) -> list[str]:
+    """The CPU's measured int8 MAC rate and, per benchmarked shape, the time a GEMM would take at it:
+    no int8 kernel (ember's or fbgemm's) can run faster, so a target below that floor is out of reach."""
+    from ember import _backend
+
+    ext = _backend.extension()
+    if ext is None:
+        return []
+    macs_per_s = ext.int8_peak_macs()
+    if not macs_per_s:
+        return ["int8 compute limit: this CPU has no AVX512-VNNI (ember's W8A8 falls back to ATen's int8 GEMM)."]
+    try:
+        with open("/proc/cpuinfo") as f:
+            amx = "AMX present: oneDNN's int8 GEMM can use it" if " amx_int8" in f.read() else "no AMX on this CPU"
+    except OSError:
+        amx = "AMX unknown"
+    shapes = SUITE_CPU[cfg.sizes][:1] if cfg.quick else SUITE_CPU[cfg.sizes]
+    floors = ", ".join(f"{M}x{K}x{N} >= {M * K * N / macs_per_s * 1e6:.0f} us" for _, M, K, N in shapes)
+    return [f"int8 compute limit measured here: {macs_per_s / 1e9:.0f} G int8 MAC/s (AVX512-VNNI vpdpbusd in a "
+            f"register-only loop on {torch.get_num_threads()} threads; {amx}). An int8 GEMM cannot beat "
+            f"M*K*N / that rate: {floors}."]
+
+
 def describe_targets(cfg) -> list[str]:
     if cfg.kind == "cpu":
-        return ["int8: ember w8a8 Linear >= 1.5x torch.ao quantize_dynamic on BERT-like shapes (issue #5)."]
+        return ["int8: ember w8a8 Linear >= 1.5x torch.ao quantize_dynamic on BERT-like shapes (issue #5)."] + \
+            int8_compute_floor(cfg)
     return ["int8: ember w8a16 >= 1.6x bf16 cuBLAS at decode (M <= 16); w8a8 incl. activation quantization "
             ">= 1.5x bf16 at M >= 2048 (issue #5)."]
 
