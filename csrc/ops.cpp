@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 #include <torch/library.h>
 
+#include "eager.h"
 #include "ops.h"
 
 namespace ember {
@@ -218,6 +219,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   });
   m.def("cpu_isa", []() { return std::string(ember::cpu::isa()); },
         "Instruction set the CPU kernels dispatch to on this machine");
+  // The eager fast path of the fused ops (csrc/eager.cpp; called by pyext/ember/ops when eager_native).
+  m.def("linear", &ember::eager::linear, "act(x @ weight^T + bias) [+ residual], with C++ autograd");
+  m.def("gated_linear", &ember::eager::gated_linear, "act(x @ w_gate^T + b_gate) * (x @ w_up^T + b_up)");
+  m.def("unary_act", &ember::eager::unary_act, "relu / silu / gelu / gelu_tanh of x");
+  m.def("gated_act", &ember::eager::gated_act, "act(gate) * up");
   m.def("int8_peak_macs", &ember::cpu::int8_peak_macs,
         "Measured int8 multiply-accumulates per second (AVX512-VNNI vpdpbusd, all torch threads); 0 without VNNI");
 }

@@ -1,7 +1,6 @@
 """Argument checks and layout helpers shared by every ember op."""
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
@@ -59,34 +58,36 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
 # The eager fast path. Each ember op is a torch.library custom op (what torch.compile, torch.export,
 # opcheck and dispatch modes see), but on CPU one trip through it costs ~15-30 us of Python and
 # dispatcher work per call, and its registered autograd as much again, which at M = 1 is as much
-# as the GEMM itself. Plain eager calls that resolve to ember's compiled kernels therefore call the
-# ember_C op directly (inference) or through a small torch.autograd.Function (training). Everything
-# else keeps the custom op: tracing/compiling, a dispatch mode (FakeTensorMode, FlopCounterMode,
-# export's make_fx), functorch transforms (vmap/grad, whose wrapped tensors look plain) and tensor
-# subclasses.
+# as the GEMM itself. Plain eager calls that resolve to ember's compiled kernels therefore make one
+# call into ember._C (csrc/eager.cpp), which checks, reshapes, runs the kernels and, when a gradient
+# is wanted, records a C++ autograd node. Everything else keeps the custom op: tracing/compiling, a
+# dispatch mode (FakeTensorMode, FlopCounterMode, export's make_fx), functorch transforms (vmap/grad,
+# whose wrapped tensors look plain) and tensor subclasses.
 # ---------------------------------------------------------------------------------------------
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 _is_compiling = torch.compiler.is_compiling
 _dispatch_depth = torch._C._len_torch_dispatch_stack
 _functorch_top = torch._C._functorch.peek_interpreter_stack
 
+# What ember._C's eager entry points raise for bad arguments. The caller then runs its Python checks,
+# which name the argument in ember.ops' words (and re-raise through the custom op if those pass).
+ARG_ERRORS = (RuntimeError, TypeError, ValueError, IndexError)
 
-def eager_native(backend, device: torch.device, op: str, *ts) -> bool:
-    """True when this call may skip the custom op and run the ember_C kernel directly."""
-    if _is_compiling() or _dispatch_depth() or _functorch_top() is not None:
+
+def eager_native(backend, op: str, x, *rest) -> bool:
+    """True when this call may skip the custom op and call ``eager()``'s entry point directly."""
+    if type(x) not in _PLAIN or _is_compiling() or _dispatch_depth() or _functorch_top() is not None:
         return False
-    for t in ts:
+    for t in rest:
         if t is not None and type(t) not in _PLAIN:
             return False
-    return _backend.native(backend, device, op)
+    return _backend.native(backend, x.device, op)
+
+
+def eager():
+    """ember._C, whose ``linear``, ``gated_linear``, ``unary_act`` and ``gated_act`` are the fast path."""
+    return _backend.extension()
 
 
 def wants_grad(*ts) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
-
-
-@functools.lru_cache(maxsize=None)
-def native_op(name: str):
-    """The ``torch.ops.ember_C.<name>.default`` overload (skips the packet's overload lookup)."""
-    _backend.extension()
-    return getattr(torch.ops.ember_C, name).default

@@ -17,7 +17,7 @@ import math
 import torch
 
 from .. import _backend
-from ._common import check_float, eager_native, native_op
+from ._common import ARG_ERRORS, check_float, eager, eager_native
 
 ACTS = ("relu", "silu", "gelu", "gelu_tanh")
 
@@ -125,32 +125,16 @@ def _autograd_backward(ctx, grad):
 unary_act.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-class _UnaryFn(torch.autograd.Function):
-    """The eager training path on ember's compiled kernels (see _common.eager_native): the same
-    kernels, saved tensors and gradients as ``ember::unary_act``'s registered autograd."""
-
-    @staticmethod
-    def forward(ctx, x, act):
-        ctx.save_for_backward(x)
-        ctx.act = act
-        return native_op("unary_act")(x, act)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        return native_op("unary_act_backward")(grad, x, ctx.act), None
-
-
 # ---------------------------------------------------------------------------------------------
 # Public functions.
 # ---------------------------------------------------------------------------------------------
 def _apply(op: str, x: torch.Tensor, act: str, backend: str | None) -> torch.Tensor:
+    if eager_native(backend, op, x):
+        try:
+            return eager().unary_act(x, act)
+        except ARG_ERRORS:
+            pass  # the checks below say what is wrong
     check_float(op, "x", x)
-    if eager_native(backend, x.device, op, x):
-        if x.requires_grad and torch.is_grad_enabled():
-            return _UnaryFn.apply(x, act)
-        return native_op("unary_act")(x, act)
     return unary_act(x, act, _backend.request(backend, x.device, op))
 
 

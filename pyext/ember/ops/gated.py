@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import _backend
-from ._common import as_rows, check_float, check_same, eager_native, native_op
+from ._common import ARG_ERRORS, as_rows, check_float, check_same, eager, eager_native
 from .activation import _gelu_act, act_backward_reference, act_reference
 
 
@@ -95,35 +95,15 @@ def _autograd_backward(ctx, grad):
 gated_act.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-class _GatedFn(torch.autograd.Function):
-    """The eager training path on ember's compiled kernels (see _common.eager_native): the same
-    kernels, saved tensors and gradients as ``ember::gated_act``'s registered autograd."""
-
-    @staticmethod
-    def forward(ctx, gate, up, act):
-        ctx.save_for_backward(gate, up)
-        ctx.act = act
-        out = native_op("gated_act")(as_rows(gate), as_rows(up), act)
-        # Not .view(): autograd forbids in-place ops on a view created inside a custom Function.
-        return out if gate.dim() == 2 else _reshaped(out, gate.shape)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        gate, up = ctx.saved_tensors
-        g2 = as_rows(gate)
-        dgate, dup = native_op("gated_act_backward")(grad.reshape(g2.shape), g2, as_rows(up), ctx.act)
-        return dgate.view(gate.shape), dup.view(gate.shape), None
-
-
 def _apply(op: str, gate: torch.Tensor, up: torch.Tensor, act: str, backend: str | None) -> torch.Tensor:
+    if eager_native(backend, op, gate, up):
+        try:
+            return eager().gated_act(gate, up, act)
+        except ARG_ERRORS:
+            pass  # the checks below say what is wrong
     check_float(op, "gate", gate)
     check_float(op, "up", up)
     check_same(op, ("gate", "up"), gate, up)
-    if eager_native(backend, gate.device, op, gate, up):
-        if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
-            return _GatedFn.apply(gate, up, act)
-        return native_op("gated_act")(as_rows(gate), as_rows(up), act).view(gate.shape)
     return gated_act(gate, up, act, _backend.request(backend, gate.device, op))
 
 

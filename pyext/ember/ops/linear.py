@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend
-from ._common import check_float, eager_native, native_op, wants_grad
+from ._common import ARG_ERRORS, check_float, eager, eager_native, wants_grad
 from .activation import ACTS, act_backward_reference, act_reference
 
 LINEAR_ACTS = ("none",) + ACTS
@@ -89,11 +89,6 @@ def _shaped(t: torch.Tensor, shape) -> torch.Tensor:
 
 def _empty(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty((0,))
-
-
-def _out_shaped(out2: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    # Not .view(): autograd forbids in-place ops on a view created inside a custom Function.
-    return out2 if x.dim() == 2 else _shaped(out2, (*x.shape[:-1], out2.shape[1]))
 
 
 def _nrows(x: torch.Tensor) -> int:
@@ -362,66 +357,6 @@ def _check_x(op: str, x: torch.Tensor) -> None:
         raise ValueError(f"ember.ops.{op}: x must have at least 1 dimension (..., in_features), got a scalar")
 
 
-class _LinearFn(torch.autograd.Function):
-    """The eager training path on ember's compiled kernels (see _common.eager_native): the same
-    kernels, saved tensors and gradients as ``ember::linear_act``'s registered autograd."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, residual, act):
-        r2 = None if residual is None else _rows(residual)
-        out, pre = native_op("linear_act")(_rows(x), weight, bias, r2, act, act != "none")
-        ctx.save_for_backward(x, weight, bias, pre)
-        ctx.act = act
-        return _out_shaped(out, x)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        x, weight, bias, pre = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        need_db = need[2] and bias is not None
-        dx, dw, db = native_op("linear_act_backward")(
-            _rows(grad), _rows(x), weight, pre, ctx.act, need[0], need[1], need_db
-        )
-        return (
-            dx.view(x.shape) if need[0] else None,
-            dw if need[1] else None,
-            db if need_db else None,
-            grad if need[3] else None,
-            None,
-        )
-
-
-class _GatedLinearFn(torch.autograd.Function):
-    """Eager training path of ``ember::gated_linear`` (as _LinearFn)."""
-
-    @staticmethod
-    def forward(ctx, x, w_gate, w_up, b_gate, b_up, act):
-        h, pre = native_op("gated_linear")(_rows(x), w_gate, w_up, b_gate, b_up, act, True)
-        ctx.save_for_backward(x, w_gate, w_up, b_gate, b_up, pre)
-        ctx.act = act
-        return _out_shaped(h, x)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        x, w_gate, w_up, b_gate, b_up, pre = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        has_b = b_gate is not None
-        dx, dwg, dwu, dbg, dbu = native_op("gated_linear_backward")(
-            _rows(grad), _rows(x), w_gate, w_up, pre, ctx.act,
-            need[0], need[1] or need[2], has_b and (need[3] or need[4]),
-        )
-        return (
-            dx.view(x.shape) if need[0] else None,
-            dwg if need[1] else None,
-            dwu if need[2] else None,
-            dbg if has_b and need[3] else None,
-            dbu if has_b and need[4] else None,
-            None,
-        )
-
-
 def linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -437,6 +372,11 @@ def linear(
     the output's shape and is added after the activation. fp32 GEMMs follow
     ``torch.backends.cuda.matmul.allow_tf32`` on GPU.
     """
+    if eager_native(backend, "linear", x, weight, bias, residual):
+        try:
+            return eager().linear(x, weight, bias, residual, "none" if activation is None else activation)
+        except ARG_ERRORS:
+            pass  # the checks below say what is wrong
     act = _check_act("linear", activation, LINEAR_ACTS)
     _check_x("linear", x)
     _check_weight("linear", x, "weight", weight, bias, "bias")
@@ -448,15 +388,9 @@ def linear(
                 f"ember.ops.linear: residual must have the output's shape {want}, dtype {x.dtype} and device "
                 f"{x.device}, got {tuple(residual.shape)}, {residual.dtype}, {residual.device}"
             )
-    wants = wants_grad(x, weight, bias, residual)
-    if eager_native(backend, x.device, "linear", x, weight, bias, residual):
-        if wants:
-            return _LinearFn.apply(x, weight, bias, residual, act)
-        r2 = None if residual is None else _rows(residual)
-        out, _ = native_op("linear_act")(_rows(x), weight, bias, r2, act, False)
-        return out.view(*x.shape[:-1], weight.shape[0])
     requested = _backend.request(backend, x.device, "linear")
-    out, _ = linear_act(x, weight, bias, residual, act, act != "none" and wants, requested)
+    out, _ = linear_act(x, weight, bias, residual, act, act != "none" and wants_grad(x, weight, bias, residual),
+                        requested)
     return out
 
 
@@ -472,6 +406,11 @@ def gated_linear(
 ) -> torch.Tensor:
     """``act(x @ w_gate^T + b_gate) * (x @ w_up^T + b_up)``: both projections in one GEMM pass with the
     gating in its epilogue (SwiGLU for "silu", GeGLU for "gelu" / "gelu_tanh")."""
+    if eager_native(backend, "gated_linear", x, w_gate, w_up, b_gate, b_up):
+        try:
+            return eager().gated_linear(x, w_gate, w_up, b_gate, b_up, activation)
+        except ARG_ERRORS:
+            pass  # the checks below say what is wrong
     act = _check_act("gated_linear", activation, GATED_ACTS)
     _check_x("gated_linear", x)
     _check_weight("gated_linear", x, "w_gate", w_gate, b_gate, "b_gate")
@@ -483,12 +422,6 @@ def gated_linear(
         )
     if (b_gate is None) != (b_up is None):
         raise ValueError("ember.ops.gated_linear: give both b_gate and b_up or neither")
-    wants = wants_grad(x, w_gate, w_up, b_gate, b_up)
-    if eager_native(backend, x.device, "gated_linear", x, w_gate, w_up, b_gate, b_up):
-        if wants:
-            return _GatedLinearFn.apply(x, w_gate, w_up, b_gate, b_up, act)
-        h, _ = native_op("gated_linear")(_rows(x), w_gate, w_up, b_gate, b_up, act, False)
-        return h.view(*x.shape[:-1], w_gate.shape[0])
     requested = _backend.request(backend, x.device, "gated_linear")
-    h, _ = gated_linear_op(x, w_gate, w_up, b_gate, b_up, act, wants, requested)
+    h, _ = gated_linear_op(x, w_gate, w_up, b_gate, b_up, act, wants_grad(x, w_gate, w_up, b_gate, b_up), requested)
     return h
