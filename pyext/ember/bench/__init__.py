@@ -21,7 +21,7 @@ import sys
 import torch
 
 from .harness import (Case, Config, EnergyMeter, Row, Target, copy_bandwidth, group_cases, inplace_bandwidth, judge,
-                      parse_dtype, run_group)
+                      parse_dtype, run_group, steady_cpu_allocator)
 
 # Suite name -> module (in this package) whose ``cases(cfg)`` produces the cases. Imported only
 # when the suite runs, so one suite's heavy imports never slow another down.
@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import report
 
     started = datetime.datetime.now().astimezone()
+    allocator = steady_cpu_allocator() if device.type == "cpu" else None
     torch.manual_seed(0)
     print(f"ember bench: {len(cases)} cases on {device}; measuring copy bandwidth ...", file=sys.stderr)
     copy_bw = copy_bandwidth(str(device), args.quick)
@@ -153,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.sort(key=lambda r: order[id(r.case)])  # the suites' own order (grouping may interleave them)
     judge(rows)
 
-    meta = report.make_meta(str(device), copy_bw, targets, when=started, inplace_bw=inplace_bw)
+    meta = report.make_meta(str(device), copy_bw, targets, when=started, inplace_bw=inplace_bw, allocator=allocator)
     csv_path, md_path, text = report.write(args.out, rows, meta)
     print(text)
     print(f"ember bench: wrote {csv_path} and {md_path}", file=sys.stderr)

@@ -216,6 +216,32 @@ def inplace_bandwidth(device: str, quick: bool = False) -> float:
     return 2 * x.numel() * x.element_size() / t.median_s
 
 
+def steady_cpu_allocator() -> str | None:
+    """Stop glibc's malloc from handing freed memory back to the OS during a CPU benchmark run.
+
+    By default glibc trims the heap top and serves large blocks by mmap with thresholds that adapt at
+    run time, so whether a call's multi-MB output (a weight gradient, an activation) lands on fresh pages
+    depends on what was freed before it. Fresh pages cost a page fault each (~250 faults and +0.3-0.5 ms
+    for a 4 MB gradient here, measured), and they hit whichever provider happens to allocate next: the
+    same M=1 linear backward measured 350 us or 850 us from one loop to the next. Fixed thresholds make
+    every provider reuse its memory, as a caching allocator (jemalloc, tcmalloc: what torch's CPU tuning
+    guide recommends) would. Returns what was set, for the report, or None off glibc.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return None
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    trim, mmap = 1 << 30, 32 << 20  # 32 MiB: glibc's largest mmap threshold on 64-bit
+    if not (mallopt(M_TRIM_THRESHOLD, trim) and mallopt(M_MMAP_THRESHOLD, mmap)):
+        return None
+    return "glibc malloc with fixed thresholds (trim 1 GiB, mmap 32 MiB): freed memory is reused, not re-faulted"
+
+
 class EnergyMeter:
     """Board energy per call through NVML, or None everywhere when NVML or a GPU is missing."""
 

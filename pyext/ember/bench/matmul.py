@@ -30,7 +30,8 @@ import torch
 import torch.nn.functional as F
 
 import ember
-from ember.bench.harness import Case, Config, Target, WrongResult, dtype_name, group_cases, run_group, time_fn
+from ember.bench.harness import (Case, Config, Target, WrongResult, dtype_name, group_cases, run_group,
+                                 steady_cpu_allocator, time_fn)
 
 SUITE = "matmul"
 DIRECTIONS = ("fwd", "fwd+bwd")
@@ -345,13 +346,14 @@ def main(argv=None) -> int:
     cfg = Config(args.device, dtypes, args.sizes or ("large" if kind == "cuda" else "small"), args.quick,
                  not args.no_compile)
     torch.manual_seed(0)
+    allocator = steady_cpu_allocator() if kind == "cpu" else None
     results, peaks = run(cfg)
     if kind == "cuda":
         device_name = torch.cuda.get_device_name(torch.device(args.device))
     else:
         from ember.bench.report import _cpu_name
 
-        device_name = f"{_cpu_name()}, {torch.get_num_threads()} threads"
+        device_name = f"{_cpu_name()}, {torch.get_num_threads()} threads" + (f"; {allocator}" if allocator else "")
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H%M%S")
     base = os.path.join(args.out, f"ember-matmul_{kind}_{stamp}")

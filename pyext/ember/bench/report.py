@@ -35,6 +35,7 @@ class Meta:
     when: _dt.datetime
     copy_bw: float  # bytes/s
     inplace_bw: float | None = None  # bytes/s of an in-place read + write (see harness.inplace_bandwidth)
+    allocator: str | None = None  # what harness.steady_cpu_allocator set, if anything
     targets: list[str] = field(default_factory=list)
 
 
@@ -65,7 +66,7 @@ def git_sha() -> str:
 
 
 def make_meta(device: str, copy_bw: float, targets: list[str], when: _dt.datetime | None = None,
-              inplace_bw: float | None = None) -> Meta:
+              inplace_bw: float | None = None, allocator: str | None = None) -> Meta:
     import ember
     from .. import _backend
 
@@ -88,6 +89,7 @@ def make_meta(device: str, copy_bw: float, targets: list[str], when: _dt.datetim
         when=when or _dt.datetime.now().astimezone(),
         copy_bw=copy_bw,
         inplace_bw=inplace_bw,
+        allocator=allocator,
         targets=targets,
     )
 
@@ -199,6 +201,7 @@ def markdown(rows: list[Row], meta: Meta) -> str:
         *([f"| measured in-place bandwidth | {meta.inplace_bw / 1e9:.1f} GB/s (`x.add_(1)`, 2 x size bytes; "
            "in-place updates such as optimizer steps skip the write-allocate read a copy pays, so they can "
            "exceed 100% of copy BW) |"] if meta.inplace_bw else []),
+        *([f"| allocator | {meta.allocator} |"] if meta.allocator else []),
         f"| torch | {meta.torch} (CUDA {meta.cuda}) |",
         f"| triton | {meta.triton} |",
         f"| ember | {meta.ember} (git {meta.git_sha}) |",
