@@ -1,8 +1,13 @@
 // Activation math on at::vec::Vectorized<float|double>, and an elementwise row mapper.
 //
 // Included by each ISA translation unit (isa_default.cpp, isa_avx512.cpp) after that unit has chosen
-// its CPU_CAPABILITY, so the same source becomes AVX-512 code (Sleef erf/exp/tanh, 16 floats a
-// vector) or portable code. Low-precision elements are widened to fp32 for the math, as torch does.
+// its CPU_CAPABILITY, so the same source becomes AVX-512 code (16 floats a vector) or portable code.
+// Low-precision elements are widened to fp32 for the math, as torch does.
+//
+// fp32 on AVX-512 uses ember's own inline exp and erf (vexp / verf below) instead of ATen's, which call
+// Sleef's out-of-line expf (1 ulp): erf, SiLU and both GELUs are bound by that call on this project's
+// CPU, and torch's GELU (oneDNN's JIT kernel) inlines its exp too. fp64 and the portable build keep
+// ATen's functions.
 #pragma once
 #include <algorithm>
 #include <array>
@@ -20,18 +25,89 @@ namespace ember::cpu::EMBER_ISA {
 
 using at::vec::Vectorized;
 
+template <typename V>
+inline V vexp(const V& x) {
+  return x.exp();
+}
+
+template <typename V>
+inline V verf(const V& x) {
+  return x.erf();
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// exp(x) = 2^n * exp(r), n = round(x / ln2), r = x - n ln2 in two parts (Cody-Waite) so r is exact, and
+// exp(r) on |r| <= ln2/2 by Cephes' degree-6 polynomial (within 2 ulp of exp over the float range,
+// tested against float64 in tests/test_activation_math.py). scalef applies 2^n with IEEE overflow to
+// inf and gradual underflow to denormals and 0; the clamp keeps r finite for +-inf inputs. NaN passes
+// through: max/min return their second operand when either is NaN.
+template <>
+inline Vectorized<float> vexp(const Vectorized<float>& v) {
+  __m512 x = _mm512_max_ps(_mm512_set1_ps(-104.f), v);
+  x = _mm512_min_ps(_mm512_set1_ps(89.f), x);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// erf by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7), the approximation ATen's Vectorized<float>::erf
+// uses too, with the inline exp above: erf(|x|) = 1 - t (a1 + t (a2 + ... a5 t)) exp(-x^2),
+// t = 1 / (1 + p |x|), and the sign of x copied back (so erf(+-inf) = +-1 and NaN stays NaN).
+template <>
+inline Vectorized<float> verf(const Vectorized<float>& v) {
+  const __m512 x = v;
+  const __m512 sign = _mm512_and_ps(x, _mm512_set1_ps(-0.f));
+  const __m512 a = _mm512_abs_ps(x);
+  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), a,
+                                                                        _mm512_set1_ps(1.f)));
+  __m512 poly = _mm512_set1_ps(1.061405429f);
+  poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-1.453152027f));
+  poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(1.421413741f));
+  poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-0.284496736f));
+  poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(0.254829592f));
+  poly = _mm512_mul_ps(poly, t);
+  const __m512 e = vexp(Vectorized<float>(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), a), a)));
+  const __m512 y = _mm512_fnmadd_ps(poly, e, _mm512_set1_ps(1.f));
+  return _mm512_or_ps(y, sign);
+}
+#endif
+
+// 1 / (1 + exp(-z)).
+template <typename V>
+inline V vsigmoid(const V& z) {
+  using T = typename V::value_type;
+  return V(T(1)) / (V(T(1)) + vexp(z.neg()));
+}
+
+template <typename V>
+inline V gelu_tanh_inner(const V& x) {
+  using T = typename V::value_type;
+  return V(T(kSqrt2OverPi)) * (x + V(T(kGeluTanhCoeff)) * x * x * x);
+}
+
+// GELU-tanh: 0.5 x (1 + tanh(u)) = x * sigmoid(2u), one exp and no cancellation in 1 + tanh(u).
 template <Act A, typename V>
 inline V act_forward(const V& x) {
   using T = typename V::value_type;
   if constexpr (A == Act::kRelu) {
     return V::blendv(x, V(T(0)), x < V(T(0)));  // keeps NaN, as torch.relu does
   } else if constexpr (A == Act::kSilu) {
-    return x / (V(T(1)) + x.neg().exp());
+    return x / (V(T(1)) + vexp(x.neg()));
   } else if constexpr (A == Act::kGelu) {
-    return V(T(0.5)) * x * (V(T(1)) + (x * V(T(kSqrt1_2))).erf());
+    return V(T(0.5)) * x * (V(T(1)) + verf(x * V(T(kSqrt1_2))));
+  } else if constexpr (std::is_same_v<T, double>) {
+    return V(T(0.5)) * x * (V(T(1)) + gelu_tanh_inner(x).tanh());
   } else {
-    const V inner = V(T(kSqrt2OverPi)) * (x + V(T(kGeluTanhCoeff)) * x * x * x);
-    return V(T(0.5)) * x * (V(T(1)) + inner.tanh());
+    return x / (V(T(1)) + vexp(V(T(-2)) * gelu_tanh_inner(x)));
   }
 }
 
@@ -44,17 +120,23 @@ inline V act_backward(const V& grad, const V& x) {
   if constexpr (A == Act::kRelu) {
     return V::blendv(grad, V(T(0)), x <= V(T(0)));
   } else if constexpr (A == Act::kSilu) {
-    const V s = one / (one + x.neg().exp());
+    const V s = vsigmoid(x);
     return grad * s * (one + x * (one - s));
   } else if constexpr (A == Act::kGelu) {
-    const V cdf = V(T(0.5)) * (one + (x * V(T(kSqrt1_2))).erf());
-    const V pdf = V(T(kInvSqrt2Pi)) * (V(T(-0.5)) * x * x).exp();
+    const V cdf = V(T(0.5)) * (one + verf(x * V(T(kSqrt1_2))));
+    const V pdf = V(T(kInvSqrt2Pi)) * vexp(V(T(-0.5)) * x * x);
     return grad * (cdf + x * pdf);
   } else {
     const V x2 = x * x;
-    const V t = (V(T(kSqrt2OverPi)) * (x + V(T(kGeluTanhCoeff)) * x2 * x)).tanh();
     const V dinner = V(T(kSqrt2OverPi)) * (one + V(T(3.0 * kGeluTanhCoeff)) * x2);
-    return grad * (V(T(0.5)) * (one + t) + V(T(0.5)) * x * (one - t * t) * dinner);
+    if constexpr (std::is_same_v<T, double>) {
+      const V t = gelu_tanh_inner(x).tanh();
+      return grad * (V(T(0.5)) * (one + t) + V(T(0.5)) * x * (one - t * t) * dinner);
+    } else {
+      // With s = sigmoid(2u): 0.5 (1 + tanh u) = s and 0.5 (1 - tanh^2 u) = 2 s (1 - s).
+      const V s = vsigmoid(V(T(2)) * gelu_tanh_inner(x));
+      return grad * (s + V(T(2)) * x * s * (one - s) * dinner);
+    }
   }
 }
 
