@@ -147,3 +147,20 @@ def test_tiny_llama_logits_agreement():
         print(f"\ntiny Llama {mode} group={gs}: logits min cosine {cos:.5f}, SQNR {sqnr_db(ref, out):.1f} dB, "
               f"top-1 agreement {top1:.3f}")
         assert cos >= min_cos and top1 >= min_top1, (mode, gs, cos, top1)
+
+
+def test_quantize_report_counts_the_cpu_packed_weight_copy():
+    model = MLP()
+    report = ember.quantize(model, mode="w8a8")
+    layers = [m for m in model.modules() if isinstance(m, Int8Linear)]
+    buffers = sum(m.nbytes() for m in layers)
+    # head (10 outputs, not a multiple of 16) runs unpacked
+    packed = sum(m.weight.numel() + 4 * m.weight.shape[0] for m in layers if m.weight.shape[0] % 16 == 0)
+    assert report.bytes_packed == packed == (96 * 64 + 4 * 96) + (64 * 96 + 4 * 64)
+    assert report.bytes_after == buffers + packed and "packed weight copies" in str(report)
+    model(torch.randn(2, 64))  # the copies now exist, each the size counted above
+    for m in layers:
+        made = m.__dict__["_packed"][1]
+        assert (0 if made is None else made.numel()) == m.cpu_packed_nbytes()
+    # weight-only layers make none
+    assert ember.quantize(MLP(), mode="w8a16").bytes_packed == 0

@@ -94,7 +94,8 @@ class QuantReport:
     folded: dict[str, list[str]] = field(default_factory=dict)  # norm -> the Linears whose 1/s it took
     skipped: list[tuple[str, str]] = field(default_factory=list)
     bytes_before: int = 0
-    bytes_after: int = 0
+    bytes_after: int = 0  # every byte the quantized layers hold, the CPU kernel's packed copies included
+    bytes_packed: int = 0  # of which: packed weight copies the CPU W8A8 kernel makes at each layer's first call
 
     @property
     def bytes_saved(self) -> int:
@@ -110,6 +111,8 @@ class QuantReport:
             f" ({len(self.smoothed)} smoothed, {sum(map(len, self.folded.values()))} of them folded into"
             f" {len(self.folded)} norms); {self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} MiB"
             f" ({self.bytes_saved / 2**20:.2f} MiB saved)"
+            + (f"; the after includes {self.bytes_packed / 2**20:.2f} MiB of packed weight copies the CPU kernel"
+               " makes at each layer's first call" if self.bytes_packed else "")
         ]
         for name, why in self.skipped:
             lines.append(f"  skipped {name or '<root>'}: {why}")
@@ -176,7 +179,8 @@ def quantize(
         s = smoothing_factors(stats, m.weight, smooth_alpha) if stats is not None else None
         new = Int8Linear.from_linear(m, mode, group_size=group_size, smooth=s)
         report.bytes_before += sum(t.numel() * t.element_size() for t in (m.weight, m.bias) if t is not None)
-        report.bytes_after += new.nbytes()
+        report.bytes_after += new.nbytes() + new.cpu_packed_nbytes()
+        report.bytes_packed += new.cpu_packed_nbytes()
         if s is not None or id(m) in folded:
             report.smoothed.append(names.get(id(m), "?"))
         return new

@@ -113,7 +113,16 @@ class Int8Linear(nn.Module):
         return w.to(dtype)
 
     def nbytes(self) -> int:
+        """Bytes of the layer's buffers (what the state_dict holds)."""
         return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def cpu_packed_nbytes(self) -> int:
+        """Bytes of the packed weight copy the CPU W8A8 kernel makes at this layer's first CPU call (see
+        ``_cpu_packing``), 0 where none is made: N x K int8 tiles plus N int32 column sums."""
+        N, K = self.weight.shape
+        if self.mode != "w8a8" or self.group_size is not None or self.weight.device.type != "cpu" or N % 16 or K % 4:
+            return 0
+        return N * K + 4 * N
 
     def extra_repr(self) -> str:
         extra = f", group_size={self.group_size}" if self.group_size else ""
