@@ -30,14 +30,23 @@ def _decoder(kind: str, seed: int = 0):
         m = tf.Qwen3ForCausalLM(tf.Qwen3Config(head_dim=16, **common))
     elif kind == "mistral":
         m = tf.MistralForCausalLM(tf.MistralConfig(**common))
+    elif kind in ("opt", "opt-post-ln"):
+        m = tf.OPTForCausalLM(tf.OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=160, num_hidden_layers=2,
+                                           num_attention_heads=4, max_position_embeddings=64,
+                                           word_embed_proj_dim=64, do_layer_norm_before=kind == "opt"))
+    elif kind == "phi":
+        m = tf.PhiForCausalLM(tf.PhiConfig(vocab_size=256, hidden_size=64, intermediate_size=160,
+                                           num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64))
     else:
         m = tf.GemmaForCausalLM(tf.GemmaConfig(head_dim=16, **common))
     # Random weights have no outlier channels, so smoothing would have nothing to do: give a few
     # channels of every norm a large gain (as in real LLMs, where outliers come out of the norms).
     with torch.no_grad():
         for name, p in m.named_parameters():
-            if name.endswith("layernorm.weight"):
+            if name.endswith(("layernorm.weight", "layer_norm.weight")):
                 p[torch.tensor([3, 17, 40])] += 25.0
+            elif name.endswith(("layernorm.bias", "layer_norm.bias")):
+                p.normal_(0.0, 0.5)  # a LayerNorm's bias is folded too: make it matter
     return m.eval()
 
 
@@ -129,3 +138,47 @@ def test_not_folded_when_structure_unknown_or_excluded():
     # weight-only quantization never smooths, so never folds, even when calibrated
     _, rep = _quantized("llama", calibrate=True, mode="w8a16")
     assert not rep.folded and not rep.smoothed
+
+
+# LayerNorm with bias (OPT, Phi): the fold divides weight and bias by s.
+_LN_GROUPS = {
+    "opt": [(f"model.decoder.layers.{i}.{n}", k) for i in range(2)
+            for n, k in (("self_attn_layer_norm", 3), ("final_layer_norm", 1))],
+    "phi": [(f"model.layers.{i}.input_layernorm", 4) for i in range(2)],  # q/k/v and fc1 in parallel
+}
+
+
+@pytest.mark.parametrize("kind", ["opt", "phi"])
+def test_layernorm_fold_keeps_float_function(kind):
+    m = _decoder(kind)
+    ref = _logits(m)
+    groups = find_groups(m)
+    assert [(g.norm_name, len(g.names)) for g in groups] == _LN_GROUPS[kind]
+    gen = torch.Generator().manual_seed(2)
+    for g in groups:
+        fold(g, torch.rand(g.norm.weight.numel(), generator=gen).mul(4).sub(2).exp())
+    torch.testing.assert_close(_logits(m), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["opt", "phi"])
+def test_layernorm_folded_quantization(kind):
+    ref = _logits(_decoder(kind))
+    plain, _ = _quantized(kind, calibrate=False)
+    unfolded, _ = _quantized(kind, calibrate=True, fold_smoothing=False)
+    folded, rep = _quantized(kind, calibrate=True)
+    cos = {k: _min_cos(ref, _logits(m)) for k, m in (("plain", plain), ("smooth", unfolded), ("folded", folded))}
+    print(f"\ntiny {kind} (outlier LayerNorms) logits min cosine vs float:", {k: round(v, 5) for k, v in cos.items()})
+    assert cos["folded"] >= cos["smooth"] - 2e-3 and cos["folded"] > cos["plain"], cos
+    assert list(rep.folded) == [n for n, _ in _LN_GROUPS[kind]]
+    for name in (n for names in rep.folded.values() for n in names):
+        assert folded.get_submodule(name).smooth is None
+    # reload into a fresh skeleton: the folded norms travel in the state_dict
+    fresh = _decoder(kind, seed=5)
+    ember.quantize(fresh, mode="w8a8")
+    fresh.load_state_dict(folded.state_dict())
+    torch.testing.assert_close(_logits(fresh), _logits(folded), atol=0, rtol=0)
+
+
+def test_post_ln_opt_is_not_folded():
+    m = _decoder("opt-post-ln")
+    assert find_groups(m) == []
