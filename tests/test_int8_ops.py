@@ -221,6 +221,49 @@ def test_cpu_packed_gemm_matches_reference(shape):
         torch.testing.assert_close(y.double(), ref.double(), atol=tol * ref.abs().max().item(), rtol=tol)
 
 
+# (M, K, N, group_size): groups of 4..K inputs, M across the register tile's tails, N in partial panels.
+GROUPED_SHAPES = [(1, 128, 48, 32), (5, 256, 80, 64), (7, 384, 16, 128), (33, 256, 208, 256), (12, 96, 64, 4)]
+
+
+@pytest.mark.skipif(ember.available_backends()["cpu"] is not None, reason="needs ember._C")
+@pytest.mark.parametrize("shape", GROUPED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_cpu_packed_grouped_gemm_matches_reference(shape):
+    M, K, N, g = shape
+    w, sw = _weights(N, K, "cpu", g)
+    wp = I.pack_weight_cpu(w, g)
+    assert wp.numel() == N * K + 4 * N * (K // g)
+    # the per-group column sums, (G, N) after the tiles
+    want = (w.reshape(N, K // g, g).sum(-1, dtype=torch.int32) * 128).t()
+    assert torch.equal(wp[N * K :].view(torch.int32).view(K // g, N), want)
+    w[3, :g] = 0  # one all-zero group
+    wp = I.pack_weight_cpu(w, g)
+    bias, smooth = torch.randn(N), torch.rand(K) + 0.5
+    for dtype, act, b, sm in ((torch.float32, None, None, None), (torch.float32, "silu", bias, smooth),
+                              (torch.bfloat16, "gelu", bias, None)):
+        x = torch.randn(M, K + 5)[:, :K].to(dtype)
+        ref = I.int8_linear_reference(x, w, sw, b, act=act or "none", smooth=sm)
+        tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
+        for packed in (wp, None):  # the VNNI kernel, and ATen's int8 GEMM per group without a pack
+            y = I.int8_linear(x, w, sw, b, act=act, smooth=sm, backend="cpu", w_packed=packed)
+            assert y.dtype == dtype and y.shape == (M, N)
+            torch.testing.assert_close(y.double(), ref.double(), atol=tol * ref.abs().max().item(), rtol=tol)
+
+
+@pytest.mark.skipif(ember.available_backends()["cpu"] is not None, reason="needs ember._C")
+def test_grouped_int8linear_packs_and_keeps_nan_rows_apart():
+    lin = torch.nn.Linear(256, 96)
+    q = ember.nn.Int8Linear.from_linear(lin, "w8a8", group_size=64)
+    x = torch.randn(9, 256)
+    x[2, 10] = float("nan")
+    y = q(x)
+    assert q.__dict__["_packed"][1].numel() == q.cpu_packed_nbytes() == 96 * 256 + 4 * 96 * 4
+    assert y[2].isnan().all() and not y[[0, 1, *range(3, 9)]].isnan().any()
+    keep = [0, 1, *range(3, 9)]
+    torch.testing.assert_close(y[keep], I.int8_linear_reference(x[keep], q.weight, q.weight_scale, q.bias),
+                               atol=1e-4, rtol=1e-5)
+    assert I.pack_weight_cpu(q.weight, 6) is None  # a group that is not a multiple of 4 runs unpacked
+
+
 @pytest.mark.skipif(ember.available_backends()["cpu"] is not None, reason="needs ember._C")
 def test_cpu_packed_gemm_nan_and_zero_rows_stay_in_their_row():
     w, sw = _weights(64, 96, "cpu")

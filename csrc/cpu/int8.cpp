@@ -64,12 +64,30 @@ std::tuple<at::Tensor, at::Tensor> quantize_per_token(const at::Tensor& x, const
   return quantize_impl(x, mul, "quantize_per_token");
 }
 
+// Per-group W8A8 without the packed VNNI kernel (no pack given, or a CPU without VNNI): one int32
+// product per group through ATen's int8 GEMM, each scaled by its group's weight scales and summed in fp32.
+at::Tensor w8a8_grouped_fallback(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sw, const at::Tensor& b,
+                                 const c10::optional<at::Tensor>& mul, int64_t act, at::Tensor& out) {
+  auto [q, sx] = quantize_impl(x, mul, "int8_linear_w8a8");
+  const int64_t N = w.size(0), K = w.size(1), groups = sw.size(1), g = K / groups;
+  at::Tensor y = at::zeros({x.size(0), N}, x.options().dtype(at::kFloat));
+  for (int64_t i = 0; i < groups; ++i) {
+    const at::Tensor acc = at::_int_mm(q.narrow(1, i * g, g), w.narrow(1, i * g, g).t());
+    y.add_(acc.to(at::kFloat).mul_(sw.select(1, i)));
+  }
+  y.mul_(sx.unsqueeze(1));
+  if (b.defined()) y.add_(b);
+  if (act >= 0)
+    kernels().unary_act(y.const_data_ptr(), y.mutable_data_ptr(), y.numel(), DType::kFloat32, static_cast<Act>(act));
+  return out.copy_(y);
+}
+
 at::Tensor int8_linear_w8a8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sw,
                             const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mul, int64_t act,
                             const c10::optional<at::Tensor>& w_packed) {
   check_x(x, "int8_linear_w8a8");
   check_weight(x, w, sw, bias, "int8_linear_w8a8");
-  TORCH_CHECK(sw.dim() == 1, "ember_C.int8_linear_w8a8: w_scale must be per channel (N,), got ", sw.sizes());
+  const int64_t groups = sw.dim() == 1 ? 1 : sw.size(1);
   const int64_t M = x.size(0), N = w.size(0);
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0 || N == 0) return out;
@@ -80,16 +98,18 @@ at::Tensor int8_linear_w8a8(const at::Tensor& x, const at::Tensor& w, const at::
   if (w_packed) {
     // ember's own VNNI GEMM with quantize, dequant, bias and activation fused around it (int8_impl.h).
     TORCH_CHECK(w_packed->scalar_type() == at::kChar && w_packed->is_contiguous() &&
-                    w_packed->numel() == N * K + 4 * N,
-                "ember_C.int8_linear_w8a8: w_packed must be ember.ops.int8.pack_weight_cpu(w) (", N * K + 4 * N,
-                " int8), got ", w_packed->scalar_type(), " ", w_packed->sizes());
+                    w_packed->numel() == N * K + 4 * N * groups,
+                "ember_C.int8_linear_w8a8: w_packed must be ember.ops.int8.pack_weight_cpu(w, group_size) (",
+                N * K + 4 * N * groups, " int8), got ", w_packed->scalar_type(), " ", w_packed->sizes());
     auto [qu, sxu] = quantize_impl(x, mul, "int8_linear_w8a8", /*shift128=*/true);
+    const at::Tensor sw_k = groups == 1 ? sw.contiguous() : sw.t().contiguous();  // (G, N): 16 channels a load
     if (kernels().w8a8_gemm_packed(qu.const_data_ptr<uint8_t>(), sxu.const_data_ptr<float>(),
-                                   w_packed->const_data_ptr<int8_t>(), sw.const_data_ptr<float>(),
+                                   w_packed->const_data_ptr<int8_t>(), sw_k.const_data_ptr<float>(),
                                    b.defined() ? b.const_data_ptr<float>() : nullptr, out.mutable_data_ptr(), M, N, K,
-                                   dtype, static_cast<int32_t>(act)))
+                                   groups, dtype, static_cast<int32_t>(act)))
       return out;
   }
+  if (groups > 1) return w8a8_grouped_fallback(x, w, sw, b, mul, act, out);
   auto [q, sx] = quantize_impl(x, mul, "int8_linear_w8a8");
   if (M <= 16) {  // decode: ATen's int8 GEMM is slower than a register-blocked GEMV here
     kernels().w8a8_gemv(q.const_data_ptr<int8_t>(), sx.const_data_ptr<float>(), w.const_data_ptr<int8_t>(),

@@ -265,28 +265,21 @@ __attribute__((target("avx512vnni"), noinline)) void w8a8_block_vnni(const uint8
 }
 
 // W8A8 GEMM on the packed weight (int8_linear's `w_packed`, ops/int8.py:pack_weight_cpu):
-//   wp[N / 16][K / 4][16][4] int8, then corr[N] int32 = 128 * sum_k w[n, k].
+//   wp[N / 16][K / 4][16][4] int8, then corr[G][N] int32 = 128 * sum over group g's k of w[n, k]
+//   (G = 1 with per-channel scales; G = K / group_size with per-group scales).
 // Each 64-byte line holds 4 k of 16 output channels: vpdpbusd takes it against 4 activation bytes
 // broadcast to all lanes, so the 16 lanes of an accumulator are 16 finished dot products (no
 // horizontal sums, no int32 product in memory). Activations are u8 (q + 128, written so by the
 // quantize pass); corr removes the 128 * sum_k w that shift adds. An MB x NB tile keeps MB * NB
 // accumulators in registers (6 x 4 = 24 of the 32 zmm) and writes fp32 y = (acc - corr) sx sw + bias
 // (rows every ldy floats; bias may be null).
+
+// acc[i][j] += the dot products of k4 steps [k4_begin, k4_end) for the tile's rows and 16-channel blocks.
 template <int MB, int NB>
-__attribute__((target("avx512vnni"), noinline)) void w8a8_packed_tile(const uint8_t* qu, int64_t K, const int8_t* wp,
-                                                                       const int32_t* corr, const float* sx,
-                                                                       const float* sw, const float* bias, float* y,
-                                                                       int64_t ldy, int64_t m0, int64_t b0) {
-  const int64_t K4 = K / 4;
-  __m512i acc[MB][NB];
-  // Fully unrolled so that every acc[i][j] lives in its own register.
-#pragma GCC unroll 16
-  for (int i = 0; i < MB; ++i)
-#pragma GCC unroll 16
-    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_si512();
-  const int8_t* wb = wp + b0 * K4 * 64;
-  const uint8_t* xr = qu + m0 * K;
-  for (int64_t k4 = 0; k4 < K4; ++k4) {
+__attribute__((target("avx512vnni"), always_inline)) inline void packed_dots(__m512i (&acc)[MB][NB], const uint8_t* xr,
+                                                                              int64_t K, const int8_t* wb, int64_t K4,
+                                                                              int64_t k4_begin, int64_t k4_end) {
+  for (int64_t k4 = k4_begin; k4 < k4_end; ++k4) {
     __m512i wv[NB];
 #pragma GCC unroll 16
     for (int j = 0; j < NB; ++j) wv[j] = _mm512_loadu_si512(wb + (j * K4 + k4) * 64);
@@ -299,6 +292,21 @@ __attribute__((target("avx512vnni"), noinline)) void w8a8_packed_tile(const uint
       for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xb, wv[j]);
     }
   }
+}
+
+template <int MB, int NB>
+__attribute__((target("avx512vnni"), noinline)) void w8a8_packed_tile(const uint8_t* qu, int64_t K, const int8_t* wp,
+                                                                       const int32_t* corr, const float* sx,
+                                                                       const float* sw, const float* bias, float* y,
+                                                                       int64_t ldy, int64_t m0, int64_t b0) {
+  const int64_t K4 = K / 4;
+  __m512i acc[MB][NB];
+  // Fully unrolled so that every acc[i][j] lives in its own register.
+#pragma GCC unroll 16
+  for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 16
+    for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_si512();
+  packed_dots<MB, NB>(acc, qu + m0 * K, K, wp + b0 * K4 * 64, K4, 0, K4);
   // The products leave the registers through a small int32 buffer: reading acc[][] in the float
   // epilogue directly made GCC keep the whole array on the stack and store it every step (half speed).
   alignas(64) int32_t dots[MB][NB * 16];
@@ -409,6 +417,63 @@ inline void with_count(int64_t c, F&& f) {
   if constexpr (MAX > 1) with_count<MAX - 1>(c, f);
 }
 
+// The same with one weight scale per (channel, group of K / G inputs): each group's int32 dots are
+// finished in registers, converted, scaled by sw_t[g][n] and summed into fp32 accumulators that stay in
+// registers too; the per-row activation scale, bias and output come last. sw_t is the (G, N) transpose of
+// the (N, G) scales. Int32 and fp32 accumulators together need twice the registers, so a tile runs
+// at most 3 rows at a time (3 x 4 x 2 = 24 of the 32 zmm).
+template <int MB, int NB>
+__attribute__((target("avx512vnni"), noinline)) void w8a8_packed_rows_grouped(
+    const uint8_t* qu, int64_t K, int64_t N, int64_t G, const int8_t* wp, const int32_t* corr, const float* sx,
+    const float* sw_t, const float* bias, float* y, int64_t ldy, int64_t m0, int64_t b0) {
+  const int64_t K4 = K / 4, g4 = K4 / G;
+  const uint8_t* xr = qu + m0 * K;
+  const int8_t* wb = wp + b0 * K4 * 64;
+  __m512 sum[MB][NB];
+#pragma GCC unroll 16
+  for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 16
+    for (int j = 0; j < NB; ++j) sum[i][j] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i acc[MB][NB];
+#pragma GCC unroll 16
+    for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 16
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_si512();
+    packed_dots<MB, NB>(acc, xr, K, wb, K4, g * g4, (g + 1) * g4);
+#pragma GCC unroll 16
+    for (int j = 0; j < NB; ++j) {
+      const __m512i cg = _mm512_loadu_si512(corr + g * N + (b0 + j) * 16);
+      const __m512 sg = _mm512_loadu_ps(sw_t + g * N + (b0 + j) * 16);
+#pragma GCC unroll 16
+      for (int i = 0; i < MB; ++i)
+        sum[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[i][j], cg)), sg, sum[i][j]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < MB; ++i) {
+    const __m512 sxi = _mm512_set1_ps(sx[m0 + i]);
+#pragma GCC unroll 16
+    for (int j = 0; j < NB; ++j) {
+      __m512 v = _mm512_mul_ps(sum[i][j], sxi);
+      if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + (b0 + j) * 16));
+      _mm512_storeu_ps(y + i * ldy + j * 16, v);
+    }
+  }
+}
+
+template <int MB, int NB>
+inline void w8a8_packed_tile_grouped(const uint8_t* qu, int64_t K, int64_t N, int64_t G, const int8_t* wp,
+                                     const int32_t* corr, const float* sx, const float* sw_t, const float* bias,
+                                     float* y, int64_t ldy, int64_t m0, int64_t b0) {
+  if constexpr (MB > 3) {
+    w8a8_packed_rows_grouped<3, NB>(qu, K, N, G, wp, corr, sx, sw_t, bias, y, ldy, m0, b0);
+    w8a8_packed_rows_grouped<MB - 3, NB>(qu, K, N, G, wp, corr, sx, sw_t, bias, y + 3 * ldy, ldy, m0 + 3, b0);
+  } else {
+    w8a8_packed_rows_grouped<MB, NB>(qu, K, N, G, wp, corr, sx, sw_t, bias, y, ldy, m0, b0);
+  }
+}
+
 // W8A8 for any M on the packed weight (see w8a8_packed_tile); qu is the quantized x as u8 (q + 128),
 // (M, K) contiguous. Returns false (nothing done) when this build or CPU has no VNNI kernel, or
 // N % 16 or K % 4 (the caller falls back to ATen's int8 GEMM).
@@ -418,10 +483,11 @@ inline void with_count(int64_t c, F&& f) {
 // 6-row tiles (6 x 4 measured ahead of 8 x 3 and 12 x 2 here; 1 thread reaches ~75% of the 3.6 G
 // vpdpbusd/s this core sustains in a register-only loop). The epilogue (bias, activation, output
 // dtype) runs on each finished tile while it is in L1, so nothing of size M x N but the output is written.
+// groups > 1: sw is the (groups, N) transposed per-group scale and wp carries one corr row per group.
 inline bool w8a8_gemm_packed(const uint8_t* qu, const float* sx, const int8_t* wp, const float* sw, const float* bias,
-                             void* out, int64_t M, int64_t N, int64_t K, DType dtype, int32_t act) {
+                             void* out, int64_t M, int64_t N, int64_t K, int64_t groups, DType dtype, int32_t act) {
 #if defined(CPU_CAPABILITY_AVX512)
-  if (!has_vnni() || N % 16 || K % 4) return false;
+  if (!has_vnni() || N % 16 || K % 4 || groups < 1 || (K / 4) % groups) return false;
   const int32_t* corr = reinterpret_cast<const int32_t*>(wp + N * K);
   constexpr int MR = 6, NBMAX = 4, PANEL = NBMAX * 16;
   const int64_t blocks = N / 16, panels = (blocks + NBMAX - 1) / NBMAX;
@@ -445,7 +511,10 @@ inline bool w8a8_gemm_packed(const uint8_t* qu, const float* sx, const int8_t* w
             const int64_t ldy = direct ? N : PANEL;
             auto run = [&]<int MB>() {
               with_count<NBMAX>(nb, [&]<int NB>() {
-                w8a8_packed_tile<MB, NB>(qu, K, wp, corr, sx, sw, bias, y, ldy, m0, b0);
+                if (groups == 1)
+                  w8a8_packed_tile<MB, NB>(qu, K, wp, corr, sx, sw, bias, y, ldy, m0, b0);
+                else
+                  w8a8_packed_tile_grouped<MB, NB>(qu, K, N, groups, wp, corr, sx, sw, bias, y, ldy, m0, b0);
               });
             };
             with_count<MR>(mb, run);
@@ -463,7 +532,8 @@ inline bool w8a8_gemm_packed(const uint8_t* qu, const float* sx, const int8_t* w
   });
   return true;
 #else
-  (void)qu, (void)sx, (void)wp, (void)sw, (void)bias, (void)out, (void)M, (void)N, (void)K, (void)dtype, (void)act;
+  (void)qu, (void)sx, (void)wp, (void)sw, (void)bias, (void)out, (void)M, (void)N, (void)K, (void)groups, (void)dtype,
+      (void)act;
   return false;
 #endif
 }

@@ -101,11 +101,13 @@ struct Kernels {
   // W8A8 for M <= 16 from quantized rows: out = act(sx[m] sw[n] (q @ w.T)[m, n] + bias[n]).
   void (*w8a8_gemv)(const int8_t* q, const float* sx, const int8_t* w, const float* sw, const float* bias,
                     void* out, int64_t M, int64_t N, int64_t K, DType dtype, int32_t act);
-  // The same for any M from the packed weight wp = (N / 16, K / 4, 16, 4) int8 tiles then N int32
-  // 128 * sum_k w[n, k] (ops/int8.py:pack_weight_cpu) and qu = q + 128 as uint8 (quantize_rows with
-  // shift128). Returns false (nothing done) when this CPU / build has no VNNI kernel or N % 16 or K % 4.
+  // The same for any M from the packed weight wp = (N / 16, K / 4, 16, 4) int8 tiles then (groups, N)
+  // int32 128 * sum over the group's k of w[n, k] (ops/int8.py:pack_weight_cpu) and qu = q + 128 as
+  // uint8 (quantize_rows with shift128); sw is (N,) per channel or, with groups > 1, the (groups, N)
+  // transpose of the per-group scales. Returns false (nothing done) when this CPU / build has no VNNI
+  // kernel or N % 16, K % 4 or (K / 4) % groups.
   bool (*w8a8_gemm_packed)(const uint8_t* qu, const float* sx, const int8_t* wp, const float* sw, const float* bias,
-                           void* out, int64_t M, int64_t N, int64_t K, DType dtype, int32_t act);
+                           void* out, int64_t M, int64_t N, int64_t K, int64_t groups, DType dtype, int32_t act);
   // One AdamW8bit step over every tensor of the launch: one parallel loop over all their blocks.
   void (*adamw8bit_step)(const Opt8Launch& launch);
 };

@@ -95,13 +95,12 @@ class Int8Linear(nn.Module):
         """CPU W8A8 reads the weight in the packed VNNI layout (see ``ops.int8.pack_weight_cpu``): made on
         the first CPU call and cached beside the module (not a buffer, not in the state_dict; N x K bytes
         more), remade if the weight changes."""
-        if (self.mode != "w8a8" or x.device.type != "cpu" or self.group_size is not None
-                or torch.compiler.is_compiling()):
+        if self.mode != "w8a8" or x.device.type != "cpu" or torch.compiler.is_compiling():
             return None
         key = (self.weight.data_ptr(), self.weight._version)
         cached = self.__dict__.get("_packed")
         if cached is None or cached[0] != key:
-            cached = (key, int8_ops.pack_weight_cpu(self.weight))
+            cached = (key, int8_ops.pack_weight_cpu(self.weight, self.group_size))
             self.__dict__["_packed"] = cached
         return cached[1]
 
@@ -120,9 +119,10 @@ class Int8Linear(nn.Module):
         """Bytes of the packed weight copy the CPU W8A8 kernel makes at this layer's first CPU call (see
         ``_cpu_packing``), 0 where none is made: N x K int8 tiles plus N int32 column sums."""
         N, K = self.weight.shape
-        if self.mode != "w8a8" or self.group_size is not None or self.weight.device.type != "cpu" or N % 16 or K % 4:
+        g = self.group_size or K
+        if self.mode != "w8a8" or self.weight.device.type != "cpu" or N % 16 or K % 4 or g % 4 or K % g:
             return 0
-        return N * K + 4 * N
+        return N * K + 4 * N * (K // g)
 
     def extra_repr(self) -> str:
         extra = f", group_size={self.group_size}" if self.group_size else ""

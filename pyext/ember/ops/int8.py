@@ -56,16 +56,18 @@ def quantize_weight(w: torch.Tensor, group_size: int | None = None) -> tuple[tor
     return q, (scale.reshape(N) if group_size is None else scale)
 
 
-def pack_weight_cpu(w: torch.Tensor) -> torch.Tensor | None:
-    """The CPU W8A8 layout of an int8 weight (N, K), or None if N % 16 or K % 4: a flat int8 tensor of
-    the (N/16, K/4, 16, 4) tiles (each 64-byte line 4 k of 16 output channels, what AVX512-VNNI's
-    vpdpbusd consumes against a broadcast activation) followed by N int32 ``128 * w.sum(1)`` (the
-    correction for the kernel's u8 = int8 + 128 activations)."""
+def pack_weight_cpu(w: torch.Tensor, group_size: int | None = None) -> torch.Tensor | None:
+    """The CPU W8A8 layout of an int8 weight (N, K), or None if N % 16, K % 4 or group_size % 4: a flat
+    int8 tensor of the (N/16, K/4, 16, 4) tiles (each 64-byte line 4 k of 16 output channels, what
+    AVX512-VNNI's vpdpbusd consumes against a broadcast activation) followed by (G, N) int32
+    ``128 * sum of w[n, k] over group g`` (G = 1 per channel; the correction for the kernel's
+    u8 = int8 + 128 activations, one per group because each group's product is scaled on its own)."""
     N, K = w.shape
-    if N % 16 or K % 4:
+    g = K if group_size is None else group_size
+    if N % 16 or K % 4 or g % 4 or K % g:
         return None
     tiles = w.reshape(N // 16, 16, K // 4, 4).permute(0, 2, 1, 3).reshape(-1)
-    corr = (w.sum(1, dtype=torch.int32) * 128).view(torch.int8)
+    corr = (w.reshape(N, K // g, g).sum(-1, dtype=torch.int32) * 128).t().contiguous().view(torch.int8).reshape(-1)
     return torch.cat([tiles, corr])
 
 
@@ -178,19 +180,6 @@ def _cuda_fallback(x, w, w_scale, mode) -> str:
     return "triton" if _backend.why_unavailable("triton", x.device) is None else "reference"
 
 
-def _cpu_w8a8_grouped(x2, w, w_scale, bias, smooth, act):
-    # Groups in W8A8 need one int32 product per group: ATen's int8 GEMM per group, fp32 sum here.
-    q, sx = torch.ops.ember_C.quantize_per_token(x2, smooth)
-    N, K = w.shape
-    G = w_scale.shape[1]
-    g = K // G
-    y = torch.zeros(q.shape[0], N, dtype=torch.float32)
-    for i in range(G):
-        acc = torch._int_mm(q[:, i * g : (i + 1) * g], w[:, i * g : (i + 1) * g].t())
-        y.add_(acc.float() * w_scale[:, i])
-    return _finish(y * sx[:, None], bias, act, x2.dtype)
-
-
 def _linear_forward(x, w, w_scale, bias, smooth, act, mode, backend, w_packed=None):
     backend = _backend.resolve(backend, x.device, "int8_linear")
     N, K = w.shape
@@ -208,10 +197,9 @@ def _linear_forward(x, w, w_scale, bias, smooth, act, mode, backend, w_packed=No
     elif backend == "cuda":
         y = torch.ops.ember_C.int8_linear_w8a8(x2, w, w_scale.reshape(N), bias, smooth, ACT_IDS[act])
     elif mode == "w8a8":
-        if w_scale.dim() == 2 and w_scale.shape[1] > 1:
-            y = _cpu_w8a8_grouped(x2, w, w_scale, bias, smooth, act)
-        else:
-            y = torch.ops.ember_C.int8_linear_w8a8(x2, w, w_scale.reshape(N), bias, smooth, ACT_IDS[act], w_packed)
+        grouped = w_scale.dim() == 2 and w_scale.shape[1] > 1
+        y = torch.ops.ember_C.int8_linear_w8a8(x2, w, w_scale if grouped else w_scale.reshape(N), bias, smooth,
+                                               ACT_IDS[act], w_packed)
     else:
         if smooth is not None:
             x2 = x2 * smooth.to(x2.dtype)
@@ -302,9 +290,9 @@ def int8_linear(
 ) -> torch.Tensor:
     """``act((x * smooth) @ dequant(w, w_scale).T + bias)`` with int8 weights; see the module docstring.
 
-    ``w_packed`` (optional, CPU W8A8, per-channel scales): ``pack_weight_cpu(w)``; with it the CPU runs
-    ember's own VNNI GEMM (quantize, GEMM and epilogue fused) instead of ATen's int8 GEMM. Int8Linear
-    makes and caches it."""
+    ``w_packed`` (optional, CPU W8A8): ``pack_weight_cpu(w, group_size)``; with it the CPU runs ember's own
+    VNNI GEMM (quantize, GEMM and epilogue fused; per-group scales applied per group in registers) instead
+    of ATen's int8 GEMM (one per group). Int8Linear makes and caches it."""
     op = "int8_linear"
     check_float(op, "x", x)
     if mode not in MODES:
@@ -334,7 +322,8 @@ def int8_linear(
     _check_smooth(op, smooth, K, x.device)
     w = w if w.is_contiguous() else w.contiguous()
     w_scale = w_scale if w_scale.is_contiguous() else w_scale.contiguous()
-    if w_packed is not None and (w_packed.dtype != torch.int8 or w_packed.numel() != w.numel() + 4 * N
+    groups = 1 if w_scale.dim() == 1 else w_scale.shape[1]
+    if w_packed is not None and (w_packed.dtype != torch.int8 or w_packed.numel() != w.numel() + 4 * N * groups
                                  or w_packed.device != x.device):
-        raise ValueError(f"ember.ops.{op}: w_packed must be pack_weight_cpu(w) on {x.device}")
+        raise ValueError(f"ember.ops.{op}: w_packed must be pack_weight_cpu(w, group_size) on {x.device}")
     return _int8_linear_op(x, w, w_scale, bias, smooth, act, mode, _backend.request(backend, x.device, op), w_packed)
