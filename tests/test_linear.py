@@ -254,16 +254,30 @@ def test_triton_tuner_persists_choices(tmp_path, monkeypatch):
     assert (tmp_path / "linear_configs.json").exists()
 
 
-def test_triton_fp32_follows_allow_tf32(monkeypatch):
+def test_triton_fp32_follows_torch_fp32_precision():
+    # torch >= 2.9 keeps the choice in matmul.fp32_precision; allow_tf32 is a shim there that pytest's
+    # monkeypatch cannot restore (pytest 9.2 raised AttributeError in teardown), so set and restore by hand.
     pytest.importorskip("triton")
     from ember.kernels import linear as tk
 
     cuda = torch.device("cuda")
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert tk._precision(torch.float32, cuda) == "tf32"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert tk._precision(torch.float32, cuda) == "ieee"
-    assert tk._precision(torch.float32, torch.device("cpu")) == "ieee"  # the interpreter: exact fp32
+    matmul = torch.backends.cuda.matmul
+    try:
+        new_api = isinstance(matmul.fp32_precision, str)
+    except AttributeError:
+        new_api = False
+    name = "fp32_precision" if new_api else "allow_tf32"
+    on, off = ("tf32", "ieee") if new_api else (True, False)
+    saved = getattr(matmul, name)
+    try:
+        setattr(matmul, name, on)
+        assert tk._precision(torch.float32, cuda) == "tf32"
+        assert tk._precision(torch.bfloat16, cuda) == "ieee"  # only fp32 operands have a tf32 mode
+        setattr(matmul, name, off)
+        assert tk._precision(torch.float32, cuda) == "ieee"
+        assert tk._precision(torch.float32, torch.device("cpu")) == "ieee"  # the interpreter: exact fp32
+    finally:
+        setattr(matmul, name, saved)
 
 
 def test_inference_fast_path_matches_the_op_and_yields_to_dispatch_modes():

@@ -6,7 +6,11 @@
     with ember.backend("triton"): ...          # force a backend
     report = ember.quantize(model, mode="w8a8")  # int8 Linear layers, in place
 """
-from ._backend import BACKENDS, backend, get_backend, set_backend
+from ._versions import check_at_import as _check_versions
+
+_check_versions()  # torch / triton in the supported range (pyproject.toml), else a clear message
+
+from ._backend import BACKENDS, backend, get_backend, set_backend  # noqa: E402
 from . import ops, nn, optim  # noqa: E402  (ops registers the torch.library custom ops)
 from .swapping import SwapReport, SwapRule, register_rule, swap, unswap  # noqa: E402
 from . import quant  # noqa: E402

@@ -20,6 +20,8 @@ import threading
 
 import torch
 
+from . import _versions
+
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 _CHOICES = BACKENDS + ("auto",)
 
@@ -115,6 +117,9 @@ def why_unavailable(name: str, device: torch.device) -> str | None:
     if name == "triton":
         if triton_version() is None:
             return "triton is not installed (pip install triton)"
+        version_problem = _versions.why_triton_off()
+        if version_problem is not None:
+            return version_problem
         if kind == "cuda":
             return None
         if kind == "cpu":

@@ -6,7 +6,7 @@ import platform
 
 import torch
 
-from . import _backend
+from . import _backend, _versions
 
 
 def _cpu_flags() -> str:
@@ -34,6 +34,8 @@ def describe() -> str:
         f"torch        {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
         f"triton       {_backend.triton_version() or 'not installed'}"
         + ("  [TRITON_INTERPRET=1: kernels run on CPU tensors]" if _backend.triton_interpret() else ""),
+        f"supported    torch {_versions._fmt(_versions.TORCH_MIN)}-{_versions._fmt(_versions.TORCH_MAX)}, "
+        f"triton {_versions._fmt(_versions.TRITON_MIN)}-{_versions._fmt(_versions.TRITON_MAX)}",
         f"ember._C     "
         + (
             f"built: C++ CPU kernels ({ext.cpu_isa()} dispatch)" + (", CUDA kernels" if ext.with_cuda() else ", no CUDA")
