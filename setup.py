@@ -21,6 +21,12 @@ def _sources(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+def _nvcc_flags():
+    # One list for setup.py, CMakeLists.txt and `python -m ember compile-check`.
+    with open(os.path.join(ROOT, "csrc", "cuda", "nvcc_flags.txt")) as f:
+        return [line.strip() for line in f if line.strip() and not line.startswith("#")]
+
+
 def _write_build_info(cuda_archs: str) -> None:
     # Read by `python -m ember info`; generated, not tracked.
     with open(os.path.join(ROOT, "pyext", "ember", "_build_info.py"), "w") as f:
@@ -49,7 +55,7 @@ def _extensions():
             sources,
             include_dirs=include_dirs,
             define_macros=[("EMBER_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": _nvcc_flags()},
             extra_link_args=["-fopenmp"],
         )
     else:

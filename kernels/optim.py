@@ -12,6 +12,7 @@ ember::opt_update (csrc/optim.h) operation for operation.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections import OrderedDict
 
@@ -19,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _target
 from .activation import to_output
 
 KIND_IDS = {"sgd": 0, "adam": 1, "adagrad": 2, "rmsprop": 3, "lion": 4}
@@ -164,6 +166,15 @@ def _optim_step_kernel(
 _TABLES: OrderedDict = OrderedDict()  # (device, rows) -> device table; a few recent groups
 
 
+def upload(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without a sync: staged through pinned memory and copied
+    asynchronously on the current stream (the caching host allocator keeps the pinned block until the
+    copy is done). A pageable copy would block the host every step."""
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _table(rows: list, device: torch.device, log_n: int) -> torch.Tensor:
     key = (str(device), tuple(map(tuple, rows)))
     hit = _TABLES.get(key)
@@ -171,8 +182,7 @@ def _table(rows: list, device: torch.device, log_n: int) -> torch.Tensor:
         _TABLES.move_to_end(key)
         return hit
     padded = rows + [[0] * 7 + [_NO_CHUNK]] * ((1 << log_n) - len(rows))
-    host = torch.tensor(padded, dtype=torch.int64)
-    table = host.to(device) if device.type != "cpu" else host
+    table = upload(torch.tensor(padded, dtype=torch.int64), device)
     _TABLES[key] = table
     if len(_TABLES) > 32:
         _TABLES.popitem(last=False)
@@ -182,6 +192,9 @@ def _table(rows: list, device: torch.device, log_n: int) -> torch.Tensor:
 def _coefficients(kind, steps, lr, lr_t, h1, h2, n, device) -> torch.Tensor:
     """(a, b) per tensor for the step about to be taken (count + 1), as ember::opt_coef."""
     on_host = lr_t is None and (not steps or steps[0].device.type == "cpu")
+    if on_host and device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError("ember.optim: a CUDA graph can only capture a step whose step counts live on the "
+                           "device: construct the optimizer with capturable=True")
     if on_host:  # in double, as torch computes them in Python floats
         counts = torch.stack(steps).tolist() if steps else [0.0] * n
         coef = []
@@ -193,7 +206,7 @@ def _coefficients(kind, steps, lr, lr_t, h1, h2, n, device) -> torch.Tensor:
                 coef.append((lr / (1.0 + (s - 1.0) * h1), 1.0))
             else:
                 coef.append((lr, 1.0))
-        return torch.tensor(coef, dtype=torch.float32).to(device)
+        return upload(torch.tensor(coef, dtype=torch.float32), device)
     # Step counts and/or lr on the device (capturable): a few small device ops, no host sync.
     s = (torch.stack(steps).to(device=device, dtype=torch.float64) + 1.0) if steps else torch.ones(n, device=device,
                                                                                                       dtype=torch.float64)
@@ -207,13 +220,22 @@ def _coefficients(kind, steps, lr, lr_t, h1, h2, n, device) -> torch.Tensor:
     return torch.stack([a, b], 1).to(torch.float32).contiguous()
 
 
+def on_device(device: torch.device):
+    """Launch on the tensors' own GPU, not the current one (tensors on cuda:1)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def optim_step(kind, params, grads, s1, s2, s3, masters, steps, hyper, flags, lr_t, grad_scale, found_inf):
+    if params:
+        with on_device(params[0].device):
+            _optim_step(kind, params, grads, s1, s2, s3, masters, steps, hyper, flags, lr_t, grad_scale, found_inf)
+
+
+def _optim_step(kind, params, grads, s1, s2, s3, masters, steps, hyper, flags, lr_t, grad_scale, found_inf):
     n = len(params)
-    if n == 0:
-        return
     device = params[0].device
     lr, h1, h2, eps, wd = (float(x) for x in hyper)
-    if device.type == "cpu":  # interpreter: every program is a Python round trip, so few wide ones
+    if _target.interpreting():  # interpreter: every program is a Python round trip, so few wide ones
         block, iters, warps = 4096, 4, 1
     else:
         block, iters, warps = 1024, 16, 4
@@ -241,7 +263,7 @@ def optim_step(kind, params, grads, s1, s2, s3, masters, steps, hyper, flags, lr
         KIND=KIND_IDS[kind], FLAGS=int(flags), P_DT=p_dt, S_DT=s_dt,
         HAS_S1=bool(s1), HAS_S2=bool(s2), HAS_S3=bool(s3), HAS_MASTER=bool(masters),
         HAS_LR_PTR=lr_t is not None, HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None,
-        INTERPRET_BF16=device.type == "cpu", LOG_N=log_n, BLOCK=block, ITERS=iters, num_warps=warps,
+        INTERPRET_BF16=_target.interpreting(), LOG_N=log_n, BLOCK=block, ITERS=iters, num_warps=warps,
     )
     if steps:  # after the kernel, which read the old counts through `coef`
         torch._foreach_add_(steps, 1.0)

@@ -17,8 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _target
 from .activation import to_output
-from .optim import _TL_DTYPES, _coefficients, _table
+from .optim import _TL_DTYPES, _coefficients, _table, on_device
 
 QBLOCK = 256
 
@@ -30,6 +31,13 @@ def _round_half_even(x):
     f = x - r  # exact for x >= 0
     odd = r - 2.0 * tl.floor(r * 0.5)
     return tl.where((f > 0.5) | ((f == 0.5) & (odd == 1.0)), r + 1.0, r)
+
+
+@triton.jit
+def _nan_max(a, b):
+    # torch.amax (and the CUDA / C++ kernels) propagate NaN; the GPU's plain tl.max (max.f32) drops it,
+    # which would give a block with a NaN moment a finite absmax on Triton alone.
+    return tl.maximum(a, b, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -94,8 +102,8 @@ def _adamw8bit_kernel(
     p = p - a * tl.div_rn(m, tl.div_rn(tl.sqrt_rn(v), b) + eps)
     tl.store(p_ptr + offs, to_output(p, p_ptr, INTERPRET_BF16 and P_DT == tl.bfloat16), mask=mask)
 
-    absm = tl.max(tl.abs(m), axis=1)
-    absv = tl.max(v, axis=1)
+    absm = tl.reduce(tl.abs(m), 1, _nan_max)
+    absv = tl.reduce(v, 1, _nan_max)
     unit = tl.div_rn(m, tl.maximum(absm, 1e-30)[:, None])
     r = _round_half_even(127.0 * tl.sqrt_rn(tl.abs(unit)))
     tl.store(qm_ptr + offs, tl.where(unit < 0.0, -r, r).to(tl.int8), mask=mask)
@@ -107,13 +115,19 @@ def _adamw8bit_kernel(
 
 def adamw8bit_step(params, grads, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, steps, hyper, flags, lr_t,
                    grad_scale, found_inf):
+    if params:
+        with on_device(params[0].device):
+            _adamw8bit_step(params, grads, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, steps, hyper, flags,
+                            lr_t, grad_scale, found_inf)
+
+
+def _adamw8bit_step(params, grads, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, steps, hyper, flags, lr_t,
+                    grad_scale, found_inf):
     n = len(params)
-    if n == 0:
-        return
     device = params[0].device
     lr, b1, b2, eps, wd = (float(x) for x in hyper)
     # Interpreter: every program is a Python round trip, so few wide ones.
-    rows_per_prog, warps = (64, 1) if device.type == "cpu" else (8, 8)
+    rows_per_prog, warps = (64, 1) if _target.interpreting() else (8, 8)
     chunk = rows_per_prog * QBLOCK
     rows, first = [], 0
     for i, p in enumerate(params):
@@ -133,8 +147,9 @@ def adamw8bit_step(params, grads, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_s
         found_inf if found_inf is not None else dummy,
         b1, b2, eps, wd, 1.0 - b1, 1.0 - b2, 1.0 - lr * wd,
         FLAGS=int(flags), P_DT=_TL_DTYPES[params[0].dtype], HAS_LR_PTR=lr_t is not None,
-        HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, INTERPRET_BF16=device.type == "cpu",
+        HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None, INTERPRET_BF16=_target.interpreting(),
         LOG_N=log_n, ROWS=rows_per_prog, num_warps=warps,
+        enable_fp_fusion=False,  # no a*b+c -> fma: the codes must round like the reference's, bit for bit
     )
     if steps:  # after the kernel, which read the old counts through `coef`
         torch._foreach_add_(steps, 1.0)

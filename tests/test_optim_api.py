@@ -206,3 +206,34 @@ def test_torch_compile_training_step():
         a.zero_grad()
         train_step(x, y)
     close(list(m2.parameters()), list(m1.parameters()), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Lion", "AdamW8bit"])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_tensor_lr_is_never_read_on_the_host(name, backend, monkeypatch):
+    # On a GPU, lr.item() would be a device sync every step and breaks CUDA-graph capture; the kernels
+    # read a tensor lr through its pointer. Counting .item() calls on the lr shows it here on the CPU.
+    if ember._backend.why_unavailable(backend, torch.device("cpu")):
+        pytest.skip(ember._backend.why_unavailable(backend, torch.device("cpu")))
+    lr = torch.tensor(1e-2)
+    kw = {"momentum": 0.9} if name == "SGD" else {}
+    p = torch.randn(300, requires_grad=True)
+    ref = p.detach().clone().requires_grad_()
+    opt = getattr(ember.optim, name)([p], lr=lr, backend=backend, **kw)
+    want = getattr(ember.optim, name)([ref], lr=1e-2, backend="reference", **kw)
+    calls = []
+    real_item = torch.Tensor.item
+
+    def item(t):
+        if t is lr:
+            calls.append(t)
+        return real_item(t)
+
+    monkeypatch.setattr(torch.Tensor, "item", item)
+    for _ in range(2):
+        p.grad = torch.randn_like(p)
+        ref.grad = p.grad.clone()
+        opt.step()
+        want.step()
+    assert calls == []
+    torch.testing.assert_close(p, ref, rtol=1e-6, atol=1e-6)

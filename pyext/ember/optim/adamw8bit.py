@@ -51,7 +51,7 @@ class AdamW8bit(MultiTensorOptimizer):
     def _hyper(self, group):
         b1, b2 = group["betas"]
         lr = group["lr"]
-        lr = float(lr.item()) if isinstance(lr, Tensor) else float(lr)
+        lr = 0.0 if isinstance(lr, Tensor) else float(lr)  # a tensor lr is read on the device (no sync)
         flags = _op.DECOUPLED | (_op.MAXIMIZE if group["maximize"] else 0)
         return [lr, b1, b2, group["eps"], float(group["weight_decay"])], flags
 

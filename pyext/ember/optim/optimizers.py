@@ -24,6 +24,14 @@ def _float(x) -> float:
     return float(x.item()) if isinstance(x, Tensor) else float(x)
 
 
+def _lr(group) -> float:
+    # A tensor lr is never read on the host (that .item() would be a device sync every step, and is
+    # illegal under CUDA-graph capture): the kernels load it through its pointer, and _base puts 0.0
+    # in its hyper slot.
+    lr = group["lr"]
+    return 0.0 if isinstance(lr, Tensor) else float(lr)
+
+
 def _maximize(group) -> int:
     return _op.MAXIMIZE if group["maximize"] else 0
 
@@ -54,7 +62,7 @@ class SGD(MultiTensorOptimizer):
     def _hyper(self, group):
         flags = _maximize(group) | (_op.MOMENTUM if group["momentum"] != 0 else 0)
         flags |= _op.NESTEROV if group["nesterov"] else 0
-        return [_float(group["lr"]), group["momentum"], group["dampening"], 0.0, _float(group["weight_decay"])], flags
+        return [_lr(group), group["momentum"], group["dampening"], 0.0, _float(group["weight_decay"])], flags
 
     # torch creates the momentum buffer as a copy of the first (decayed) gradient; the kernel does the
     # same for the tensors whose buffer is new this step (FIRST_STEP bucket).
@@ -100,7 +108,7 @@ class Adam(MultiTensorOptimizer):
         b1, b2 = group["betas"]
         flags = _maximize(group) | (_op.AMSGRAD if group["amsgrad"] else 0)
         flags |= _op.DECOUPLED if group["decoupled_weight_decay"] else 0
-        return [_float(group["lr"]), _float(b1), _float(b2), group["eps"], group["weight_decay"]], flags
+        return [_lr(group), _float(b1), _float(b2), group["eps"], group["weight_decay"]], flags
 
 
 class AdamW(Adam):
@@ -151,7 +159,7 @@ class Adagrad(MultiTensorOptimizer):
         return torch.full_like(p, self.defaults["initial_accumulator_value"], memory_format=torch.preserve_format)
 
     def _hyper(self, group):
-        return [_float(group["lr"]), group["lr_decay"], 0.0, group["eps"], group["weight_decay"]], _maximize(group)
+        return [_lr(group), group["lr_decay"], 0.0, group["eps"], group["weight_decay"]], _maximize(group)
 
 
 class RMSprop(MultiTensorOptimizer):
@@ -189,7 +197,7 @@ class RMSprop(MultiTensorOptimizer):
     def _hyper(self, group):
         flags = _maximize(group) | (_op.CENTERED if group["centered"] else 0)
         flags |= _op.MOMENTUM if group["momentum"] > 0 else 0
-        return [_float(group["lr"]), group["alpha"], group["momentum"], group["eps"], group["weight_decay"]], flags
+        return [_lr(group), group["alpha"], group["momentum"], group["eps"], group["weight_decay"]], flags
 
 
 class Lion(MultiTensorOptimizer):
@@ -216,4 +224,4 @@ class Lion(MultiTensorOptimizer):
 
     def _hyper(self, group):
         b1, b2 = group["betas"]
-        return [_float(group["lr"]), b1, b2, 0.0, group["weight_decay"]], _maximize(group)
+        return [_lr(group), b1, b2, 0.0, group["weight_decay"]], _maximize(group)
