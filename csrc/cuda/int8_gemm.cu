@@ -213,9 +213,17 @@ cudaError_t w8a8_gemm(const int8_t* a, const float* sa, const int8_t* b, const f
     auto kernel = has_act ? w8a8_gemm_kernel<T, A, true> : w8a8_gemm_kernel<T, A, false>;
     const int smem = 2 * kStageBytes;
     EMBER_CUDA_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
-    const dim3 grid(static_cast<unsigned>((N + kBN - 1) / kBN), static_cast<unsigned>((M + kBM - 1) / kBM));
-    kernel<<<grid, kGemmThreads, smem, stream>>>(a, sa, b, sb, bias, static_cast<T*>(out), M, N, K);
-    return cudaGetLastError();
+    // grid.y is at most 65535 row tiles (8.4M rows): taller inputs run as several launches, each on
+    // its own slice of rows of a, sa and out.
+    constexpr int64_t kMaxRows = int64_t{65535} * kBM;
+    for (int64_t m0 = 0; m0 < M; m0 += kMaxRows) {
+      const int64_t rows = M - m0 < kMaxRows ? M - m0 : kMaxRows;
+      const dim3 grid(static_cast<unsigned>((N + kBN - 1) / kBN), static_cast<unsigned>((rows + kBM - 1) / kBM));
+      kernel<<<grid, kGemmThreads, smem, stream>>>(a + m0 * K, sa + m0, b, sb, bias, static_cast<T*>(out) + m0 * N,
+                                                   rows, N, K);
+      EMBER_CUDA_TRY(cudaGetLastError());
+    }
+    return cudaSuccess;
   });
 }
 

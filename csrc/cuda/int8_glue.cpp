@@ -53,14 +53,19 @@ at::Tensor int8_linear_w8a8(const at::Tensor& x, const at::Tensor& w, const at::
   check_same_device(w, x.device(), op, "w", "x");
   check_same_device(sw, x.device(), op, "w_scale", "x");
   const c10::cuda::CUDAGuard guard(x.device());
+  // The GEMM streams weight rows with 16-byte cp.async copies: a view at an odd storage offset
+  // (w[1:] of a larger buffer) is copied to a fresh, aligned allocation instead of misread.
+  const at::Tensor wa = reinterpret_cast<uintptr_t>(w.const_data_ptr()) % 16 == 0 ? w : w.clone();
   auto [q, sx] = quantize_per_token(x, smooth);
   at::Tensor b;
   if (bias) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == w.size(0), "ember_C.", op, ": bias must have shape (", w.size(0),
+                "), got ", bias->sizes());
     check_same_device(*bias, x.device(), op, "bias", "x");
     b = bias->to(at::kFloat).contiguous();
   }
   at::Tensor out = at::empty({x.size(0), w.size(0)}, x.options());
-  check_launch(ember::cuda::w8a8_gemm(q.const_data_ptr<int8_t>(), sx.const_data_ptr<float>(), w.const_data_ptr<int8_t>(),
+  check_launch(ember::cuda::w8a8_gemm(q.const_data_ptr<int8_t>(), sx.const_data_ptr<float>(), wa.const_data_ptr<int8_t>(),
                                       sw.contiguous().const_data_ptr<float>(),
                                       b.defined() ? b.const_data_ptr<float>() : nullptr, out.mutable_data_ptr(),
                                       x.size(0), w.size(0), w.size(1), dtype, static_cast<int32_t>(act),

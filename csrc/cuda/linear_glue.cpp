@@ -33,9 +33,35 @@ void check_operands(const at::Tensor& x, const at::Tensor& w, const char* op, co
   check_same_device(w, x.device(), op, wname, "x");
 }
 
-const void* ptr_or_null(const std::optional<at::Tensor>& t) { return t.has_value() ? t->const_data_ptr() : nullptr; }
-
 at::Tensor k_contiguous(const at::Tensor& t) { return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous(); }
+
+const void* ptr_or_null(const at::Tensor& t) { return t.defined() ? t.const_data_ptr() : nullptr; }
+
+// The mma kernel's epilogue reads a bias as N contiguous elements of x's dtype and a residual as
+// (M, N) rows of x's dtype with unit column stride: anything else would be an out-of-bounds or
+// misread access, so check here (the CPU path raises the same way) and make the layout what it reads.
+at::Tensor checked_bias(const std::optional<at::Tensor>& bias, const at::Tensor& x, int64_t N, const char* op,
+                        const char* arg) {
+  if (!bias.has_value()) return at::Tensor();
+  const at::Tensor& b = *bias;
+  TORCH_CHECK(b.dim() == 1 && b.size(0) == N, "ember_C.", op, ": ", arg, " must have shape (", N, "), got ", b.sizes());
+  TORCH_CHECK(b.scalar_type() == x.scalar_type(), "ember_C.", op, ": ", arg, " must have x's dtype ", x.scalar_type(),
+              ", got ", b.scalar_type());
+  check_same_device(b, x.device(), op, arg, "x");
+  return b.contiguous();
+}
+
+at::Tensor checked_residual(const std::optional<at::Tensor>& residual, const at::Tensor& x, int64_t N, const char* op) {
+  if (!residual.has_value()) return at::Tensor();
+  const at::Tensor& r = *residual;
+  TORCH_CHECK(r.dim() == 2 && r.size(0) == x.size(0) && r.size(1) == N, "ember_C.", op, ": residual must have shape (",
+              x.size(0), ", ", N, "), got ", r.sizes());
+  TORCH_CHECK(r.scalar_type() == x.scalar_type(), "ember_C.", op, ": residual must have x's dtype ", x.scalar_type(),
+              ", got ", r.scalar_type());
+  check_same_device(r, x.device(), op, "residual", "x");
+  return k_contiguous(r);
+}
+
 
 std::tuple<at::Tensor, at::Tensor> linear_act(const at::Tensor& x_in, const at::Tensor& w_in,
                                               const std::optional<at::Tensor>& bias,
@@ -48,10 +74,11 @@ std::tuple<at::Tensor, at::Tensor> linear_act(const at::Tensor& x_in, const at::
   const bool keep = save_preact && code >= 0;
   const at::Tensor x = k_contiguous(x_in), w = k_contiguous(w_in);
   const int64_t M = x.size(0), N = w.size(0), K = x.size(1);
-  at::Tensor res = residual.has_value() ? k_contiguous(*residual) : at::Tensor();
+  const at::Tensor b = checked_bias(bias, x, N, "linear_act", "bias");
+  const at::Tensor res = checked_residual(residual, x, N, "linear_act");
   at::Tensor out = at::empty({M, N}, x.options());
   at::Tensor pre = keep ? at::empty({M, N}, x.options()) : at::empty({0}, x.options());
-  LinearMmaArgs a{x.const_data_ptr(), w.const_data_ptr(), nullptr, ptr_or_null(bias), nullptr,
+  LinearMmaArgs a{x.const_data_ptr(), w.const_data_ptr(), nullptr, ptr_or_null(b), nullptr,
                   res.defined() ? res.const_data_ptr() : nullptr, out.mutable_data_ptr(),
                   keep ? pre.mutable_data_ptr() : nullptr, M, N, K, x.stride(0), w.stride(0),
                   res.defined() ? res.stride(0) : 0, out.stride(0), keep ? pre.stride(0) : 0,
@@ -61,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor> linear_act(const at::Tensor& x_in, const at::
     return {out, pre};
   }
   // Fallback: cuBLAS GEMM (bias folded in), then the elementwise epilogue.
-  at::Tensor p = bias.has_value() ? at::addmm(*bias, x_in, w_in.t()) : at::mm(x_in, w_in.t());
+  at::Tensor p = b.defined() ? at::addmm(b, x_in, w_in.t()) : at::mm(x_in, w_in.t());
   if (code < 0) {
     out = p;
   } else if (p.numel() > 0) {
@@ -111,9 +138,11 @@ std::tuple<at::Tensor, at::Tensor> gated_linear(const at::Tensor& x_in, const at
   TORCH_CHECK(code >= 1, "ember_C.gated_linear: act must be silu, gelu or gelu_tanh, got ", act);
   const at::Tensor x = k_contiguous(x_in), wg = k_contiguous(wg_in), wu = k_contiguous(wu_in);
   const int64_t M = x.size(0), N = wg.size(0), K = x.size(1);
+  const at::Tensor bg = checked_bias(b_gate, x, N, "gated_linear", "b_gate");
+  const at::Tensor bu = checked_bias(b_up, x, N, "gated_linear", "b_up");
   at::Tensor h = at::empty({M, N}, x.options());
-  LinearMmaArgs a{x.const_data_ptr(), wg.const_data_ptr(), wu.const_data_ptr(), ptr_or_null(b_gate),
-                  ptr_or_null(b_up), nullptr, h.mutable_data_ptr(), nullptr, M, N, K, x.stride(0), wg.stride(0), 0,
+  LinearMmaArgs a{x.const_data_ptr(), wg.const_data_ptr(), wu.const_data_ptr(), ptr_or_null(bg), ptr_or_null(bu),
+                  nullptr, h.mutable_data_ptr(), nullptr, M, N, K, x.stride(0), wg.stride(0), 0,
                   h.stride(0), 2 * N, to_dtype(x.scalar_type(), "gated_linear", "x"), code};
   // One stride for both weights in the kernel. The (M, 2N) pre-activation buffer is allocated only
   // when it is kept (or the fallback's GEMMs write into it).
@@ -125,8 +154,8 @@ std::tuple<at::Tensor, at::Tensor> gated_linear(const at::Tensor& x_in, const at
   }
   at::Tensor pre = at::empty({M, 2 * N}, x.options());
   at::Tensor gate = pre.narrow(1, 0, N), up = pre.narrow(1, N, N);
-  if (b_gate.has_value()) at::addmm_out(gate, *b_gate, x_in, wg_in.t()); else at::mm_out(gate, x_in, wg_in.t());
-  if (b_up.has_value()) at::addmm_out(up, *b_up, x_in, wu_in.t()); else at::mm_out(up, x_in, wu_in.t());
+  if (bg.defined()) at::addmm_out(gate, bg, x_in, wg_in.t()); else at::mm_out(gate, x_in, wg_in.t());
+  if (bu.defined()) at::addmm_out(up, bu, x_in, wu_in.t()); else at::mm_out(up, x_in, wu_in.t());
   if (h.numel() > 0)
     check_launch(ember::cuda::gated_act(gate.const_data_ptr(), up.const_data_ptr(), h.mutable_data_ptr(), M, N,
                                         pre.stride(0), pre.stride(0), a.dtype, static_cast<Act>(code), stream),
