@@ -8,13 +8,18 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _target
+
 # Same numbering as ember::Act in csrc/activation.h.
 ACT_IDS = {"relu": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3}
 
-_SQRT1_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-_SQRT_2_OVER_PI = 0.7978845608028654
-_TANH_COEFF = 0.044715
+# tl.constexpr, not plain floats: compiled Triton refuses to read a non-constexpr module global inside a
+# kernel ("Cannot access global variable"); only the interpreter accepts a plain float. Keep the tensor
+# on the left (x * C): the interpreter's constexpr.__mul__ does not accept a tensor on its right.
+_SQRT1_2 = tl.constexpr(0.7071067811865476)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)
+_SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)
+_TANH_COEFF = tl.constexpr(0.044715)
 
 
 @triton.jit
@@ -50,7 +55,7 @@ def act_forward(x, ACT: tl.constexpr):
     elif ACT == 2:
         y = 0.5 * x * (1.0 + tl.math.erf(x * _SQRT1_2))
     else:
-        y = 0.5 * x * (1.0 + _tanh(_SQRT_2_OVER_PI * (x + _TANH_COEFF * x * x * x)))
+        y = 0.5 * x * (1.0 + _tanh((x + x * x * x * _TANH_COEFF) * _SQRT_2_OVER_PI))
     return y
 
 
@@ -65,12 +70,12 @@ def act_backward(g, x, ACT: tl.constexpr):
         dx = g * s * (1.0 + x * (1.0 - s))
     elif ACT == 2:
         cdf = 0.5 * (1.0 + tl.math.erf(x * _SQRT1_2))
-        pdf = _INV_SQRT_2PI * tl.exp(-0.5 * x * x)
+        pdf = tl.exp(-0.5 * x * x) * _INV_SQRT_2PI
         dx = g * (cdf + x * pdf)
     else:
         x2 = x * x
-        t = _tanh(_SQRT_2_OVER_PI * (x + _TANH_COEFF * x2 * x))
-        dx = g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _TANH_COEFF * x2))
+        t = _tanh((x + x2 * x * _TANH_COEFF) * _SQRT_2_OVER_PI)
+        dx = g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + x2 * (3.0 * _TANH_COEFF)))
     return dx
 
 
@@ -113,14 +118,14 @@ def dtype_args(t: torch.Tensor) -> dict:
     bf16 rounding fix (see to_output)."""
     return {
         "COMPUTE": tl.float64 if t.dtype == torch.float64 else tl.float32,
-        "INTERPRET_BF16": t.device.type == "cpu" and t.dtype == torch.bfloat16,
+        "INTERPRET_BF16": _target.interpreting() and t.dtype == torch.bfloat16,
     }
 
 
 def launch_config(x: torch.Tensor):
     """(BLOCK, num_warps): 16 bytes per thread per access on GPU; one wide block under the CPU
     interpreter, where each program costs a Python round trip."""
-    if x.device.type == "cpu":
+    if _target.interpreting():
         return 8192, 1
     return 2048, 8
 
@@ -131,9 +136,10 @@ def unary_act(x: torch.Tensor, act: str) -> torch.Tensor:
     n = x.numel()
     if n:
         block, warps = launch_config(x)
-        _unary_act_fwd_kernel[(triton.cdiv(n, block),)](
-            x, y, n, ACT=ACT_IDS[act], **dtype_args(x), BLOCK=block, num_warps=warps
-        )
+        with _target.device_guard(x):
+            _unary_act_fwd_kernel[(triton.cdiv(n, block),)](
+                x, y, n, ACT=ACT_IDS[act], **dtype_args(x), BLOCK=block, num_warps=warps
+            )
     return y
 
 
@@ -143,7 +149,8 @@ def unary_act_backward(grad: torch.Tensor, x: torch.Tensor, act: str) -> torch.T
     n = x.numel()
     if n:
         block, warps = launch_config(x)
-        _unary_act_bwd_kernel[(triton.cdiv(n, block),)](
-            grad, x, dx, n, ACT=ACT_IDS[act], **dtype_args(x), BLOCK=block, num_warps=warps
-        )
+        with _target.device_guard(x):
+            _unary_act_bwd_kernel[(triton.cdiv(n, block),)](
+                grad, x, dx, n, ACT=ACT_IDS[act], **dtype_args(x), BLOCK=block, num_warps=warps
+            )
     return dx

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _target
 from .activation import ACT_IDS, act_backward, act_forward, dtype_args, launch_config, to_output
 
 
@@ -86,10 +87,11 @@ def gated_act(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
     n, cols, gs, us, flat = _layout(gate, up)
     if n:
         block, warps = launch_config(gate)
-        _gated_act_fwd_kernel[(triton.cdiv(n, block),)](
-            gate, up, out, n, cols, gs, us,
-            ACT=ACT_IDS[act], **dtype_args(gate), FLAT=flat, BLOCK=block, num_warps=warps,
-        )
+        with _target.device_guard(gate):
+            _gated_act_fwd_kernel[(triton.cdiv(n, block),)](
+                gate, up, out, n, cols, gs, us,
+                ACT=ACT_IDS[act], **dtype_args(gate), FLAT=flat, BLOCK=block, num_warps=warps,
+            )
     return out
 
 
@@ -100,8 +102,9 @@ def gated_act_backward(grad: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
     n, cols, gs, us, flat = _layout(gate, up)
     if n:
         block, warps = launch_config(gate)
-        _gated_act_bwd_kernel[(triton.cdiv(n, block),)](
-            grad, gate, up, dgate, dup, n, cols, gs, us,
-            ACT=ACT_IDS[act], **dtype_args(gate), FLAT=flat, BLOCK=block, num_warps=warps,
-        )
+        with _target.device_guard(gate):
+            _gated_act_bwd_kernel[(triton.cdiv(n, block),)](
+                grad, gate, up, dgate, dup, n, cols, gs, us,
+                ACT=ACT_IDS[act], **dtype_args(gate), FLAT=flat, BLOCK=block, num_warps=warps,
+            )
     return dgate, dup

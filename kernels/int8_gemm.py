@@ -7,7 +7,8 @@
                          as it loads it), then int8 x int8 tl.dot on int8 tensor cores (mma s8, int32
                          accumulators); the epilogue applies row scale x column scale, bias and the
                          activation, and writes the output dtype. Grouped weights rescale once per K
-                         block of one group. No int8 copy of x is written: x is read twice per program
+                         block of one group (groups of 16: once per 16-column half of a 32 block, since
+                         an int8 MMA needs K >= 32). No int8 copy of x is written: x is read twice per program
                          (the second time from L2), against one quantize kernel launch + an M x K int8
                          round trip for the unfused pair.
   _w8a16_gemm_kernel     x in its own dtype, int8 weight tiles widened to x's dtype in registers inside
@@ -22,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _target
 from .activation import act_forward, to_output
 
 
@@ -54,7 +56,15 @@ def _row_scales(x_rows, mul_ptr, rm, rk, M, K, HAS_MUL: tl.constexpr, BLOCK_M: t
         finite = tl.minimum(finite, tl.min((tl.abs(v) < float("inf")).to(tl.int32), axis=1))
         amax = tl.maximum(amax, tl.max(tl.where(v == v, tl.abs(v), 0.0), axis=1))
     ok = finite > 0
-    return ok, amax, tl.where(ok & (amax > 0.0), 127.0 / amax, 0.0)
+    # div_rn: a correctly rounded 127 / amax, as torch's tensor / tensor; the GPU's plain `/` is an
+    # approximate division and would move x * inv across a .5 tie now and then.
+    return ok, amax, tl.where(ok & (amax > 0.0), tl.div_rn(tl.full([BLOCK_M], 127.0, tl.float32), amax), 0.0)
+
+
+@triton.jit
+def _token_scale(ok, amax):
+    # absmax / 127, correctly rounded (div_rn, see _row_scales); NaN for rows with NaN / Inf.
+    return tl.where(ok, tl.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32)), float("nan"))
 
 
 @triton.jit
@@ -84,7 +94,7 @@ def _quantize_rows_kernel(
         kk = k0 + rk
         q = _quantize_tile(_scaled_tile(x_rows, mul_ptr, rm, kk, M, K, HAS_MUL), ok, inv)
         tl.store(q_ptr + rm[:, None].to(tl.int64) * K + kk[None, :], q, mask=(rm[:, None] < M) & (kk[None, :] < K))
-    tl.store(s_ptr + rm, tl.where(ok, amax / 127.0, float("nan")), mask=rm < M)
+    tl.store(s_ptr + rm, _token_scale(ok, amax), mask=rm < M)
 
 
 @triton.jit
@@ -101,6 +111,7 @@ def _w8a8_gemm_kernel(
     stride_xm,
     GROUP: tl.constexpr,  # input channels per weight scale (K for per-channel)
     GROUPED: tl.constexpr,  # GROUP < K
+    CHUNK: tl.constexpr,  # GROUPED: columns of a K block that share one weight scale (BLOCK_K, or 16)
     HAS_MUL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr,  # -1 none, else ACT_IDS
@@ -124,13 +135,23 @@ def _w8a8_gemm_kernel(
         kk = k0 + rk
         a = _quantize_tile(_scaled_tile(x_rows, mul_ptr, rm, kk, M, K, HAS_MUL), ok, inv)
         b = tl.load(b_ptr + rn[None, :].to(tl.int64) * K + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K), other=0)
-        if GROUPED:  # BLOCK_K divides GROUP: this block lies in one group
-            part = tl.dot(a, b, out_dtype=tl.int32)
-            sb = tl.load(sb_ptr + rn * groups + k0 // GROUP, mask=rn < N, other=0.0)
-            facc += part.to(tl.float32) * sb[None, :]
+        if GROUPED:
+            # CHUNK divides GROUP, so each CHUNK of the block lies in one group. An int8 tl.dot needs
+            # K >= 32 on NVIDIA: for groups of 16 (CHUNK 16, BLOCK_K 32) each chunk is a full-width dot
+            # with the other chunk's columns zeroed (twice the MMA work, exact int32 sums per group).
+            for c in tl.static_range(BLOCK_K // CHUNK):
+                if CHUNK == BLOCK_K:
+                    ac = a
+                else:
+                    ac = tl.where(((rk >= c * CHUNK) & (rk < (c + 1) * CHUNK))[None, :], a, tl.zeros_like(a))
+                part = tl.dot(ac, b, out_dtype=tl.int32)
+                # A chunk past K (K = 48 in 32 blocks) has zero x, so any in-bounds scale will do.
+                g_idx = tl.minimum((k0 + c * CHUNK) // GROUP, groups - 1)
+                sb = tl.load(sb_ptr + rn * groups + g_idx, mask=rn < N, other=0.0)
+                facc += part.to(tl.float32) * sb[None, :]
         else:
             acc = tl.dot(a, b, acc, out_dtype=tl.int32)
-    sa = tl.where(ok, amax / 127.0, float("nan"))
+    sa = _token_scale(ok, amax)
     if GROUPED:
         y = facc * sa[:, None]
     else:
@@ -157,6 +178,7 @@ def _w8a16_gemm_kernel(
     GROUP: tl.constexpr,
     GROUPED: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    PRECISION: tl.constexpr,  # tl.dot input_precision for fp32 x: torch's setting, as in linear.py
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -176,9 +198,9 @@ def _w8a16_gemm_kernel(
         w = tl.load(w_ptr + rn[None, :].to(tl.int64) * K + kk[:, None], mask=(rn[None, :] < N) & (kk[:, None] < K), other=0)
         if GROUPED:
             sw = tl.load(sw_ptr + rn * groups + (kb * BLOCK_K) // GROUP, mask=rn < N, other=0.0)
-            acc += tl.dot(x, w.to(x.dtype), out_dtype=tl.float32) * sw[None, :]
+            acc += tl.dot(x, w.to(x.dtype), out_dtype=tl.float32, input_precision=PRECISION) * sw[None, :]
         else:
-            acc = tl.dot(x, w.to(x.dtype), acc, out_dtype=tl.float32)
+            acc = tl.dot(x, w.to(x.dtype), acc, out_dtype=tl.float32, input_precision=PRECISION)
     if not GROUPED:
         acc = acc * tl.load(sw_ptr + rn, mask=rn < N, other=0.0)[None, :]
     mask = (rm[:, None] < M) & (rn[None, :] < N)
@@ -213,18 +235,15 @@ def _finish_kernel(
 # ---------------------------------------------------------------------------------------------
 # Launchers.
 # ---------------------------------------------------------------------------------------------
-def _interp(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu"
-
-
 def quantize_per_token(x2: torch.Tensor, smooth: torch.Tensor | None):
     M, K = x2.shape
     q = torch.empty(M, K, dtype=torch.int8, device=x2.device)
     s = torch.empty(M, dtype=torch.float32, device=x2.device)
     if M and K:
         block = min(triton.next_power_of_2(K), 4096)
-        _quantize_rows_kernel[(M,)](x2, smooth if smooth is not None else s, q, s, M, K, x2.stride(0),
-                                    HAS_MUL=smooth is not None, BLOCK_M=1, BLOCK_K=block)
+        with _target.device_guard(x2):
+            _quantize_rows_kernel[(M,)](x2, smooth if smooth is not None else s, q, s, M, K, x2.stride(0),
+                                        HAS_MUL=smooth is not None, BLOCK_M=1, BLOCK_K=block)
     elif M:
         s.zero_()
     return q, s
@@ -234,36 +253,72 @@ def _group(w_scale: torch.Tensor, K: int) -> int:
     return K if w_scale.dim() == 1 or w_scale.shape[1] == 1 else K // w_scale.shape[1]
 
 
+def _chunk(group: int) -> int:
+    """The largest power of two (at most 64) dividing the group: K columns that share one scale and
+    can be one tl.dot operand. tl.arange needs a power of two, tl.dot K >= 16 (>= 32 for int8)."""
+    chunk = min(group & -group, 64)
+    if chunk < 16:
+        raise ValueError(f"ember triton int8_linear: group_size must be a multiple of 16, got group_size={group}")
+    return chunk
+
+
+def block_k(mode: str, group: int, grouped: bool) -> tuple[int, int]:
+    """(BLOCK_K, CHUNK) for a weight with ``group`` input channels per scale."""
+    if not grouped:
+        return 64, 64
+    chunk = _chunk(group)
+    if mode == "w8a8":
+        return max(32, chunk), chunk  # int8 MMA: K >= 32; a 16 chunk is split inside the block
+    return chunk, chunk
+
+
 def int8_linear(x2, w, w_scale, bias, smooth, act_id: int, mode: str) -> torch.Tensor:
     M, K = x2.shape
     N = w.shape[0]
     out = torch.empty(M, N, dtype=x2.dtype, device=x2.device)
     if M == 0 or N == 0:
         return out
+    if bias is not None and bias.stride(0) != 1:
+        bias = bias.contiguous()  # the epilogues read bias[n] at unit stride
     group = _group(w_scale, K)
     grouped = group < K
-    interp = _interp(x2)
+    bk, chunk = block_k(mode, group, grouped)
+    with _target.device_guard(x2):
+        if mode == "w8a8":
+            _w8a8(x2, w, w_scale, bias, smooth, act_id, out, group, grouped, bk, chunk)
+        else:
+            _w8a16(x2, w, w_scale, bias, smooth, act_id, out, group, grouped, bk)
+    return out
+
+
+def _w8a8(x2, w, w_scale, bias, smooth, act_id, out, group, grouped, bk, chunk):
+    M, K = x2.shape
+    N = w.shape[0]
+    interp = _target.interpreting()
+    bm = 16 if M <= 16 else (64 if M <= 64 else 128)
+    bn = 64 if interp else 128
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    _w8a8_gemm_kernel[grid](x2, smooth if smooth is not None else w_scale, w, w_scale,
+                            bias if bias is not None else w_scale, out, M, N, K, x2.stride(0),
+                            GROUP=group, GROUPED=grouped, CHUNK=chunk, HAS_MUL=smooth is not None,
+                            HAS_BIAS=bias is not None, ACT=act_id,
+                            INTERPRET_BF16=interp and x2.dtype == torch.bfloat16,
+                            BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4 if bm <= 64 else 8)
+
+
+def _w8a16(x2, w, w_scale, bias, smooth, act_id, out, group, grouped, bk):
+    from .linear import _precision
+
+    M, K = x2.shape
+    N = w.shape[0]
+    interp = _target.interpreting()
     ib16 = interp and x2.dtype == torch.bfloat16
-    if mode == "w8a8":
-        bk = 64 if not grouped else min(64, group)
-        if grouped and group % bk:
-            raise ValueError(f"ember triton int8_linear: group_size {group} must be a multiple of 16")
-        bm = 16 if M <= 16 else (64 if M <= 64 else 128)
-        bn = 64 if interp else 128
-        grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-        _w8a8_gemm_kernel[grid](x2, smooth if smooth is not None else w_scale, w, w_scale,
-                                bias if bias is not None else w_scale, out, M, N, K, x2.stride(0),
-                                GROUP=group, GROUPED=grouped, HAS_MUL=smooth is not None, HAS_BIAS=bias is not None,
-                                ACT=act_id, INTERPRET_BF16=ib16, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                num_warps=4 if bm <= 64 else 8)
-        return out
     if smooth is not None:
         x2 = x2 * smooth.to(x2.dtype)
+    # fp64: tl.dot has no fp64 on tensor cores, so fp32 operands, always exact fp32 (never tf32).
+    precision = "ieee" if x2.dtype == torch.float64 else _precision(x2.dtype, x2.device)
     if x2.dtype == torch.float64:
-        x2 = x2.float()  # tl.dot has no fp64 on tensor cores; accumulate fp32
-    bk = 64 if not grouped else min(64, group)
-    if grouped and group % bk:
-        raise ValueError(f"ember triton int8_linear: group_size {group} must be a multiple of 16")
+        x2 = x2.float()
     bm = 16 if M <= 16 else (64 if M <= 64 else 128)
     bn = 64 if (interp or M <= 16) else 128
     nblocks = triton.cdiv(K, bk)
@@ -274,9 +329,8 @@ def int8_linear(x2, w, w_scale, bias, smooth, act_id: int, mode: str) -> torch.T
     part = torch.empty(split, M, N, dtype=torch.float32, device=x2.device)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn), split)
     _w8a16_gemm_kernel[grid](x2, w, w_scale, part, M, N, K, x2.stride(0), GROUP=group, GROUPED=grouped,
-                             SPLIT_K=split, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+                             SPLIT_K=split, PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
     blk = 1024
     _finish_kernel[(triton.cdiv(M * N, blk),)](part, bias if bias is not None else part, out, M * N, N,
                                                SPLIT_K=split, HAS_BIAS=bias is not None, ACT=act_id,
                                                INTERPRET_BF16=ib16, BLOCK=blk)
-    return out

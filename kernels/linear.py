@@ -15,7 +15,13 @@ dpre^T and x^T for dW = dpre^T @ x, a Conv1D weight) need no copies.
 
 FLOPs: 2 M N K per GEMM (4 M N K gated). On GPU the tile sizes come from a small per-problem tuner
 whose choices persist in a JSON file (see ``_Tuner``); under TRITON_INTERPRET=1 (CPU CI) one fixed
-small tile is used so masking at every edge is exercised.
+small tile is used so masking at every edge is exercised. The tuner compiles and times every
+candidate tile the first time it meets a problem (1-20 s per compile on sm_80/sm_90); set
+``EMBER_TRITON_AUTOTUNE=0`` to take one heuristic tile from (M, N, K, dtype, gated) instead, without
+timing (``heuristic_config``; choices already in the JSON cache are still used). Timing is also
+skipped while the current CUDA stream is capturing a graph, since do_bench would break the capture.
+Candidates are filtered per GPU and dtype so every one fits that GPU's shared memory
+(``candidate_configs``); the TMA variant is only ever used on sm_90+.
 
 Backward (launchers below): dpre = grad * act'(pre) by the elementwise kernels of activation.py /
 gated.py, db = column sums of dpre, then two GEMMs with this same kernel.
@@ -31,6 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _target
 from .activation import ACT_IDS, act_backward, act_forward, to_output
 from . import gated as _gated
 
@@ -51,7 +58,7 @@ def _tile_coords(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP
 @triton.jit
 def _epilogue(
     acc, acc2, offs_m, offs_n, M, N,
-    b_ptr, b2_ptr, r_ptr, out_ptr, pre_ptr, stride_rm, stride_om, stride_pm,
+    b_ptr, b2_ptr, r_ptr, out_ptr, pre_ptr, stride_b, stride_b2, stride_rm, stride_om, stride_pm,
     ACT: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, GATED: tl.constexpr,
     SAVE_PRE: tl.constexpr, INTERPRET_BF16: tl.constexpr,
 ):
@@ -60,9 +67,9 @@ def _epilogue(
     mask_m = offs_m < M
     mask_n = offs_n < N
     if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + offs_n * stride_b, mask=mask_n, other=0.0).to(tl.float32)[None, :]
         if GATED:
-            acc2 += tl.load(b2_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            acc2 += tl.load(b2_ptr + offs_n * stride_b2, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     rows = offs_m[:, None].to(tl.int64)
     if SAVE_PRE:
@@ -85,14 +92,15 @@ def _epilogue(
 def _linear_fwd_kernel(
     x_ptr,  # (M, K) left operand, strides (stride_xm, stride_xk)
     w_ptr,  # (N, K) weight as nn.Linear stores it, strides (stride_wn, stride_wk)
-    w2_ptr,  # (N, K) second weight (GATED: the up projection), same strides as w
-    b_ptr,  # (N,) bias, or a dummy when not HAS_BIAS
-    b2_ptr,  # (N,) second bias (GATED)
+    w2_ptr,  # (N, K) second weight (GATED: the up projection), strides (stride_w2n, stride_w2k)
+    b_ptr,  # (N,) bias, stride stride_b, or a dummy when not HAS_BIAS
+    b2_ptr,  # (N,) second bias (GATED), stride stride_b2
     r_ptr,  # (M, N) residual, row stride stride_rm, contiguous columns
     out_ptr,  # (M, N) output, row stride stride_om, contiguous columns
     pre_ptr,  # SAVE_PRE: (M, N) pre-activation, or (M, 2N) [gate | up] when GATED; row stride stride_pm
     M, N, K,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_rm, stride_om, stride_pm,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_w2n, stride_w2k, stride_b, stride_b2,
+    stride_rm, stride_om, stride_pm,
     ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr,
@@ -114,6 +122,7 @@ def _linear_fwd_kernel(
     mask_n = offs_n < N
     x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
     w_off = offs_k[:, None] * stride_wk + offs_n[None, :].to(tl.int64) * stride_wn  # a (K, N) tile of W^T
+    w2_off = offs_k[:, None] * stride_w2k + offs_n[None, :].to(tl.int64) * stride_w2n  # W2 through its own strides
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
@@ -122,12 +131,13 @@ def _linear_fwd_kernel(
         b = tl.load(w_ptr + w_off, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
         if GATED:
-            b2 = tl.load(w2_ptr + w_off, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
+            b2 = tl.load(w2_ptr + w2_off, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
             acc2 = tl.dot(a, b2, acc2, input_precision=PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_off += BLOCK_K * stride_wk
-    _epilogue(acc, acc2, offs_m, offs_n, M, N, b_ptr, b2_ptr, r_ptr, out_ptr, pre_ptr, stride_rm, stride_om,
-              stride_pm, ACT, HAS_BIAS, HAS_RES, GATED, SAVE_PRE, INTERPRET_BF16)
+        w2_off += BLOCK_K * stride_w2k
+    _epilogue(acc, acc2, offs_m, offs_n, M, N, b_ptr, b2_ptr, r_ptr, out_ptr, pre_ptr, stride_b, stride_b2, stride_rm,
+              stride_om, stride_pm, ACT, HAS_BIAS, HAS_RES, GATED, SAVE_PRE, INTERPRET_BF16)
 
 
 @triton.jit
@@ -137,7 +147,7 @@ def _linear_fwd_tma_kernel(
     w2_desc,  # the same for the second weight (GATED), else w_desc again
     b_ptr, b2_ptr, r_ptr, out_ptr, pre_ptr,  # as in _linear_fwd_kernel
     M, N, K,
-    stride_rm, stride_om, stride_pm,
+    stride_b, stride_b2, stride_rm, stride_om, stride_pm,
     ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr,
@@ -171,12 +181,12 @@ def _linear_fwd_tma_kernel(
                 acc2 = tl.dot(a, b2.T, acc2, input_precision=PRECISION)
         offs_m = off_m + tl.arange(0, BLOCK_M)
         offs_n = off_n + tl.arange(0, BLOCK_N)
-        _epilogue(acc, acc2, offs_m, offs_n, M, N, b_ptr, b2_ptr, r_ptr, out_ptr, pre_ptr, stride_rm, stride_om,
-                  stride_pm, ACT, HAS_BIAS, HAS_RES, GATED, SAVE_PRE, INTERPRET_BF16)
+        _epilogue(acc, acc2, offs_m, offs_n, M, N, b_ptr, b2_ptr, r_ptr, out_ptr, pre_ptr, stride_b, stride_b2,
+                  stride_rm, stride_om, stride_pm, ACT, HAS_BIAS, HAS_RES, GATED, SAVE_PRE, INTERPRET_BF16)
 
 
 # ---------------------------------------------------------------------------------------------
-# Tile choice: a per-problem tuner with a persistent cache.
+# Tile choice: a per-problem tuner with a persistent cache, or one heuristic pick without timing.
 # ---------------------------------------------------------------------------------------------
 # (BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages): large tiles for big problems, narrow
 # M tiles for decode-like M, small K tiles for the gated kernel's two accumulators.
@@ -188,6 +198,64 @@ _GPU_CONFIGS = [
 _INTERPRET_CONFIG = (32, 32, 32, 4, 1, 1)
 
 
+def smem_bytes(cfg: tuple, elem_size: int, gated: bool) -> int:
+    """Shared memory of the pipelined main loop: num_stages - 1 buffers of the x tile and the weight
+    tile(s). Matches metadata.shared of every config compiled for sm_80 and sm_90 by
+    ``python -m ember compile-check`` (the epilogue reuses the same buffer)."""
+    bm, bn, bk, _, _, stages = cfg
+    return (stages - 1) * (bm * bk + bk * bn * (2 if gated else 1)) * elem_size
+
+
+def candidate_configs(dtype: torch.dtype, gated: bool, precision: str, device: torch.device) -> list:
+    """The tile configs the tuner may time (and the heuristic may pick) for this problem class on the
+    target GPU: those whose shared memory fits one block there (sm_80: 163 KB, sm_90: 227 KB), so a
+    tile never fails at launch. Exact fp32 (precision "ieee") runs on FMA units, not tensor cores, with
+    the whole fp32 tile product in registers: only tiles of at most 64 x 128 outputs per program (32 x
+    128 gated) are kept, the bigger ones spill kilobytes to local memory (compile-check, sm_80/sm_90)."""
+    es = torch.empty((), dtype=dtype).element_size()
+    limit = _target.shared_mem_limit(device)
+    keep = []
+    for cfg in _GPU_CONFIGS:
+        if smem_bytes(cfg, es, gated) > limit:
+            continue
+        if dtype == torch.float32 and precision == "ieee" and cfg[0] * cfg[1] > (4096 if gated else 8192):
+            continue
+        keep.append(cfg)
+    return keep
+
+
+def heuristic_config(M: int, N: int, K: int, dtype: torch.dtype, gated: bool, precision: str,
+                     device: torch.device) -> tuple:
+    """One config from (M, N, K, dtype, gated) without timing (EMBER_TRITON_AUTOTUNE=0, CUDA-graph
+    capture): a narrow M tile for decode (M <= 16), a 64-row tile for small M, 128 x 128 x 64 for big
+    problems; smaller K tiles for the gated kernel and fp32, whose operand tiles take twice the
+    bytes. Always one of ``candidate_configs``, so it fits shared memory on the target GPU."""
+    cands = candidate_configs(dtype, gated, precision, device)
+    wide = dtype == torch.float32 or gated
+    if M <= 16:
+        prefs = [(16, 64, 256, 8, 4, 3), (16, 128, 128, 8, 4, 4)] if wide else [(16, 128, 128, 8, 4, 4)]
+    elif M <= 64 or N <= 64:
+        prefs = [(64, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4)] if wide else [(64, 128, 64, 8, 4, 4)]
+    elif dtype == torch.float32 and precision == "ieee":
+        prefs = [(32, 128, 64, 8, 4, 4), (64, 64, 64, 8, 4, 4)] if gated else [(64, 128, 64, 8, 4, 4)]
+    elif wide:
+        prefs = [(128, 128, 32, 8, 4, 4), (64, 128, 64, 8, 4, 4)] if gated else [(128, 128, 32, 8, 4, 4)]
+    else:
+        prefs = [(128, 128, 64, 8, 4, 4)]
+    for cfg in prefs + [(64, 64, 64, 8, 4, 4), (64, 64, 32, 8, 2, 5)]:
+        if cfg in cands:
+            return cfg
+    return cands[-1]
+
+
+def autotune_enabled(device: torch.device) -> bool:
+    """``EMBER_TRITON_AUTOTUNE=0`` turns timing off; so does a CUDA-graph capture on the current
+    stream, where do_bench's synchronisations would break the capture."""
+    if os.environ.get("EMBER_TRITON_AUTOTUNE", "1") == "0":
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
 def _cache_path() -> str:
     root = os.environ.get("EMBER_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "ember")
     return os.path.join(root, "linear_configs.json")
@@ -197,7 +265,9 @@ class _Tuner:
     """Chooses a tile config per (device, problem) by timing every candidate once, then remembers it:
     in memory, and in ``~/.cache/ember/linear_configs.json`` (``EMBER_CACHE_DIR`` overrides) keyed by
     device name, triton version, dtype, flags, N, K and M rounded up to a power of two, so a new
-    process (or a new M of the same bucket) does not tune again."""
+    process (or a new M of the same bucket) does not tune again. With autotuning off (see
+    ``autotune_enabled``) a remembered choice is still used; otherwise ``default`` is, untimed and
+    not remembered."""
 
     def __init__(self):
         self._lock = threading.Lock()
@@ -223,13 +293,16 @@ class _Tuner:
         except OSError:
             pass  # read-only home: the in-memory choice still holds for this process
 
-    def config(self, key: str, launch) -> tuple:
+    def config(self, key: str, launch, candidates=None, default=None, tune: bool = True) -> tuple:
+        candidates = list(_GPU_CONFIGS if candidates is None else candidates)
         with self._lock:
             hit = self._load().get(key)
-        if hit is not None:
+        if hit is not None and tuple(hit) in candidates:  # a choice no longer allowed is tuned again
             return tuple(hit)
+        if not tune:
+            return tuple(default) if default is not None else candidates[0]
         best, best_ms = None, float("inf")
-        for cfg in _GPU_CONFIGS:
+        for cfg in candidates:
             try:
                 ms = triton.testing.do_bench(lambda: launch(cfg), warmup=5, rep=20)
             except Exception:  # noqa: BLE001  (out of shared memory / registers for this tile)
@@ -247,8 +320,24 @@ class _Tuner:
 TUNER = _Tuner()
 
 
+def fp32_matmul_precision() -> str:
+    """"tf32" or "ieee": what torch's own CUDA fp32 matmuls use right now. torch >= 2.9 says it in
+    ``torch.backends.cuda.matmul.fp32_precision`` ("none" = inherit ``torch.backends.fp32_precision``);
+    ``allow_tf32`` is a deprecated shim there, and reading it after the new API was used raises."""
+    matmul = torch.backends.cuda.matmul
+    try:
+        choice = matmul.fp32_precision
+    except AttributeError:  # older torch: only the legacy flag exists
+        return "tf32" if matmul.allow_tf32 else "ieee"
+    if choice == "none":
+        choice = getattr(torch.backends, "fp32_precision", "ieee")
+    return "tf32" if choice == "tf32" else "ieee"
+
+
 def _precision(dtype: torch.dtype, device: torch.device) -> str:
-    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+    # A CUDA tensor or a compile-only target follows torch's setting; the interpreter stays exact.
+    on_gpu = device.type == "cuda" or not _target.interpreting()
+    if dtype == torch.float32 and on_gpu and fp32_matmul_precision() == "tf32":
         return "tf32"
     return "ieee"
 
@@ -258,16 +347,10 @@ def _check_dtype(t: torch.Tensor) -> None:
         raise TypeError(f"ember triton linear: float16, bfloat16 or float32 tensors only, got {t.dtype}")
 
 
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cpu":
-        return 4  # interpreter: a few persistent programs, so each walks several tiles
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 def _tma_ok(x, w, w2=None, require_hopper=True) -> bool:
     """TMA descriptors need a contiguous last dim, 16-byte aligned bases and row strides; the
     persistent TMA kernel is chosen automatically on sm_90+ only."""
-    if require_hopper and (x.device.type != "cuda" or torch.cuda.get_device_capability(x.device)[0] < 9):
+    if require_hopper and (_target.interpreting() or _target.capability(x.device)[0] < 9):
         return False
     es = x.element_size()
     for t in (x, w) + ((w2,) if w2 is not None else ()):
@@ -303,13 +386,17 @@ def gemm(x, w, bias=None, residual=None, act="none", *, w2=None, b2=None, save_p
         GATED=gated,
         SAVE_PRE=save_pre,
         PRECISION=_precision(x.dtype, x.device),
-        INTERPRET_BF16=x.device.type == "cpu" and x.dtype == torch.bfloat16,
+        INTERPRET_BF16=_target.interpreting() and x.dtype == torch.bfloat16,
     )
 
     if variant == "auto":
         variant = "tma" if _tma_ok(x, w, w2) else "pointer"
-    elif variant == "tma" and not _tma_ok(x, w, w2, require_hopper=False):
-        raise ValueError("ember triton linear: the TMA variant needs K-contiguous, 16-byte aligned x and weights")
+    elif variant == "tma":
+        if not _target.interpreting() and _target.capability(x.device)[0] < 9:
+            raise ValueError(f"ember triton linear: the TMA variant needs sm_90 or newer, got sm_"
+                             f"{''.join(map(str, _target.capability(x.device)))}")
+        if not _tma_ok(x, w, w2, require_hopper=False):
+            raise ValueError("ember triton linear: the TMA variant needs K-contiguous, 16-byte aligned x and weights")
 
     def launch(cfg):
         bm, bn, bk, gm, warps, stages = cfg
@@ -317,31 +404,37 @@ def gemm(x, w, bias=None, residual=None, act="none", *, w2=None, b2=None, save_p
         common = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=gm, num_warps=warps, num_stages=stages)
         ptrs = (bias if bias is not None else dummy, b2 if b2 is not None else dummy,
                 residual if residual is not None else dummy, out, pre if save_pre else dummy)
-        strides = (residual.stride(0) if residual is not None else 0, out.stride(0), pre.stride(0) if save_pre else 0)
+        strides = (bias.stride(0) if bias is not None else 0, b2.stride(0) if b2 is not None else 0,
+                   residual.stride(0) if residual is not None else 0, out.stride(0), pre.stride(0) if save_pre else 0)
         if variant == "tma":
             from triton.tools.tensor_descriptor import TensorDescriptor
 
-            sms = _num_sms(x.device)
+            sms = _target.sm_count(x.device)
             xd = TensorDescriptor.from_tensor(x, [bm, bk])
             wd = TensorDescriptor.from_tensor(w, [bn, bk])
             w2d = TensorDescriptor.from_tensor(w2, [bn, bk]) if gated else wd
             _linear_fwd_tma_kernel[(min(sms, tiles),)](xd, wd, w2d, *ptrs, M, N, K, *strides, **args, **common,
                                                        NUM_SMS=sms)
         else:
+            w2_ = w2 if gated else w
             _linear_fwd_kernel[(tiles,)](
-                x, w, w2 if gated else w, *ptrs, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1),
-                *strides, **args, **common,
+                x, w, w2_, *ptrs, M, N, K, x.stride(0), x.stride(1), w.stride(0), w.stride(1), w2_.stride(0),
+                w2_.stride(1), *strides, **args, **common,
             )
 
-    if x.device.type == "cpu":
-        cfg = _INTERPRET_CONFIG
-    else:
-        m_bucket = 1 << max(0, (M - 1).bit_length())
-        flags = "".join(str(int(v)) for v in (args["HAS_BIAS"], args["HAS_RES"], gated, save_pre))
-        key = (f"{torch.cuda.get_device_name(x.device)}|triton{triton.__version__}|{variant}|{x.dtype}|{args['PRECISION']}|"
-               f"act{args['ACT']}|{flags}|M{m_bucket}|N{N}|K{K}|x{int(x.stride(1) == 1)}w{int(w.stride(1) == 1)}")
-        cfg = TUNER.config(key, launch)
-    launch(cfg)
+    with _target.device_guard(x):
+        if _target.interpreting():
+            cfg = _INTERPRET_CONFIG
+        else:
+            m_bucket = 1 << max(0, (M - 1).bit_length())
+            flags = "".join(str(int(v)) for v in (args["HAS_BIAS"], args["HAS_RES"], gated, save_pre))
+            key = (f"{_target.device_name(x.device)}|triton{triton.__version__}|{variant}|{x.dtype}|"
+                   f"{args['PRECISION']}|act{args['ACT']}|{flags}|M{m_bucket}|N{N}|K{K}|"
+                   f"x{int(x.stride(1) == 1)}w{int(w.stride(1) == 1)}")
+            cands = candidate_configs(x.dtype, gated, args["PRECISION"], x.device)
+            default = heuristic_config(M, N, K, x.dtype, gated, args["PRECISION"], x.device)
+            cfg = TUNER.config(key, launch, cands, default, tune=autotune_enabled(x.device))
+        launch(cfg)
     return out, pre
 
 
@@ -399,14 +492,15 @@ def act_grad_and_bias(grad: torch.Tensor, pre, act: str, need_db: bool):
     if not has_act and not need_db:
         return grad, None
     dpre = torch.empty_like(grad) if has_act else grad
-    bm, bn = (32, 64) if grad.device.type == "cpu" else (64, 128)
+    bm, bn = (32, 64) if _target.interpreting() else (64, 128)
     part = torch.empty((triton.cdiv(M, bm), N), device=grad.device, dtype=torch.float32) if need_db else grad
     if M and N:
-        _act_grad_colsum_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
-            grad, pre.contiguous() if has_act else grad, dpre, part, M, N,
-            ACT=ACT_IDS[act] if has_act else -1, COLSUM=need_db,
-            INTERPRET_BF16=grad.device.type == "cpu" and grad.dtype == torch.bfloat16, BLOCK_M=bm, BLOCK_N=bn,
-        )
+        with _target.device_guard(grad):
+            _act_grad_colsum_kernel[(triton.cdiv(M, bm), triton.cdiv(N, bn))](
+                grad, pre.contiguous() if has_act else grad, dpre, part, M, N,
+                ACT=ACT_IDS[act] if has_act else -1, COLSUM=need_db,
+                INTERPRET_BF16=_target.interpreting() and grad.dtype == torch.bfloat16, BLOCK_M=bm, BLOCK_N=bn,
+            )
     db = None
     if need_db:
         db = part.sum(0).to(grad.dtype) if M else torch.zeros(N, device=grad.device, dtype=grad.dtype)
