@@ -91,7 +91,10 @@ def quantize_per_token_reference(x: torch.Tensor, smooth: torch.Tensor | None = 
     # on the other side of a .5 tie now and then (one element of one row off by one step).
     inv = torch.where(amax > 0, torch.full_like(amax, QMAX) / amax, torch.zeros_like(amax))
     q = torch.round(torch.where(finite, xf * inv, 0.0)).clamp_(-QMAX, QMAX).to(torch.int8)
-    scale = torch.where(finite, amax / QMAX, torch.full_like(amax, math.nan)).reshape(-1)
+    # amax / a tensor of 127s, not amax / 127: on CUDA torch turns division by a Python scalar into a
+    # multiplication by its rounded reciprocal, which the kernels' correctly rounded division (CUDA
+    # `/`, Triton tl.div_rn) does not match bit for bit.
+    scale = torch.where(finite, amax / torch.full_like(amax, QMAX), torch.full_like(amax, math.nan)).reshape(-1)
     return q, scale
 
 
