@@ -198,15 +198,23 @@ _GPU_CONFIGS = [
 _INTERPRET_CONFIG = (32, 32, 32, 4, 1, 1)
 
 
-def smem_bytes(cfg: tuple, elem_size: int, gated: bool) -> int:
-    """Shared memory of the pipelined main loop: num_stages - 1 buffers of the x tile and the weight
-    tile(s). Matches metadata.shared of every config compiled for sm_80 and sm_90 by
-    ``python -m ember compile-check`` (the epilogue reuses the same buffer)."""
+def smem_bytes(cfg: tuple, elem_size: int, gated: bool, variant: str = "pointer") -> int:
+    """An upper bound on the shared memory of a config: num_stages buffers of the x tile and the
+    weight tile(s), plus, for the TMA kernel with fp32 operands, an fp32 output tile per accumulator
+    for the epilogue's layout change. Measured by ``python -m ember compile-check`` (metadata.shared):
+    sm_80 keeps num_stages - 1 buffers, sm_90 num_stages for 16-bit operands (wgmma); the fp32 TMA
+    kernel adds BLOCK_M x BLOCK_N x 4 bytes per accumulator (e.g. 254008 B for 32x128x64 gated, 4
+    stages: over sm_90's 232448)."""
     bm, bn, bk, _, _, stages = cfg
-    return (stages - 1) * (bm * bk + bk * bn * (2 if gated else 1)) * elem_size
+    n_w = 2 if gated else 1
+    total = stages * (bm * bk + bk * bn * n_w) * elem_size
+    if variant == "tma" and elem_size == 4:
+        total += bm * bn * 4 * n_w
+    return total
 
 
-def candidate_configs(dtype: torch.dtype, gated: bool, precision: str, device: torch.device) -> list:
+def candidate_configs(dtype: torch.dtype, gated: bool, precision: str, device: torch.device,
+                      variant: str = "pointer") -> list:
     """The tile configs the tuner may time (and the heuristic may pick) for this problem class on the
     target GPU: those whose shared memory fits one block there (sm_80: 163 KB, sm_90: 227 KB), so a
     tile never fails at launch. Exact fp32 (precision "ieee") runs on FMA units, not tensor cores, with
@@ -216,7 +224,7 @@ def candidate_configs(dtype: torch.dtype, gated: bool, precision: str, device: t
     limit = _target.shared_mem_limit(device)
     keep = []
     for cfg in _GPU_CONFIGS:
-        if smem_bytes(cfg, es, gated) > limit:
+        if smem_bytes(cfg, es, gated, variant) > limit:
             continue
         if dtype == torch.float32 and precision == "ieee" and cfg[0] * cfg[1] > (4096 if gated else 8192):
             continue
@@ -225,12 +233,12 @@ def candidate_configs(dtype: torch.dtype, gated: bool, precision: str, device: t
 
 
 def heuristic_config(M: int, N: int, K: int, dtype: torch.dtype, gated: bool, precision: str,
-                     device: torch.device) -> tuple:
+                     device: torch.device, variant: str = "pointer") -> tuple:
     """One config from (M, N, K, dtype, gated) without timing (EMBER_TRITON_AUTOTUNE=0, CUDA-graph
     capture): a narrow M tile for decode (M <= 16), a 64-row tile for small M, 128 x 128 x 64 for big
     problems; smaller K tiles for the gated kernel and fp32, whose operand tiles take twice the
     bytes. Always one of ``candidate_configs``, so it fits shared memory on the target GPU."""
-    cands = candidate_configs(dtype, gated, precision, device)
+    cands = candidate_configs(dtype, gated, precision, device, variant)
     wide = dtype == torch.float32 or gated
     if M <= 16:
         prefs = [(16, 64, 256, 8, 4, 3), (16, 128, 128, 8, 4, 4)] if wide else [(16, 128, 128, 8, 4, 4)]
@@ -431,8 +439,8 @@ def gemm(x, w, bias=None, residual=None, act="none", *, w2=None, b2=None, save_p
             key = (f"{_target.device_name(x.device)}|triton{triton.__version__}|{variant}|{x.dtype}|"
                    f"{args['PRECISION']}|act{args['ACT']}|{flags}|M{m_bucket}|N{N}|K{K}|"
                    f"x{int(x.stride(1) == 1)}w{int(w.stride(1) == 1)}")
-            cands = candidate_configs(x.dtype, gated, args["PRECISION"], x.device)
-            default = heuristic_config(M, N, K, x.dtype, gated, args["PRECISION"], x.device)
+            cands = candidate_configs(x.dtype, gated, args["PRECISION"], x.device, variant)
+            default = heuristic_config(M, N, K, x.dtype, gated, args["PRECISION"], x.device, variant)
             cfg = TUNER.config(key, launch, cands, default, tune=autotune_enabled(x.device))
         launch(cfg)
     return out, pre

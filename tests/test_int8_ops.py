@@ -311,3 +311,47 @@ def test_cpu_w8a8_inside_and_outside_inference_mode():
         c = I.int8_linear(x, w, sw)
     for y in (a, b, c):
         torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+@pytest.mark.parametrize("group_size", [16, 32, 48, 128])
+def test_int8_linear_group_sizes(backend_device, mode, group_size):
+    # Triton: groups of 16 (and 48 = 3 x 16) run as 32-wide int8 dots split per 16-column half, since
+    # int8 tl.dot needs K >= 32 on NVIDIA; 32 and 128 as one dot per K block
+    name, dev = _backend_args(backend_device)
+    M, K, N = 17, 384, 40
+    w, sw = _weights(N, K, dev, group_size)
+    x = torch.randn(M, K, device=dev) * 2
+    bias = torch.randn(N, device=dev)
+    y = I.int8_linear(x, w, sw, bias, act="gelu", mode=mode, backend=name)
+    ref = I.int8_linear_reference(x, w, sw, bias, "gelu", mode)
+    torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_triton_int8_block_k_and_unsupported_groups():
+    pytest.importorskip("triton")
+    from ember.kernels import int8_gemm as tk
+
+    assert tk.block_k("w8a8", 16, True) == (32, 16)  # never an int8 dot with K = 16
+    assert tk.block_k("w8a8", 48, True) == (32, 16)
+    assert tk.block_k("w8a8", 32, True) == (32, 32)
+    assert tk.block_k("w8a8", 256, True) == (64, 64)
+    assert tk.block_k("w8a16", 16, True) == (16, 16)
+    assert tk.block_k("w8a8", 384, False) == (64, 64)
+    with pytest.raises(ValueError, match="group_size=8"):
+        tk.block_k("w8a8", 8, True)
+    with pytest.raises(ValueError, match="group_size=24"):
+        tk.block_k("w8a16", 24, True)
+
+
+def test_quantize_per_token_scale_is_a_true_division(backend_device):
+    # amax / 127 correctly rounded (Triton: div_rn; torch on CUDA would multiply by a reciprocal for a
+    # Python-scalar divisor, so the reference divides by a tensor): the scales agree exactly on every
+    # backend, and differ from the reciprocal product on some rows
+    name, dev = _backend_args(backend_device)
+    x = torch.rand(4096, 64, device=dev) * 7
+    _, s = I.quantize_per_token(x, None, backend=name)
+    amax = x.abs().amax(1)
+    exact = (amax.double() / 127).float()
+    torch.testing.assert_close(s, exact, atol=0, rtol=0)
+    assert (amax * (1 / torch.tensor(127.0, device=dev)) != exact).any()

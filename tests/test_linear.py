@@ -301,3 +301,141 @@ def test_inference_fast_path_matches_the_op_and_yields_to_dispatch_modes():
     with torch.no_grad(), Log():
         ember.ops.linear(x, w, b, activation="silu", backend="cpu")
     assert any("ember.linear_act" in s for s in seen), seen
+
+
+def _triton_or_skip():
+    pytest.importorskip("triton")
+    if ember.available_backends()["triton"]:
+        pytest.skip(ember.available_backends()["triton"])
+    from ember.kernels import linear as tk
+
+    return tk
+
+
+@pytest.mark.parametrize("layout", ["transposed", "column_slice"])
+def test_triton_gated_reads_w_up_through_its_own_strides(layout):
+    """The gated GEMM once addressed w_up with w_gate's strides: wrong whenever the two differ."""
+    tk = _triton_or_skip()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    m, k, n = 19, 40, 24
+    x, wg = torch.randn(m, k, device=device), torch.randn(n, k, device=device)
+    if layout == "transposed":  # (n, k) view of a (k, n) contiguous tensor: strides (1, n)
+        wu = torch.randn(k, n, device=device).t()
+    else:  # (n, k) columns of a wider weight: strides (k + 9, 1)
+        wu = torch.randn(n, k + 9, device=device)[:, 3:k + 3]
+    assert wu.stride() != wg.stride()
+    bg, bu = torch.randn(n, device=device), torch.randn(n, device=device)
+    h, pre = tk.gated_linear(x, wg, wu, bg, bu, "silu", True)
+    with torch.no_grad():
+        g = x.double() @ wg.double().t() + bg.double()
+        u = x.double() @ wu.double().t() + bu.double()
+    tol = 1e-2 if device == "cuda" else 1e-4
+    torch.testing.assert_close(h.double(), F.silu(g) * u, atol=tol, rtol=tol)
+    torch.testing.assert_close(pre.double(), torch.cat([g, u], 1), atol=tol, rtol=tol)
+    out = ember.ops.gated_linear(x, wg, wu, bg, bu, activation="silu", backend="triton")
+    torch.testing.assert_close(out.double(), F.silu(g) * u, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+def test_triton_strided_bias(gated):
+    """The epilogue read bias[n] at unit stride; a strided bias view (every other element) must work."""
+    tk = _triton_or_skip()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    m, k, n = 21, 24, 40
+    x, w, w2 = (torch.randn(m, k, device=device), torch.randn(n, k, device=device), torch.randn(n, k, device=device))
+    b, b2 = torch.randn(2 * n, device=device)[::2], torch.randn(3 * n, device=device)[1::3]
+    assert b.stride(0) == 2 and b2.stride(0) == 3
+    out, _ = tk.gemm(x, w, b, None, "relu", w2=w2 if gated else None, b2=b2 if gated else None, variant="pointer")
+    with torch.no_grad():
+        want = F.relu(x.double() @ w.double().t() + b.double())
+        if gated:
+            want = want * (x.double() @ w2.double().t() + b2.double())
+    tol = 1e-2 if device == "cuda" else 1e-4
+    torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
+    y = ember.ops.linear(x, w, b, activation="relu", backend="triton")
+    torch.testing.assert_close(y.double(), F.relu(x.double() @ w.double().t() + b.double()), atol=tol, rtol=tol)
+
+
+@pytest.fixture
+def compile_target():
+    """Pretend to launch for a given GPU (as `python -m ember compile-check` does): pure Python."""
+    tk = _triton_or_skip()
+    from ember.kernels import _target
+
+    def set_target(arch):
+        cap = {90: (9, 0), 80: (8, 0)}[arch]
+        _target.set_compile_target(_target.CompileTarget(f"test sm_{arch}", cap, 100))
+
+    yield tk, set_target
+    _target.set_compile_target(None)
+
+
+@pytest.mark.parametrize("arch", [80, 90])
+def test_triton_tile_candidates_fit_shared_memory(compile_target, arch):
+    tk, set_target = compile_target
+    set_target(arch)
+    cpu = torch.device("cpu")
+    limit = {80: 166912, 90: 232448}[arch]
+    for dtype in (torch.float16, torch.bfloat16, torch.float32):
+        for gated in (False, True):
+            for prec in ("ieee", "tf32"):
+                cands = tk.candidate_configs(dtype, gated, prec, cpu)
+                assert cands, (dtype, gated, prec)
+                es = torch.empty((), dtype=dtype).element_size()
+                assert all(tk.smem_bytes(c, es, gated) <= limit for c in cands)
+                for M, N, K in ((1, 4096, 4096), (8, 768, 3072), (40, 4096, 1024), (4096, 4096, 4096), (512, 64, 64)):
+                    assert tk.heuristic_config(M, N, K, dtype, gated, prec, cpu) in cands
+    # the largest fp32 gated tiles need 288 KB: never a candidate anywhere
+    assert (128, 256, 64, 8, 8, 3) not in tk.candidate_configs(torch.float32, True, "tf32", cpu)
+    if arch == 80:  # 196 KB: fits sm_90's 227 KB, not sm_80's 163 KB
+        assert (128, 128, 64, 8, 4, 4) not in tk.candidate_configs(torch.float32, False, "tf32", cpu)
+
+
+def test_triton_heuristic_tiles(compile_target):
+    tk, set_target = compile_target
+    set_target(90)
+    cpu = torch.device("cpu")
+    h = tk.heuristic_config
+    assert h(1, 4096, 4096, torch.bfloat16, False, "ieee", cpu)[0] == 16  # decode: narrow M tile
+    assert h(8, 4096, 4096, torch.float16, True, "ieee", cpu)[0] == 16
+    assert h(4096, 4096, 4096, torch.bfloat16, False, "ieee", cpu) == (128, 128, 64, 8, 4, 4)
+    big_gated = h(4096, 4096, 4096, torch.bfloat16, True, "ieee", cpu)
+    assert big_gated[2] <= 32 or big_gated[0] <= 64  # two accumulators: a smaller K or M tile
+    assert h(4096, 4096, 4096, torch.float32, False, "tf32", cpu)[2] == 32  # fp32: half the K tile
+    fma = h(4096, 4096, 4096, torch.float32, False, "ieee", cpu)  # exact fp32 on FMA units: small tile
+    assert fma[0] * fma[1] <= 8192
+
+
+def test_triton_tma_variant_never_on_sm80(compile_target):
+    tk, set_target = compile_target
+    set_target(80)
+    x, w = torch.randn(32, 64), torch.randn(48, 64)
+    assert not tk._tma_ok(x, w)  # "auto" takes the pointer kernel
+    with pytest.raises(ValueError, match="sm_90"):
+        tk.gemm(x, w, variant="tma")
+
+
+def test_triton_autotune_off_never_times(tmp_path, monkeypatch):
+    """EMBER_TRITON_AUTOTUNE=0: the heuristic's config, no do_bench, nothing written to the cache; a
+    choice already in the cache is still used."""
+    tk = _triton_or_skip()
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("EMBER_TRITON_AUTOTUNE", "0")
+
+    def no_bench(fn, **kw):
+        raise AssertionError("do_bench called with EMBER_TRITON_AUTOTUNE=0")
+
+    monkeypatch.setattr(tk.triton.testing, "do_bench", no_bench)
+    launched = []
+    cands, default = tk._GPU_CONFIGS[2:6], tk._GPU_CONFIGS[4]
+    tune = tk.autotune_enabled(torch.device("cpu"))
+    assert tune is False
+    got = tk._Tuner().config("dev|key", launched.append, cands, default, tune=tune)
+    assert got == default and launched == []
+    assert not (tmp_path / "linear_configs.json").exists()
+    (tmp_path / "linear_configs.json").write_text('{"dev|key": [%s]}' % ", ".join(map(str, cands[1])))
+    assert tk._Tuner().config("dev|key", launched.append, cands, default, tune=False) == cands[1]
+    # a remembered config that is no longer a candidate (e.g. over this GPU's shared memory) is dropped
+    assert tk._Tuner().config("dev|key", launched.append, cands[2:], default, tune=False) == default
+    monkeypatch.delenv("EMBER_TRITON_AUTOTUNE")
+    assert tk.autotune_enabled(torch.device("cpu")) is True

@@ -1,4 +1,4 @@
-"""``python -m ember {info,bench,demo}``."""
+"""``python -m ember {info,bench,demo,compile-check}``."""
 from __future__ import annotations
 
 import argparse
@@ -24,6 +24,12 @@ def _demo(args) -> int:
     return demo_main(args.rest)
 
 
+def _compile_check(args) -> int:
+    from .compile_check import main as compile_check_main
+
+    return compile_check_main(args.rest)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ember", description="ember: fused kernels for PyTorch")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -31,9 +37,10 @@ def main(argv=None) -> int:
     for name, fn, text in (
         ("bench", _bench, "kernel benchmark suite (see `python -m ember bench --help`)"),
         ("demo", _demo, "swap ember into a real model; print speed and output difference"),
+        ("compile-check", _compile_check, "compile every Triton and CUDA kernel for sm_90a / sm_80 without a GPU"),
     ):
         sub.add_parser(name, help=text, add_help=False).set_defaults(fn=fn)
-    # bench/demo own their options: everything after the sub-command is passed on untouched
+    # bench/demo/compile-check own their options: everything after the sub-command is passed on untouched
     args, rest = parser.parse_known_args(argv)
     args.rest = rest
     return args.fn(args)
