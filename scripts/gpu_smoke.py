@@ -76,7 +76,8 @@ TOLS = {FP32: (1e-5, 1.3e-6), FP16: (1e-3, 1e-3), BF16: (8e-3, 1.6e-2), FP64: (1
 ACTS = ("relu", "silu", "gelu", "gelu_tanh")
 GATED_ACTS = ("silu", "gelu", "gelu_tanh")
 INT8_ACT_IDS = {"none": -1, "relu": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3}
-# Triton compiles every (dtype, constexpr) combination on first use (~1-3 s each for a GEMM), so its
+# Triton compiles every (dtype, constexpr) combination on first use (~1-3 s each for a GEMM; with
+# EMBER_TRITON_AUTOTUNE=0, as gpu_check.sh sets, one heuristic tile per problem instead of a dozen), so its
 # run covers each launcher with fewer combinations; the compiled kernels cost nothing to enumerate.
 FULL = BACKEND != "triton" and not TINY
 
@@ -96,11 +97,6 @@ def _kernels(backend: str) -> dict:
         from ember.kernels import optim as to
         from ember.kernels import optim8bit as to8
 
-        if DEV == "cuda":  # one GEMM tile per problem unless the tuner is wanted (scripts/gpu_fixed_tiles.py)
-            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-            import gpu_fixed_tiles
-
-            print(f"# {gpu_fixed_tiles.pin()}", flush=True)
 
         return dict(unary=ta.unary_act, unary_bwd=ta.unary_act_backward, gated=tg.gated_act,
                     gated_bwd=tg.gated_act_backward, linear=tl_.linear_act, linear_bwd=tl_.linear_act_backward,
@@ -503,7 +499,8 @@ def main() -> int:
     t0 = time.perf_counter()
     where = torch.cuda.get_device_name() if DEV == "cuda" else "cpu"
     print(f"# gpu_smoke: device {DEV} ({where}), backend {BACKEND}, {'tiny' if TINY else 'full'} shapes, seed {seed}, "
-          f"torch {torch.__version__}" + (f", TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}"
+          f"torch {torch.__version__}" + (f", TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}, "
+                                          f"EMBER_TRITON_AUTOTUNE={os.environ.get('EMBER_TRITON_AUTOTUNE', '1')}"
                                           if BACKEND == "triton" else ""), flush=True)
     for fn in (unary_checks, gated_checks, linear_checks, gated_linear_checks, int8_checks, optim_checks,
                adamw8bit_checks):
