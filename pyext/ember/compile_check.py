@@ -537,7 +537,7 @@ def _demangle(names: list) -> dict:
 
 def _short_kernel(name: str) -> str:
     # ember::cuda::(anonymous namespace)::linear_mma_kernel<__nv_bfloat16, 64, -1, true>(...) -> linear_mma_kernel<...>
-    name = name.split("(")[0]
+    name = name.replace("(anonymous namespace)::", "").split("(")[0]
     name = re.sub(r"^.*::", "", name.split("<")[0]) + ("<" + name.split("<", 1)[1] if "<" in name else "")
     return name
 
