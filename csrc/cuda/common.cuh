@@ -241,8 +241,10 @@ template <typename T, int VEC, bool ROWS, int NIN, int NOUT, typename Op>
 __global__ void __launch_bounds__(kThreads) map_kernel(const MapArgs<T, NIN, NOUT> a, const Op op) {
   // UNROLL packs per input are loaded before any is used: with 16-byte packs a thread keeps
   // UNROLL * NIN * 16 bytes in flight (>= 32 B), which covers DRAM latency on H100/H200 even at the
-  // 3-4 resident blocks per SM that the heavier functors' register use allows.
-  constexpr int UNROLL = VEC == 1 ? 4 : 2;
+  // 3-4 resident blocks per SM that the heavier functors' register use allows. fp64 takes one pack at a
+  // time: its erf / exp are long enough to hide the latency themselves, and unrolled they spilled
+  // (8-48 B of local memory per thread in the gelu backward on sm_90, `python -m ember compile-check`).
+  constexpr int UNROLL = sizeof(T) == 8 ? 1 : (VEC == 1 ? 4 : 2);
   const int64_t total = a.rows * a.row_packs;
   const int64_t nthreads = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
