@@ -545,7 +545,8 @@ def _short_kernel(name: str) -> str:
 def _cuda_task(path: str, arch: int, nvcc: str, use_cache: bool) -> dict:
     """Compile one .cu for one arch; per-kernel ptxas numbers. Cached by source + headers + flags +
     nvcc version."""
-    flags = _nvcc_flags()
+    # The build's flags, plus warnings as errors (as CMake's cuda_compile_check), so CI needs one nvcc pass.
+    flags = _nvcc_flags() + ["-Xcompiler=-Wall", "--Werror", "all-warnings"]
     gencode = "arch=compute_90a,code=sm_90a" if arch == 90 else f"arch=compute_{arch},code=sm_{arch}"
     headers = sorted(glob.glob(os.path.join(_ROOT, "csrc", "**", "*.h*"), recursive=True))
     blob = []
