@@ -194,6 +194,9 @@ _GPU_CONFIGS = [
     (128, 256, 64, 8, 8, 3), (256, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4), (128, 128, 32, 8, 4, 4),
     (128, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4), (64, 64, 64, 8, 4, 4), (64, 256, 32, 8, 4, 4),
     (32, 128, 64, 8, 4, 4), (16, 128, 128, 8, 4, 4), (16, 64, 256, 8, 4, 3), (64, 64, 32, 8, 2, 5),
+    # 8 warps over a 128 x 128 (or gated 64 x 128) tile: 64 fp32 accumulators per thread. With 4 warps the
+    # 128 per thread plus a gelu / residual epilogue spilled 12-860 B on sm_90 (compile-check, bf16).
+    (128, 128, 64, 8, 8, 3), (64, 128, 64, 8, 8, 4),
 ]
 _INTERPRET_CONFIG = (32, 32, 32, 4, 1, 1)
 
@@ -248,9 +251,9 @@ def heuristic_config(M: int, N: int, K: int, dtype: torch.dtype, gated: bool, pr
         prefs = [(32, 128, 64, 8, 4, 4), (64, 64, 64, 8, 4, 4)] if gated else [(64, 128, 64, 8, 4, 4)]
     elif wide:
         # gated: two fp32 accumulators; 128 x 128 x 32 spilled ~4-5 KB (bf16, sm_80 and sm_90)
-        prefs = [(64, 128, 64, 8, 4, 4), (64, 64, 64, 8, 4, 4)] if gated else [(128, 128, 32, 8, 4, 4)]
+        prefs = [(64, 128, 64, 8, 8, 4), (64, 64, 64, 8, 4, 4)] if gated else [(128, 128, 32, 8, 4, 4)]
     else:
-        prefs = [(128, 128, 64, 8, 4, 4)]
+        prefs = [(128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4)]
     for cfg in prefs + [(64, 64, 64, 8, 4, 4), (64, 64, 32, 8, 2, 5)]:
         if cfg in cands:
             return cfg

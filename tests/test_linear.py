@@ -398,7 +398,7 @@ def test_triton_heuristic_tiles(compile_target):
     h = tk.heuristic_config
     assert h(1, 4096, 4096, torch.bfloat16, False, "ieee", cpu)[0] == 16  # decode: narrow M tile
     assert h(8, 4096, 4096, torch.float16, True, "ieee", cpu)[0] == 16
-    assert h(4096, 4096, 4096, torch.bfloat16, False, "ieee", cpu) == (128, 128, 64, 8, 4, 4)
+    assert h(4096, 4096, 4096, torch.bfloat16, False, "ieee", cpu) == (128, 128, 64, 8, 8, 3)  # 4 warps spilled
     big_gated = h(4096, 4096, 4096, torch.bfloat16, True, "ieee", cpu)
     assert big_gated[2] <= 32 or big_gated[0] <= 64  # two accumulators: a smaller K or M tile
     assert h(4096, 4096, 4096, torch.float32, False, "tf32", cpu)[2] == 32  # fp32: half the K tile
