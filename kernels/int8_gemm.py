@@ -296,7 +296,9 @@ def _w8a8(x2, w, w_scale, bias, smooth, act_id, out, group, grouped, bk, chunk):
     N = w.shape[0]
     interp = _target.interpreting()
     bm = 16 if M <= 16 else (64 if M <= 64 else 128)
-    bn = 64 if interp else 128
+    # Grouped weights keep two accumulators (the group's int32 dot and the scaled fp32 sum): on a
+    # 128 x 128 tile they spilled 200-620 B per thread on sm_90 even with 8 warps (compile-check).
+    bn = 64 if (interp or grouped) else 128
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
     _w8a8_gemm_kernel[grid](x2, smooth if smooth is not None else w_scale, w, w_scale,
                             bias if bias is not None else w_scale, out, M, N, K, x2.stride(0),
@@ -333,7 +335,8 @@ def _w8a16(x2, w, w_scale, bias, smooth, act_id, out, group, grouped, bk):
     part = torch.empty(split, M, N, dtype=torch.float32, device=x2.device)
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn), split)
     _w8a16_gemm_kernel[grid](x2, w, w_scale, part, M, N, K, x2.stride(0), GROUP=group, GROUPED=grouped,
-                             SPLIT_K=split, PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
+                             SPLIT_K=split, PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                             num_warps=8 if bm * bn >= 128 * 128 else 4)  # 4 warps on 128 x 128 spilled
     blk = 1024
     _finish_kernel[(triton.cdiv(M * N, blk),)](part, bias if bias is not None else part, out, M * N, N,
                                                SPLIT_K=split, HAS_BIAS=bias is not None, ACT=act_id,
