@@ -12,7 +12,6 @@ ember::opt_update (csrc/optim.h) operation for operation.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 from collections import OrderedDict
 
@@ -220,14 +219,9 @@ def _coefficients(kind, steps, lr, lr_t, h1, h2, n, device) -> torch.Tensor:
     return torch.stack([a, b], 1).to(torch.float32).contiguous()
 
 
-def on_device(device: torch.device):
-    """Launch on the tensors' own GPU, not the current one (tensors on cuda:1)."""
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-
-
 def optim_step(kind, params, grads, s1, s2, s3, masters, steps, hyper, flags, lr_t, grad_scale, found_inf):
     if params:
-        with on_device(params[0].device):
+        with _target.device_guard(params[0]):
             _optim_step(kind, params, grads, s1, s2, s3, masters, steps, hyper, flags, lr_t, grad_scale, found_inf)
 
 

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from . import _target
 from .activation import to_output
-from .optim import _TL_DTYPES, _coefficients, _table, on_device
+from .optim import _TL_DTYPES, _coefficients, _table
 
 QBLOCK = 256
 
@@ -116,7 +116,7 @@ def _adamw8bit_kernel(
 def adamw8bit_step(params, grads, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, steps, hyper, flags, lr_t,
                    grad_scale, found_inf):
     if params:
-        with on_device(params[0].device):
+        with _target.device_guard(params[0]):
             _adamw8bit_step(params, grads, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, steps, hyper, flags,
                             lr_t, grad_scale, found_inf)
 
