@@ -60,3 +60,21 @@ ptxas info    : Function properties for _Z6helperv
 """
     got = cc.parse_ptxas(log)
     assert got == {"_Z3fooPf": {"regs": 72, "stack": 16, "spill_stores": 8, "spill_loads": 4, "smem": 4096}}
+
+
+def test_cuda_cache_key_covers_every_header(tmp_path, monkeypatch):
+    # A changed csrc/cuda/*.cuh must not replay a cached nvcc result (it once did: "*.h*" missed ".cuh").
+    import ember.compile_check as cc
+
+    headers = []
+    monkeypatch.setattr(cc.subprocess, "run", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop")))
+    real_open = open
+
+    def spy_open(path, *a, **k):
+        headers.append(os.path.basename(str(path)))
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr("builtins.open", spy_open)
+    with pytest.raises(RuntimeError, match="stop"):
+        cc._cuda_task(os.path.join(cc._ROOT, "csrc", "cuda", "activation.cu"), 90, "nvcc", True)
+    assert "common.cuh" in headers and "multi_tensor.cuh" in headers and "activation.h" in headers

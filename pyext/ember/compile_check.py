@@ -548,7 +548,10 @@ def _cuda_task(path: str, arch: int, nvcc: str, use_cache: bool) -> dict:
     # The build's flags, plus warnings as errors (as CMake's cuda_compile_check), so CI needs one nvcc pass.
     flags = _nvcc_flags() + ["-Xcompiler=-Wall", "--Werror", "all-warnings"]
     gencode = "arch=compute_90a,code=sm_90a" if arch == 90 else f"arch=compute_{arch},code=sm_{arch}"
-    headers = sorted(glob.glob(os.path.join(_ROOT, "csrc", "**", "*.h*"), recursive=True))
+    # Every header a .cu may include: .h and .cuh ("*.h*" would miss "common.cuh", which once let a
+    # changed header replay a stale result).
+    headers = sorted(p for ext in ("*.h", "*.cuh", "*.hpp")
+                     for p in glob.glob(os.path.join(_ROOT, "csrc", "**", ext), recursive=True))
     blob = []
     for p in [path] + headers:
         with open(p, "rb") as f:
