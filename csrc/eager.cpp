@@ -75,7 +75,10 @@ void check_act(const std::string& act, bool gated, const char* op) {
 Tensor rows(const Tensor& t) {
   if (t.dim() == 2 && (t.size(1) <= 1 || t.stride(1) == 1)) return t;
   const int64_t cols = t.dim() ? t.size(-1) : 1;
-  Tensor r = t.reshape({-1, cols});
+  // The row count spelled out: reshape({-1, 0}) is ambiguous for a (..., 0) tensor and raises.
+  int64_t nrows = 1;
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) nrows *= t.size(d);
+  Tensor r = t.reshape({nrows, cols});
   return r.size(1) <= 1 || r.stride(1) == 1 ? r : r.contiguous();
 }
 

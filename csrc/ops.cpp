@@ -74,6 +74,10 @@ OptGroup check_optim_group(c10::string_view kind, at::TensorList params, at::Ten
   const at::ScalarType state_type = !s1.empty() ? s1[0].scalar_type() : at::kFloat;
   TORCH_CHECK_TYPE(state_type == at::kFloat || state_type == p0.scalar_type(), "ember_C.optim_step: state must be ",
                    "float32 or the parameters' dtype ", p0.scalar_type(), ", got ", state_type);
+  // float64 parameters are updated in float64 throughout, state included: float32 state there would
+  // be read and written as float64, past the end of its buffer.
+  TORCH_CHECK_TYPE(s1.empty() || p0.scalar_type() != at::kDouble || state_type == at::kDouble,
+                   "ember_C.optim_step: float64 parameters need float64 state, got ", state_type);
   g.state_fp32 = state_type == at::kFloat;
   TORCH_CHECK(masters.empty() || g.state_fp32, "ember_C.optim_step: master weights need float32 state");
 

@@ -234,17 +234,10 @@ def _abs_mm(a, b):
     return a.detach().double().abs() @ b.detach().double().abs()
 
 
-def _KNOWN_N0(backend, lead, N):
-    """The bug test_linear_backward_zero_out_features_cpu records (xfail): not fuzzed until fixed."""
-    return backend == "cpu" and N == 0 and len(lead) != 1
-
-
-@pytest.mark.xfail(strict=True, raises=RuntimeError, reason=(
-    "csrc/eager.cpp rows(): t.reshape({-1, cols}) is ambiguous for a (..., 0) gradient, so the C++ "
-    "autograd node of linear/gated_linear fails when out_features == 0 and x is not 2-D (fix: reshape to "
-    "(numel of the leading dims, cols), as pyext/ember/ops/linear.py:_rows now does; needs a rebuild)"))
 @pytest.mark.skipif(ember.available_backends("cpu")["cpu"] is not None, reason="needs ember._C")
 def test_linear_backward_zero_out_features_cpu():
+    # Found by this file: csrc/eager.cpp rows() did t.reshape({-1, cols}), ambiguous for a (..., 0)
+    # gradient, so the C++ autograd node failed when out_features == 0 and x was not 2-D.
     x = torch.randn(3, requires_grad=True)
     y = ember.ops.linear(x, torch.randn(0, 3, requires_grad=True), backend="cpu")
     y.backward(torch.ones_like(y))
@@ -255,7 +248,7 @@ def _linear_body(data, backend):
     dtype, lead, K, N, x, (w,), (b,) = _gemm_problem(data, backend, 1)
     act = data.draw(st.sampled_from(list(TORCH_ACT)), label="activation")
     r = draw_tensor(data, (*lead, N), dtype, "residual") if data.draw(st.booleans(), label="has_res") else None
-    backward = data.draw(st.booleans(), label="backward") and not _KNOWN_N0(backend, lead, N)
+    backward = data.draw(st.booleans(), label="backward")
     (xo, wo, bo, ro), (x64, w64, b64, r64), (xt, wt, bt, rt) = _three([x, w, b, r], backward)
 
     def torch_linear(x_, w_, b_, r_, keep=None):
@@ -299,7 +292,7 @@ def test_linear(backend):
 def _gated_linear_body(data, backend):
     dtype, lead, K, N, x, (wg, wu), (bg, bu) = _gemm_problem(data, backend, 2)
     act = data.draw(st.sampled_from(["silu", "gelu", "gelu_tanh"]), label="activation")
-    backward = data.draw(st.booleans(), label="backward") and not _KNOWN_N0(backend, lead, N)
+    backward = data.draw(st.booleans(), label="backward")
     ours, exact, twin = _three([x, wg, wu, bg, bu], backward)
 
     def torch_gated(x_, wg_, wu_, bg_, bu_, keep=None):

@@ -237,3 +237,15 @@ def test_tensor_lr_is_never_read_on_the_host(name, backend, monkeypatch):
         want.step()
     assert calls == []
     torch.testing.assert_close(p, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_float64_parameters_with_float32_state_are_refused():
+    # The C++ kernel updates float64 parameters in float64, state included: float32 state buffers were
+    # read and written as float64 past their end (heap corruption, found by tests/test_fuzz.py).
+    if ember._backend.extension() is None:
+        pytest.skip("needs ember._C")
+    p, g = torch.randn(300, dtype=torch.float64), torch.randn(300, dtype=torch.float64)
+    m, v = torch.zeros(300), torch.zeros(300)
+    with pytest.raises(TypeError, match="float64 parameters need float64 state"):
+        torch.ops.ember_C.optim_step("adam", [p], [g], [m], [v], [], [], [torch.tensor(0.0)],
+                                     [1e-3, 0.9, 0.999, 1e-8, 0.0], 0, None, None, None)

@@ -81,7 +81,7 @@ def check_group_size(op: str, K: int, group_size: int | None) -> int:
 
 def quantize_per_token_reference(x: torch.Tensor, smooth: torch.Tensor | None = None):
     """(q int8, scale fp32) per row of ``x.reshape(-1, K)``; the same fp32 arithmetic as the kernels."""
-    xf = x.reshape(-1, x.shape[-1]).float()
+    xf = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).float()  # not (-1, K): ambiguous when K == 0
     if smooth is not None:
         xf = xf * smooth.float()
     finite = torch.isfinite(xf).all(dim=-1, keepdim=True)
