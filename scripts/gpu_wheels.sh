@@ -49,4 +49,4 @@ for w in "${WHEELS[@]}"; do
   done
 done
 ls -la .whl
-echo "carry them: run(command=\"bash scripts/gpu_check.sh\", carry=[\".whl\"], timeout_s=590)"
+echo "carry them: run(command=\"bash scripts/gpu_check.sh\", carry=[\".whl\"], timeout_s=540)"
