@@ -244,6 +244,14 @@ def test_linear_backward_zero_out_features_cpu():
     assert x.grad is not None and torch.equal(x.grad, torch.zeros(3))
 
 
+def _backward_all(data, outs, shape, dtype):
+    """One drawn upstream gradient through ember's, the float64 and torch's same-dtype results."""
+    g = draw_tensor(data, shape, dtype, "grad", values=("normal", "small", "large"), specials=False)
+    outs[0].backward(g)
+    outs[1].backward(g.double())
+    outs[2].backward(g)
+
+
 def _linear_body(data, backend):
     dtype, lead, K, N, x, (w,), (b,) = _gemm_problem(data, backend, 1)
     act = data.draw(st.sampled_from(list(TORCH_ACT)), label="activation")
@@ -267,10 +275,7 @@ def _linear_body(data, backend):
     fs.judge(f"linear({act}) forward", *outs, dtype, scale=scale, reduction=K)
     if not backward:
         return
-    g = draw_tensor(data, (*lead, N), dtype, "grad", values=("normal", "small", "large"), specials=False)
-    outs[0].backward(g)
-    outs[1].backward(g.double())
-    outs[2].backward(g)
+    _backward_all(data, outs, (*lead, N), dtype)
     M = math.prod(lead)
     dpre = pre64[0].grad.abs().reshape(M, N)
     x2 = x64.detach().abs().reshape(M, K)
@@ -314,10 +319,7 @@ def _gated_linear_body(data, backend):
     fs.judge(f"gated_linear({act}) forward", *outs, dtype, scale=scale, reduction=K)
     if not backward:
         return
-    g = draw_tensor(data, (*lead, N), dtype, "grad", values=("normal", "small", "large"), specials=False)
-    outs[0].backward(g)
-    outs[1].backward(g.double())
-    outs[2].backward(g)
+    _backward_all(data, outs, (*lead, N), dtype)
     M = math.prod(lead)
     dg, du = (p.grad.abs().reshape(M, N) for p in pres)
     x64, wg64, wu64 = (t.detach() for t in exact[:3])

@@ -542,6 +542,12 @@ def _short_kernel(name: str) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=None)
+def _nvcc_version(nvcc: str) -> list:
+    # Once per process, not once per (file, arch) task.
+    return subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1:]
+
+
 def _cuda_task(path: str, arch: int, nvcc: str, use_cache: bool) -> dict:
     """Compile one .cu for one arch; per-kernel ptxas numbers. Cached by source + headers + flags +
     nvcc version."""
@@ -556,7 +562,7 @@ def _cuda_task(path: str, arch: int, nvcc: str, use_cache: bool) -> dict:
     for p in [path] + headers:
         with open(p, "rb") as f:
             blob.append(hashlib.sha256(f.read()).hexdigest())
-    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1:]
+    version = _nvcc_version(nvcc)
     key = _digest("cuda", *blob, *flags, gencode, version)
     file = os.path.relpath(path, _ROOT)
     hit = _cache_get(key) if use_cache else None
