@@ -40,6 +40,14 @@ def _dense(t: Tensor) -> bool:
     return t.is_contiguous() or _non_overlapping_and_dense(t)
 
 
+def host_lr(group) -> float:
+    """The lr for a group's hyper list. A tensor lr is never read on the host (that .item() would be a
+    device sync every step, and is illegal under CUDA-graph capture): the kernels load it through its
+    pointer, and _step_group puts 0.0 in its hyper slot."""
+    lr = group["lr"]
+    return 0.0 if isinstance(lr, Tensor) else float(lr)
+
+
 def _scalar_dtype():
     # torch.optim's _get_scalar_dtype(): step counts are float32 unless the default dtype is float64.
     return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32

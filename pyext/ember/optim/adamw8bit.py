@@ -25,7 +25,7 @@ from ..ops import optim as _op
 from ..ops import optim8bit as _q8
 from ..ops.optim8bit import (BLOCK, dequantize_signed, dequantize_unsigned, quantize_signed,  # noqa: F401
                              quantize_unsigned)
-from ._base import MultiTensorOptimizer
+from ._base import MultiTensorOptimizer, host_lr
 
 
 class AdamW8bit(MultiTensorOptimizer):
@@ -50,10 +50,8 @@ class AdamW8bit(MultiTensorOptimizer):
 
     def _hyper(self, group):
         b1, b2 = group["betas"]
-        lr = group["lr"]
-        lr = 0.0 if isinstance(lr, Tensor) else float(lr)  # a tensor lr is read on the device (no sync)
         flags = _op.DECOUPLED | (_op.MAXIMIZE if group["maximize"] else 0)
-        return [lr, b1, b2, group["eps"], float(group["weight_decay"])], flags
+        return [host_lr(group), b1, b2, group["eps"], float(group["weight_decay"])], flags
 
     def _new_step(self, group, p):
         return torch.zeros((), dtype=torch.float32, device=p.device)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..ops import optim as _op
-from ._base import MultiTensorOptimizer
+from ._base import MultiTensorOptimizer, host_lr as _lr
 
 
 def _check(cond: bool, msg: str):
@@ -22,14 +22,6 @@ def _check(cond: bool, msg: str):
 
 def _float(x) -> float:
     return float(x.item()) if isinstance(x, Tensor) else float(x)
-
-
-def _lr(group) -> float:
-    # A tensor lr is never read on the host (that .item() would be a device sync every step, and is
-    # illegal under CUDA-graph capture): the kernels load it through its pointer, and _base puts 0.0
-    # in its hyper slot.
-    lr = group["lr"]
-    return 0.0 if isinstance(lr, Tensor) else float(lr)
 
 
 def _maximize(group) -> int:
