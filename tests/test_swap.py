@@ -17,7 +17,7 @@ from torch import nn
 
 import ember
 from ember.nn import GatedMLP
-from ember.swapping import SwapRule, class_name, register_rule, registered_rules, unregister_rule
+from ember.swap import SwapRule, class_name, register_rule, registered_rules, unregister_rule
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -27,12 +27,12 @@ TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float64: dict(atol=1e-10
 @pytest.fixture(autouse=True)
 def _activation_and_gated_rules_only(monkeypatch):
     """These tests cover the activation and gated-MLP rules. The Linear -> activation fusion rules
-    (ember/nn/linear.py) would take the Linear + activation pairs first; they are tested in
+    (ember/swap/linear.py) would take the Linear + activation pairs first; they are tested in
     test_gated_mlp_fused.py and left out here."""
-    from ember import swapping
+    from ember.swap import registry
 
     fused = {"linear-act-sequential", "hf-linear-act"}
-    monkeypatch.setattr(swapping, "_RULES", [r for r in swapping._RULES if r.name not in fused])
+    monkeypatch.setattr(registry, "_RULES", [r for r in registry._RULES if r.name not in fused])
 
 
 def _snapshot(model: nn.Module):

@@ -2,6 +2,6 @@
 from .activation import GELU, GeGLU, ReLU, SiLU, SwiGLU
 from .gated_mlp import GatedMLP
 from .int8_linear import Int8Linear
-from .linear import Linear
+from .linear import FusedConv1DMLP, FusedIntermediate, Linear
 
-__all__ = ["GELU", "SiLU", "ReLU", "SwiGLU", "GeGLU", "GatedMLP", "Linear", "Int8Linear"]
+__all__ = ["GELU", "SiLU", "ReLU", "SwiGLU", "GeGLU", "GatedMLP", "Linear", "FusedIntermediate", "FusedConv1DMLP", "Int8Linear"]

@@ -9,20 +9,14 @@ to either projection are seen at once), then down_proj. Projections that are not
 
 Attribute names match transformers' (gate_proj, up_proj, down_proj), so a GatedMLP made by
 ``from_module`` (or by ``ember.swap``) holds the original Linear objects and the model's state_dict is
-unchanged. The swap rule for these blocks is registered at the bottom of this file.
+unchanged. The swap rule that recognises these blocks lives in ``ember/swap/gated.py``.
 """
 from __future__ import annotations
-
-import ast
-import functools
-import inspect
-import textwrap
 
 import torch
 from torch import nn
 
 from .. import ops
-from ..swapping import SwapRule, activation_kind, register_rule
 
 ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
 _PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -62,6 +56,10 @@ class GatedMLP(nn.Module):
                     f"{type(mlp).__name__} has none"
                 )
         if activation is None:
+            # Knowing which torch / transformers activation classes compute what is the swap
+            # package's job; imported on this call only, so importing ember.nn never imports it.
+            from ..swap.activations import activation_kind
+
             kind = activation_kind(getattr(mlp, "act_fn", None))
             if kind not in ACTIVATIONS:
                 raise ValueError(
@@ -117,90 +115,3 @@ def _check_activation(activation: str) -> str:
     if activation not in ACTIVATIONS:
         raise ValueError(f"ember.nn.GatedMLP: activation must be one of {ACTIVATIONS}, got {activation!r}")
     return activation
-
-
-# ---------------------------------------------------------------------------------------------
-# The swap rule: transformers' gated MLP classes whose forward is exactly the formula above.
-# ---------------------------------------------------------------------------------------------
-# Class names (in transformers.*) that ember.swap may replace. Every one of these computes
-# down_proj(act_fn(gate_proj(x)) * up_proj(x)) in transformers 5.23, and swap re-checks that from the
-# class's current source, so a future change to any of them makes swap skip it instead of changing
-# the model's math. Extend this set to opt in more classes of the same shape.
-GATED_MLP_CLASSES = {
-    "LlamaMLP", "MllamaTextMLP", "DiffLlamaMLP",
-    "MistralMLP", "MinistralMLP", "Ministral3MLP", "PixtralMLP",
-    "Qwen2MLP", "Qwen2MoeMLP", "Qwen2_5_VLMLP", "Qwen3MLP", "Qwen3MoeMLP", "Qwen3NextMLP", "Qwen3VLTextMLP",
-    "GemmaMLP", "Gemma2MLP", "Gemma3MLP", "VaultGemmaMLP",
-    "CohereMLP", "Cohere2MLP", "GraniteMLP", "HeliumMLP", "SmolLM3MLP", "StableLmMLP",
-    "OlmoMLP", "Olmo2MLP", "Olmo3MLP", "OlmoeMLP", "DeepseekV2MLP", "DeepseekV3MLP", "Exaone4MLP",
-}  # not e.g. T5GemmaMLP/GteMLP (dropout), BitNetMLP (a norm), FalconH1MLP (multipliers): other math
-
-_EXPECTED = "self.down_proj(self.act_fn(self.gate_proj({x})) * self.up_proj({x}))"
-_EXPECTED_SWAPPED = "self.down_proj(self.up_proj({x}) * self.act_fn(self.gate_proj({x})))"
-
-
-@functools.lru_cache(maxsize=None)
-def _forward_is_gated(cls: type) -> bool:
-    """True when ``cls.forward`` is, statement for statement, ``return <the formula>`` (optionally
-    through one local variable), with a single input argument."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
-    except (OSError, TypeError, SyntaxError):
-        return False  # no source to check: do not guess
-    fn = tree.body[0] if tree.body else None
-    if not isinstance(fn, ast.FunctionDef) or fn.decorator_list:
-        return False
-    a = fn.args
-    if a.vararg or a.kwarg or a.kwonlyargs or a.posonlyargs or a.defaults or len(a.args) != 2:
-        return False
-    x = a.args[1].arg
-    body = [s for s in fn.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
-    if len(body) == 1 and isinstance(body[0], ast.Return):
-        expr = body[0].value
-    elif (
-        len(body) == 2
-        and isinstance(body[0], ast.Assign)
-        and len(body[0].targets) == 1
-        and isinstance(body[0].targets[0], ast.Name)
-        and isinstance(body[1], ast.Return)
-        and isinstance(body[1].value, ast.Name)
-        and body[1].value.id == body[0].targets[0].id
-    ):
-        expr = body[0].value
-    else:
-        return False
-    got = ast.dump(expr)
-    return any(got == ast.dump(ast.parse(e.format(x=x), mode="eval").body) for e in (_EXPECTED, _EXPECTED_SWAPPED))
-
-
-def _problem(m: nn.Module) -> str | None:
-    """Why a module of a listed class cannot become a GatedMLP, or None when it can."""
-    if set(m._modules) != {*_PROJS, "act_fn"} or any(v is None for v in m._modules.values()):
-        return f"children {sorted(m._modules)} are not exactly gate_proj, up_proj, down_proj, act_fn"
-    if m._parameters or m._buffers:
-        return "it has parameters or buffers of its own"
-    kind = activation_kind(m.act_fn)
-    if kind not in ACTIVATIONS:
-        return f"act_fn {type(m.act_fn).__name__} is not silu, gelu or gelu_tanh"
-    act = m.act_fn
-    if "forward" in act.__dict__ or act._forward_hooks or act._forward_pre_hooks:
-        return "act_fn has hooks or a patched forward, which GatedMLP would not run"
-    if not _forward_is_gated(type(m)):
-        return "its forward is not exactly down_proj(act_fn(gate_proj(x)) * up_proj(x))"
-    return None
-
-
-def _listed(m: nn.Module) -> bool:
-    cls = type(m)
-    return cls.__name__ in GATED_MLP_CLASSES and cls.__module__.startswith("transformers.")
-
-
-GATED_MLP_RULE = register_rule(
-    SwapRule(
-        "gated-mlp",
-        match=lambda m: _listed(m) and _problem(m) is None,
-        replace=GatedMLP.from_module,
-        why_not=lambda m: _problem(m) if _listed(m) else None,
-    ),
-    before="torch-activations",  # whole blocks before the activations inside them
-)
