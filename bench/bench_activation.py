@@ -7,13 +7,13 @@
     python -m ember bench                the full report: GB/s, fraction of copy bandwidth, targets
 
 The cases (inputs, providers, byte counts, checks) come from ``ember.bench.activations``; this file
-only picks the shape and hands each case to the ``benchmark`` fixture.
+only picks the shape and hands each case to pytest-benchmark through conftest's ``run_case``.
 """
 import pytest
 import torch
 
 from ember.bench import activations
-from ember.bench.harness import Config, dtype_name
+from ember.bench.harness import Config
 
 CFG = Config(device="cpu", dtypes=(torch.float32,), sizes="small", quick=True)
 SHAPE = activations.shapes(CFG)[0]
@@ -22,13 +22,7 @@ CASES = [c for c in activations.cases(CFG) if c.shape == SHAPE]  # cheap: nothin
 
 @pytest.mark.bench
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.op}-{c.direction}-{c.provider}" for c in CASES])
-def test_activation(benchmark, case):
+def test_activation(benchmark, run_case, case):
     if case.provider == "torch.compile" and not benchmark.enabled:
         pytest.skip("torch.compile cases compile for seconds; they run with --benchmark-enable")
-    torch.manual_seed(0)
-    fn = case.make(True, warmup=benchmark.enabled)
-    benchmark.group = f"{case.op} {case.direction} {dtype_name(case.dtype)} {'x'.join(map(str, case.shape))}"
-    benchmark.extra_info.update(bytes=case.bytes, provider=case.provider)
-    benchmark(fn)
-    if benchmark.enabled and benchmark.stats is not None:
-        benchmark.extra_info["GB/s"] = round(case.bytes / benchmark.stats.stats.median / 1e9, 2)
+    run_case(case)

@@ -8,14 +8,14 @@
                                          GB/s, fraction of copy bandwidth, state memory, targets
 
 The cases (parameter list, providers, byte counts, checks) come from ``ember.bench.optim``; this file
-only picks a smaller parameter list (~1.3M parameters in 15 tensors) and hands each case to the
-``benchmark`` fixture.
+only picks a smaller parameter list (~1.3M parameters in 15 tensors) and hands each case to
+pytest-benchmark through conftest's ``run_case`` (which also records the state bytes).
 """
 import pytest
 import torch
 
 from ember.bench import optim
-from ember.bench.harness import Config, dtype_name
+from ember.bench.harness import Config
 
 CFG = Config(device="cpu", dtypes=(torch.float32,), sizes="small", quick=True)
 CASES = optim.cases(CFG, shapes=optim.llm_shapes(1e6, d=256, vocab=2048))  # cheap: nothing allocated yet
@@ -23,12 +23,5 @@ CASES = optim.cases(CFG, shapes=optim.llm_shapes(1e6, d=256, vocab=2048))  # che
 
 @pytest.mark.bench
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.op}-{c.provider}" for c in CASES])
-def test_optim(benchmark, case):
-    torch.manual_seed(0)
-    fn = case.make(True, warmup=benchmark.enabled)
-    benchmark.group = f"{case.op} step {dtype_name(case.dtype)} {case.shape[0]} params"
-    benchmark.extra_info.update(bytes=case.bytes, provider=case.provider)
-    benchmark(fn)
-    benchmark.extra_info["state_bytes"] = fn.extra["state_bytes"]
-    if benchmark.enabled and benchmark.stats is not None:
-        benchmark.extra_info["GB/s"] = round(case.bytes / benchmark.stats.stats.median / 1e9, 2)
+def test_optim(run_case, case):
+    run_case(case)

@@ -5,10 +5,9 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import ember
-from ember.bench.int8_accuracy import sqnr_db
+from ember.metrics import min_cosine as _min_cos, sqnr_db  # _min_cos: the worst token's logits cosine
 from ember.nn import Int8Linear
 from ember.smooth_fold import find_groups, fold
 
@@ -53,10 +52,6 @@ def _decoder(kind: str, seed: int = 0):
 def _logits(m):
     with torch.inference_mode():
         return m(IDS).logits.float()
-
-
-def _min_cos(a, b):
-    return F.cosine_similarity(a.flatten(0, 1), b.flatten(0, 1), dim=-1).min().item()
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "qwen3", "mistral", "gemma"])

@@ -11,7 +11,8 @@ from torch import nn
 
 import ember
 import ember.smooth_fold
-from ember.bench.int8_accuracy import minilm_accuracy, sqnr_db
+from ember.bench.int8_accuracy import minilm_accuracy
+from ember.metrics import sqnr_db
 from ember.nn import Int8Linear
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -6,20 +6,21 @@ does not (outputs).
 2. A tiny random-weight Llama (2 layers, hidden 256, intermediate 688): its SwiGLU MLPs become
    ``ember.nn.GatedMLP``; logits compared.
 
-Timing: median of many forward passes under ``torch.inference_mode``, taken in alternating rounds
-(unswapped, swapped, unswapped, ...) with ``ember.unswap``/``ember.swap`` between them, so drift in
-machine load hits both sides alike.
+Timing: the benchmarks' timer (``ember.bench.harness.time_fn``) on forward passes under
+``torch.inference_mode``, in alternating rounds (unswapped, swapped, unswapped, ...) with
+``ember.unswap``/``ember.swap`` between them, so drift in machine load hits both sides alike; each side
+reports its best round's median (and p20-p80), as the benchmark suites do.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 
 import torch
 
 import ember
+from ember.bench.harness import Timing, time_fn
 
 SENTENCES = [
     "A man is playing a guitar on the street corner.",
@@ -57,55 +58,37 @@ SENTENCES = [
 ]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+ROUNDS = 4
 
 
-def _median_ms(samples: list[float]) -> str:
-    med = statistics.median(samples) * 1e3
-    if len(samples) < 2:
-        return f"{med:7.2f} ms"
-    q = statistics.quantiles(samples, n=5, method="inclusive")
-    return f"{med:7.2f} ms (p20 {q[0] * 1e3:.2f}, p80 {q[3] * 1e3:.2f})"
+def _ms(t: Timing) -> str:
+    return f"{t.median_s * 1e3:7.2f} ms (p20 {t.p20_s * 1e3:.2f}, p80 {t.p80_s * 1e3:.2f})"
 
 
-def _compare(model, run, device, budget_s: float, rounds: int = 4):
-    """(outputs torch, outputs ember, swap report, torch seconds, ember seconds); model ends unswapped.
+def _compare(model, run, device, budget_s: float, rounds: int = ROUNDS):
+    """(outputs torch, outputs ember, swap report, torch Timing, ember Timing); model ends unswapped.
 
-    About ``budget_s`` of runs in all: up to ``rounds`` x (unswapped block, swapped block), each block
-    as many runs as fit in its share of the budget; at least two rounds even on a busy machine."""
+    About ``budget_s`` of timed runs in all: ``rounds`` x (unswapped, swapped), each timed by
+    ``time_fn`` with its share of the budget (a pass longer than its share still runs once)."""
+    best: dict[bool, Timing | None] = {False: None, True: None}
     with torch.inference_mode():
         ref = run()
         report = ember.swap(model)
         out = run()
-        _sync(device)
-        t0 = time.perf_counter()
-        run()
-        _sync(device)
-        reps = max(1, int(budget_s / (2 * rounds * (time.perf_counter() - t0))))
-        times = {False: [], True: []}
-        deadline = time.perf_counter() + budget_s
-        for i in range(rounds):
-            if i >= 2 and time.perf_counter() > deadline:
-                break
+        for _ in range(rounds):
             for swapped in (False, True):
                 (ember.swap if swapped else ember.unswap)(model)
-                run()  # warm-up after the change
-                _sync(device)
-                for _ in range(reps):
-                    t0 = time.perf_counter()
-                    run()
-                    _sync(device)
-                    times[swapped].append(time.perf_counter() - t0)
+                t = time_fn(run, str(device), budget_s=budget_s / (2 * rounds))
+                if best[swapped] is None or t.median_s < best[swapped].median_s:
+                    best[swapped] = t  # load only ever adds time: keep the best round
         ember.unswap(model)
-    return ref, out, report, times[False], times[True]
+    return ref, out, report, best[False], best[True]
 
 
-def _print_speed(t_torch: list[float], t_ember: list[float]) -> None:
-    print(f"  torch eager : {_median_ms(t_torch)}")
-    print(f"  ember.swap  : {_median_ms(t_ember)}")
-    print(f"  speed-up    : {statistics.median(t_torch) / statistics.median(t_ember):.3f}x  ({len(t_torch)} runs each)")
+def _print_speed(t_torch: Timing, t_ember: Timing) -> None:
+    print(f"  torch eager : {_ms(t_torch)}")
+    print(f"  ember.swap  : {_ms(t_ember)}")
+    print(f"  speed-up    : {t_torch.median_s / t_ember.median_s:.3f}x  (best of {ROUNDS} alternating rounds each)")
 
 
 def _indent(text: str) -> str:

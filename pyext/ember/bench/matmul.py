@@ -19,7 +19,6 @@ linear_gelu >= 1.15x eager and >= torch.compile, gated_mlp fwd+bwd >= 1.2x eager
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import sys
@@ -30,8 +29,10 @@ import torch
 import torch.nn.functional as F
 
 import ember
+from ember.bench import report as _report  # not `report`: the CLI takes a module's report() for a report suite
 from ember.bench.harness import (Case, Config, Target, WrongResult, dtype_name, group_cases, run_group,
                                  steady_cpu_allocator, time_fn)
+from ember.metrics import max_rel_error
 
 SUITE = "matmul"
 DIRECTIONS = ("fwd", "fwd+bwd")
@@ -148,10 +149,9 @@ def _check(fn, op, inputs, direction):
     mine = [t.detach().clone().requires_grad_(direction != "fwd") for t in inputs]
     want, got = EAGER[op](*wide), fn(*mine)
     tol = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 8e-2}.get(got.dtype, 1e-6)
-    scale = max(1.0, want.abs().max().item())
-    err = (got.float() - want).abs().max().item()
-    if err > tol * scale:
-        raise WrongResult(f"{op}: output differs from eager fp32 by {err:.3g} (tolerance {tol * scale:.3g})")
+    err = max_rel_error(want, got.float())  # relative to max(1, max |want|)
+    if err > tol:
+        raise WrongResult(f"{op}: output differs from eager fp32 by {err:.3g} of its scale (tolerance {tol:.3g})")
 
 
 def _maker(op, provider, direction, dtype, shape, device):
@@ -279,49 +279,57 @@ def run(cfg: Config, rounds: int | None = None) -> tuple[list[Result], dict]:
     return results, peaks
 
 
+CSV_COLUMNS = ["op", "provider", "M", "K", "N", "dtype", "direction", "median_ms", "tflops", "frac_peak",
+               "speedup_vs_eager", "error", "device"]
+
+
+def csv_records(results: list[Result], device_name: str) -> list[dict]:
+    return [dict(zip(CSV_COLUMNS, (r.op, r.provider, *r.shape, r.dtype, r.direction, r.median_ms, r.tflops,
+                                   r.frac_peak, r.speedup, r.error, device_name))) for r in results]
+
+
 def markdown(results: list[Result], peaks: dict, device_name: str) -> str:
     lines = [f"# ember matmul benchmark — {device_name}", "",
-             f"Measured peak (best plain torch GEMM rate seen in this run): " + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in peaks.items()),
-             "", "| op | direction | shape (M, K, N) | dtype | provider | median ms | TFLOP/s | of peak | vs eager |",
-             "|---|---|---|---|---|---:|---:|---:|---:|"]
+             "Measured peak (best plain torch GEMM rate seen in this run): "
+             + ", ".join(f"{k} {v:.2f} TFLOP/s" for k, v in peaks.items()), ""]
+    cells = []
     for r in results:
         if r.median_ms is None:
-            lines.append(f"| {r.op} | {r.direction} | {r.shape} | {r.dtype} | {r.provider} | {r.error} | | | |")
+            cells.append([r.op, r.direction, r.shape, r.dtype, r.provider, r.error, "", "", ""])
             continue
         vs = "" if r.speedup is None else f"{r.speedup:.2f}x"
-        lines.append(f"| {r.op} | {r.direction} | {r.shape} | {r.dtype} | {r.provider} | {r.median_ms:.3f} | "
-                     f"{r.tflops:.3f} | {r.frac_peak:.0%} | {vs} |")
+        cells.append([r.op, r.direction, r.shape, r.dtype, r.provider, f"{r.median_ms:.3f}", f"{r.tflops:.3f}",
+                      f"{r.frac_peak:.0%}", vs])
+    lines += _report.markdown_table(
+        ["op", "direction", "shape (M, K, N)", "dtype", "provider", "median ms", "TFLOP/s", "of peak", "vs eager"],
+        cells, ["---"] * 5 + ["---:"] * 4)
     return "\n".join(lines) + "\n"
 
 
-def plot(results: list[Result], path: str) -> str | None:
-    try:
-        import matplotlib
+def draw_tflops(results: list[Result]):
+    """The PNG: TFLOP/s against M (tokens), one panel per (op, direction, K/N, dtype), a line per provider."""
+    def draw(plt):
+        panels = sorted({(r.op, r.direction, r.shape[1:], r.dtype) for r in results})
+        cols = 2
+        rows = max(1, (len(panels) + cols - 1) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.6 * rows), squeeze=False)
+        for ax, (op, direction, kn, dt) in zip(axes.flat, panels):
+            sel = [r for r in results if (r.op, r.direction, r.shape[1:], r.dtype) == (op, direction, kn, dt) and r.tflops]
+            for prov in sorted({r.provider for r in sel}):
+                pts = sorted((r.shape[0], r.tflops) for r in sel if r.provider == prov)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
+            ax.set_xscale("log", base=2)
+            ax.set_title(f"{op} {direction} K,N={kn} {dt}", fontsize=9)
+            ax.set_xlabel("M (tokens)")
+            ax.set_ylabel("TFLOP/s")
+            ax.legend(fontsize=7)
+            ax.grid(alpha=0.3)
+        for ax in list(axes.flat)[len(panels):]:
+            ax.axis("off")
+        fig.tight_layout()
+        return fig
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    panels = sorted({(r.op, r.direction, r.shape[1:], r.dtype) for r in results})
-    cols = 2
-    rows = (len(panels) + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.6 * rows), squeeze=False)
-    for ax, (op, direction, kn, dt) in zip(axes.flat, panels):
-        sel = [r for r in results if (r.op, r.direction, r.shape[1:], r.dtype) == (op, direction, kn, dt) and r.tflops]
-        for prov in sorted({r.provider for r in sel}):
-            pts = sorted((r.shape[0], r.tflops) for r in sel if r.provider == prov)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=prov)
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"{op} {direction} K,N={kn} {dt}", fontsize=9)
-        ax.set_xlabel("M (tokens)")
-        ax.set_ylabel("TFLOP/s")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(panels):]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return path
+    return draw
 
 
 def main(argv=None) -> int:
@@ -351,25 +359,14 @@ def main(argv=None) -> int:
     if kind == "cuda":
         device_name = torch.cuda.get_device_name(torch.device(args.device))
     else:
-        from ember.bench.report import _cpu_name
-
-        device_name = f"{_cpu_name()}, {torch.get_num_threads()} threads" + (f"; {allocator}" if allocator else "")
-    os.makedirs(args.out, exist_ok=True)
+        device_name = f"{_report.cpu_name()}, {torch.get_num_threads()} threads" + (f"; {allocator}" if allocator else "")
     stamp = datetime.datetime.now().strftime("%Y-%m-%d_%H%M%S")
     base = os.path.join(args.out, f"ember-matmul_{kind}_{stamp}")
     text = markdown(results, peaks, device_name)
-    with open(base + ".md", "w") as f:
-        f.write(text)
-    with open(base + ".csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["op", "provider", "M", "K", "N", "dtype", "direction", "median_ms", "tflops", "frac_peak",
-                    "speedup_vs_eager", "error", "device"])
-        for r in results:
-            w.writerow([r.op, r.provider, *r.shape, r.dtype, r.direction, r.median_ms, r.tflops, r.frac_peak,
-                        r.speedup, r.error, device_name])
-    png = plot(results, base + ".png")
+    written = _report.write_results(base + ".md", text, csv_path=base + ".csv", columns=CSV_COLUMNS,
+                                   records=csv_records(results, device_name), draw=draw_tflops(results))
     print(text)
-    print(f"wrote {base}.md, .csv" + (f" and {png}" if png else " (no matplotlib: no plot)"), file=sys.stderr)
+    print(f"wrote {written}" + ("" if written.png else " (no matplotlib: no plot)"), file=sys.stderr)
     return 0
 
 

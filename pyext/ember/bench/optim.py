@@ -45,6 +45,7 @@ from typing import Callable
 import torch
 
 import ember
+from ember.metrics import max_abs_error
 
 from .harness import Case, Config, Target, WrongResult
 
@@ -243,7 +244,7 @@ def _check(build: Builder, ref: Builder, dtype: torch.dtype, device: str) -> Non
     base = _three_steps(ref, init, grads, dtype)
     got = _three_steps(build, init, grads, dtype)
     for i, (g, b, w) in enumerate(zip(got, base, want)):
-        err, allowed = (g - w).abs().max().item(), 2 * (b - w).abs().max().item() + _CHECK_ATOL[dtype]
+        err, allowed = max_abs_error(w, g), 2 * max_abs_error(w, b) + _CHECK_ATOL[dtype]
         if not err <= allowed:
             raise WrongResult(f"parameter {i} {tuple(w.shape)} after 3 steps: max error {err:.3g} vs fp64, "
                               f"allowed {allowed:.3g} (2x the reference's own error in this dtype)")
