@@ -73,7 +73,7 @@ def _extensions():
 ext_modules, cmdclass = _extensions()
 
 setup(
-    packages=["ember", "ember.ops", "ember.nn", "ember.optim", "ember.bench", "ember.kernels"],
+    packages=["ember", "ember.ops", "ember.nn", "ember.optim", "ember.bench", "ember.swap", "ember.kernels"],
     package_dir={"ember": "pyext/ember", "ember.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,

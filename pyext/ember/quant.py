@@ -35,7 +35,7 @@ from torch import nn
 
 from .nn.int8_linear import Int8Linear
 from .smooth_fold import find_groups, fold
-from .swapping import SwapReport, SwapRule, swap
+from .swap import SwapReport, SwapRule, swap
 
 _STATS: "weakref.WeakKeyDictionary[nn.Linear, torch.Tensor]" = weakref.WeakKeyDictionary()
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .swapping import _blocker
+from .swap.apply import blocker as _blocker
 
 @dataclass(frozen=True)
 class _NormSpec:
