@@ -65,8 +65,11 @@ void check_operand(const Tensor& t, const Tensor& x, const char* op, const char*
                    ", x has ", x.scalar_type());
 }
 
+// Mirrors ember.activations: GATED there is silu, gelu, gelu_tanh; the linear epilogue takes every
+// activation and "none". A name this rejects falls back to the Python checks, which name the choices.
 void check_act(const std::string& act, bool gated, const char* op) {
-  const bool ok = act == "silu" || act == "gelu" || act == "gelu_tanh" || (!gated && (act == "relu" || act == "none"));
+  const bool ok = act == "silu" || act == "gelu" || act == "gelu_tanh" ||
+                  (!gated && (act == "relu" || act == "relu2" || act == "none"));
   TORCH_CHECK_VALUE(ok, "ember.ops.", op, ": unsupported activation '", act, "'");
 }
 

@@ -12,11 +12,28 @@
 namespace ember {
 
 Act parse_act(const std::string& name) {
-  if (name == "relu") return Act::kRelu;
-  if (name == "silu") return Act::kSilu;
-  if (name == "gelu") return Act::kGelu;
-  if (name == "gelu_tanh") return Act::kGeluTanh;
-  TORCH_CHECK(false, "ember: unknown activation '", name, "'; expected relu, silu, gelu or gelu_tanh");
+#define EMBER_PARSE(member, text) \
+  if (name == text) return Act::member;
+  EMBER_FOR_EACH_ACT(EMBER_PARSE)
+#undef EMBER_PARSE
+  TORCH_CHECK_VALUE(false, "ember: unknown activation '", name, "'; expected one of ", act_names());
+}
+
+Act check_act_code(int64_t code, const char* op) {
+  bool known = code == static_cast<int64_t>(Act::kNone);
+#define EMBER_KNOWN(member, text) known = known || code == static_cast<int64_t>(Act::member);
+  EMBER_FOR_EACH_ACT(EMBER_KNOWN)
+#undef EMBER_KNOWN
+  TORCH_CHECK_VALUE(known, "ember_C.", op, ": act must be -1 (none) or an ember::Act id, got ", code);
+  return static_cast<Act>(code);
+}
+
+std::string act_names() {
+  std::string names;
+#define EMBER_NAME(member, text) names += names.empty() ? text : ", " text;
+  EMBER_FOR_EACH_ACT(EMBER_NAME)
+#undef EMBER_NAME
+  return names;
 }
 
 DType to_dtype(c10::ScalarType t, const char* op, const char* arg) {
@@ -221,6 +238,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return false;
 #endif
   });
+  m.def("activations", []() {
+    std::vector<std::pair<std::string, int>> acts;
+#define EMBER_ENTRY(member, text) acts.emplace_back(text, static_cast<int>(ember::Act::member));
+    EMBER_FOR_EACH_ACT(EMBER_ENTRY)
+#undef EMBER_ENTRY
+    return acts;
+  }, "(name, ember::Act id) of every activation the kernels were built with");
   m.def("cpu_isa", []() { return std::string(ember::cpu::isa()); },
         "Instruction set the CPU kernels dispatch to on this machine");
   // The eager fast path of the fused ops (csrc/eager.cpp; called by pyext/ember/ops when eager_native).

@@ -14,7 +14,10 @@
 
 namespace ember {
 
-Act parse_act(const std::string& name);
+Act parse_act(const std::string& name);  // a name of EMBER_FOR_EACH_ACT, else a ValueError
+std::string act_names();                 // "relu, silu, ...", for messages
+// An int epilogue code (the int8 ops): Act::kNone (-1) or a member of EMBER_FOR_EACH_ACT, else a ValueError.
+Act check_act_code(int64_t code, const char* op);
 DType to_dtype(c10::ScalarType t, const char* op, const char* arg);
 
 // The gated kernels take 2-D (rows, cols) operands whose rows may be strided (e.g. the two halves of

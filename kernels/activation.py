@@ -1,4 +1,4 @@
-"""Elementwise activations in Triton: relu, silu, gelu (erf) and gelu (tanh), forward and backward.
+"""Elementwise activations in Triton: every activation of ember.activations, forward and backward.
 
 Each element is read once and written once (2 x dtype bytes forward, 3 x backward), so the kernels
 are memory bound: the math runs in fp32 (fp64 for fp64 tensors) between one load and one store.
@@ -8,10 +8,16 @@ import torch
 import triton
 import triton.language as tl
 
+from ember.activations import ID as ACT_IDS  # the one table; ids as ember::Act in csrc/activation.h
+
 from . import _target
 
-# Same numbering as ember::Act in csrc/activation.h.
-ACT_IDS = {"relu": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3}
+# The ids the kernels switch on, as constexprs (compiled Triton reads only constexpr globals).
+_RELU = tl.constexpr(ACT_IDS["relu"])
+_SILU = tl.constexpr(ACT_IDS["silu"])
+_GELU = tl.constexpr(ACT_IDS["gelu"])
+_GELU_TANH = tl.constexpr(ACT_IDS["gelu_tanh"])
+_RELU2 = tl.constexpr(ACT_IDS["relu2"])
 
 # tl.constexpr, not plain floats: compiled Triton refuses to read a non-constexpr module global inside a
 # kernel ("Cannot access global variable"); only the interpreter accepts a plain float. Keep the tensor
@@ -48,14 +54,18 @@ def to_output(y, out_ptr, INTERPRET_BF16: tl.constexpr):
 @triton.jit
 def act_forward(x, ACT: tl.constexpr):
     """act(x) for a block already converted to the compute dtype."""
-    if ACT == 0:
+    if ACT == _RELU:
         y = tl.where(x < 0.0, 0.0, x)  # NaN < 0 is false: NaN passes through, as in torch.relu
-    elif ACT == 1:
+    elif ACT == _SILU:
         y = x / (1.0 + tl.exp(-x))
-    elif ACT == 2:
+    elif ACT == _GELU:
         y = 0.5 * x * (1.0 + tl.math.erf(x * _SQRT1_2))
-    else:
+    elif ACT == _GELU_TANH:
         y = 0.5 * x * (1.0 + _tanh((x + x * x * x * _TANH_COEFF) * _SQRT_2_OVER_PI))
+    else:
+        tl.static_assert(ACT == _RELU2, "unknown activation id")
+        r = tl.where(x < 0.0, 0.0, x)  # NaN stays NaN, as torch.relu(x) ** 2
+        y = r * r
     return y
 
 
@@ -63,16 +73,19 @@ def act_forward(x, ACT: tl.constexpr):
 def act_backward(g, x, ACT: tl.constexpr):
     """g * act'(x). ReLU selects instead of multiplying, like torch's threshold_backward: grad passes
     where x is not <= 0 (NaN included), and an inf/NaN grad where x <= 0 still gives 0."""
-    if ACT == 0:
+    if ACT == _RELU:
         dx = tl.where(x <= 0.0, 0.0, g)
-    elif ACT == 1:
+    elif ACT == _SILU:
         s = 1.0 / (1.0 + tl.exp(-x))
         dx = g * s * (1.0 + x * (1.0 - s))
-    elif ACT == 2:
+    elif ACT == _GELU:
         cdf = 0.5 * (1.0 + tl.math.erf(x * _SQRT1_2))
         pdf = tl.exp(-0.5 * x * x) * _INV_SQRT_2PI
         dx = g * (cdf + x * pdf)
+    elif ACT == _RELU2:
+        dx = tl.where(x <= 0.0, 0.0, x * g * 2.0)  # selected like ReLU's: 0 where x <= 0
     else:
+        tl.static_assert(ACT == _GELU_TANH, "unknown activation id")
         x2 = x * x
         t = _tanh((x + x2 * x * _TANH_COEFF) * _SQRT_2_OVER_PI)
         dx = g * (0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + x2 * (3.0 * _TANH_COEFF)))

@@ -2,7 +2,7 @@
 ``act(x @ Wg^T + bg) * (x @ Wu^T + bu)``, plus the launchers the backward pass is built from.
 
 One kernel, specialised by constexprs:
-  ACT       -1 none, else the index in activation.ACT_IDS; applied to the fp32 accumulator
+  ACT       an ember.activations id (-1: none); applied to the fp32 accumulator
   HAS_BIAS  bias added to the accumulator before the activation
   HAS_RES   residual (same shape as the output) added after the activation
   GATED     a second weight (and bias) read with the same x tile: two accumulators, out = act(a1) * a2.

@@ -1,4 +1,4 @@
-"""relu / silu / gelu / gelu_tanh: every backend against the float64 reference, forward and backward."""
+"""relu / silu / gelu / gelu_tanh / relu2: every backend against the float64 reference, forward and backward."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +14,7 @@ UNARY = [
     pytest.param((ember.ops.gelu, {"approximate": "tanh"}, "gelu_tanh", lambda x: F.gelu(x, approximate="tanh")), id="gelu_tanh"),
     pytest.param((ember.ops.silu, {}, "silu", F.silu), id="silu"),
     pytest.param((ember.ops.relu, {}, "relu", F.relu), id="relu"),
+    pytest.param((ember.ops.relu2, {}, "relu2", lambda x: F.relu(x) ** 2), id="relu2"),
 ]
 
 SHAPES = [
@@ -95,7 +96,7 @@ def test_gradcheck_fp64(case, backend_device):
     assert torch.autograd.gradcheck(lambda t: fn(t, **kwargs, backend=backend), (x,))
 
 
-@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "silu", "relu"])
+@pytest.mark.parametrize("act", ember.activations.UNARY)
 def test_opcheck(act, backend_device):
     backend, device = backend_device
     x = torch.randn(5, 7, device=device, requires_grad=True)
@@ -148,6 +149,17 @@ def test_backward_saves_no_more_than_torch():
 # ------------------------------------------------------------------------------------------
 # Modules: same constructor, repr, isinstance as torch.nn; compile and export.
 # ------------------------------------------------------------------------------------------
+def test_relu2_module_matches_transformers():
+    """ember.nn.ReLU2 against transformers' ReLUSquaredActivation (torch.nn has no squared ReLU)."""
+    activations = pytest.importorskip("transformers.activations")
+    theirs = activations.ACT2CLS["relu2"]()
+    x = (3 * torch.randn(3, 17, dtype=torch.float64)).requires_grad_()
+    y = ember.nn.ReLU2()(x)
+    torch.testing.assert_close(y, theirs(x), atol=0, rtol=1e-15)
+    g = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(theirs(x), x, g)[0])
+
+
 @pytest.mark.parametrize(
     "ours, theirs",
     [
@@ -167,8 +179,8 @@ def test_modules_match_torch_nn(ours, theirs):
     torch.testing.assert_close(ours(x.clone()), theirs(x.clone()), atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("module", [ember.nn.GELU(), ember.nn.GELU("tanh"), ember.nn.SiLU(), ember.nn.ReLU()],
-                         ids=["gelu", "gelu_tanh", "silu", "relu"])
+@pytest.mark.parametrize("module", [ember.nn.GELU(), ember.nn.GELU("tanh"), ember.nn.SiLU(), ember.nn.ReLU(),
+                                    ember.nn.ReLU2()], ids=["gelu", "gelu_tanh", "silu", "relu", "relu2"])
 def test_compile_fullgraph(module):
     x = torch.randn(4, 33, requires_grad=True)
     compiled = torch.compile(module, fullgraph=True, backend="aot_eager")

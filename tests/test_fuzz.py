@@ -96,6 +96,7 @@ TORCH_ACT = {
     "silu": F.silu,
     "gelu": F.gelu,
     "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "relu2": lambda t: F.relu(t) ** 2,
 }
 
 
@@ -133,7 +134,7 @@ def _twin_grads(outs, twin_ins, grads):
 
 
 def _unary_body(data, backend):
-    act = data.draw(st.sampled_from(["relu", "silu", "gelu", "gelu_tanh"]), label="act")
+    act = data.draw(st.sampled_from(ember.activations.UNARY), label="act")
     dtype = draw_dtype(data, backend)
     shape = data.draw(fs.shapes(max_numel=_cap(backend, 20000, 3000)), label="shape")
     x = draw_tensor(data, shape, dtype, "x")
@@ -375,7 +376,7 @@ def _int8_body(data, backend):
     smooth = None
     if data.draw(st.booleans(), label="smooth"):
         smooth = torch.rand(K, generator=torch.Generator().manual_seed(K)) + 0.5
-    ours = ember.ops.int8_linear(x, wq, ws, b, act=act, mode=mode, smooth=smooth, backend=backend)
+    ours = ember.ops.int8_linear(x, wq, ws, b, activation=act, mode=mode, smooth=smooth, backend=backend)
     deq = wq.double() * (ws.double()[:, None] if ws.dim() == 1 else ws.double().repeat_interleave(K // ws.shape[1], 1))
     xs = x.double() * (1 if smooth is None else smooth.double())
     b64 = None if b is None else b.double()

@@ -211,5 +211,5 @@ def test_kernel_level_checks():
         torch.ops.ember_C.gated_act(torch.randn(2, 3), torch.randn(2, 4), "silu")
     with pytest.raises(RuntimeError, match="must be 2-D"):
         torch.ops.ember_C.gated_act(torch.randn(2, 3, 1), torch.randn(2, 3, 1), "silu")
-    with pytest.raises(RuntimeError, match="unknown activation 'tanh'"):
+    with pytest.raises(ValueError, match="unknown activation 'tanh'; expected one of relu, silu, gelu, gelu_tanh, relu2"):
         torch.ops.ember_C.gated_act(torch.randn(2, 3), torch.randn(2, 3), "tanh")

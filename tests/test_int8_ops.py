@@ -75,13 +75,13 @@ def test_int8_linear_w8a8_smoothing_and_strided_rows(backend_device, group_size)
     x = torch.randn(M, K + 5, device=dev)[:, :K] * 4
     smooth = torch.rand(K, device=dev) + 0.5
     bias = torch.randn(N, device=dev)
-    y = I.int8_linear(x, w, sw, bias, act="silu", smooth=smooth, backend=name)
+    y = I.int8_linear(x, w, sw, bias, activation="silu", smooth=smooth, backend=name)
     ref = I.int8_linear_reference(x, w, sw, bias, "silu", "w8a8", smooth)
     torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 2e-3), (torch.float64, 1e-6)])
-@pytest.mark.parametrize("act", [None, "relu", "silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("act", [None, *ember.activations.UNARY])
 @pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
 def test_int8_linear_dtypes_and_fused_act(backend_device, dtype, tol, act, mode):
     name, dev = _backend_args(backend_device)
@@ -90,7 +90,7 @@ def test_int8_linear_dtypes_and_fused_act(backend_device, dtype, tol, act, mode)
     w, sw = _weights(40, 64, dev)
     x = torch.randn(2, 3, 64, device=dev).to(dtype)  # 3-D input
     bias = torch.randn(40, device=dev).to(dtype)
-    y = I.int8_linear(x, w, sw, bias, act=act, mode=mode, backend=name)
+    y = I.int8_linear(x, w, sw, bias, activation=act, mode=mode, backend=name)
     assert y.shape == (2, 3, 40) and y.dtype == dtype
     ref = I.int8_linear_reference(x, w, sw, bias, act or "none", mode).double()
     # an output-rounding ulp of the largest outputs (GEMM results share one scale across a row); in W8A8
@@ -152,8 +152,8 @@ def test_bad_inputs_raise_clear_errors():
         I.int8_linear(torch.randn(4, 31), w, sw)
     with pytest.raises(ValueError, match="mode must be"):
         I.int8_linear(x, w, sw, mode="w4a16")
-    with pytest.raises(ValueError, match="act must be"):
-        I.int8_linear(x, w, sw, act="tanh")
+    with pytest.raises(ValueError, match="activation must be"):
+        I.int8_linear(x, w, sw, activation="tanh")
     with pytest.raises(ValueError, match="bias must have shape"):
         I.int8_linear(x, w, sw, torch.randn(9))
     with pytest.raises(ValueError, match="same device"):
@@ -214,7 +214,7 @@ def test_cpu_packed_gemm_matches_reference(shape):
                               (torch.float64, None, bias, smooth)):
         # a non-contiguous x (every other column of a wider tensor is not allowed: rows strided instead)
         x = torch.randn(M, K + 3)[:, :K].to(dtype)
-        y = I.int8_linear(x, w, sw, b, act=act, smooth=sm, backend="cpu", w_packed=wp)
+        y = I.int8_linear(x, w, sw, b, activation=act, smooth=sm, backend="cpu", w_packed=wp)
         ref = I.int8_linear_reference(x, w, sw, b, act=act or "none", smooth=sm)
         assert y.dtype == dtype and y.shape == (M, N)
         tol = {torch.float32: 1e-5, torch.float64: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
@@ -244,7 +244,7 @@ def test_cpu_packed_grouped_gemm_matches_reference(shape):
         ref = I.int8_linear_reference(x, w, sw, b, act=act or "none", smooth=sm)
         tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2}[dtype]
         for packed in (wp, None):  # the VNNI kernel, and ATen's int8 GEMM per group without a pack
-            y = I.int8_linear(x, w, sw, b, act=act, smooth=sm, backend="cpu", w_packed=packed)
+            y = I.int8_linear(x, w, sw, b, activation=act, smooth=sm, backend="cpu", w_packed=packed)
             assert y.dtype == dtype and y.shape == (M, N)
             torch.testing.assert_close(y.double(), ref.double(), atol=tol * ref.abs().max().item(), rtol=tol)
 
@@ -283,7 +283,7 @@ def test_cpu_packed_gemm_nan_and_zero_rows_stay_in_their_row():
 @pytest.mark.skipif(ember.available_backends()["cpu"] is not None, reason="needs ember._C")
 def test_int8linear_cpu_eager_path_matches_op():
     lin = torch.nn.Linear(100, 48)
-    q = ember.nn.Int8Linear.from_linear(lin, "w8a8", act="gelu")
+    q = ember.nn.Int8Linear.from_linear(lin, "w8a8", activation="gelu")
     x = torch.randn(2, 3, 100)
     y = q(x)
     assert "_packed" in q.__dict__ and y.shape == (2, 3, 48)
@@ -295,7 +295,7 @@ def test_int8linear_cpu_eager_path_matches_op():
     with pytest.raises(ValueError, match="in_features"):
         q(torch.randn(2, 99))  # bad input still gets int8_linear's error
     with ember.backend("reference"):  # an ambient backend choice is still honoured
-        ref = I.int8_linear(x, q.weight, q.weight_scale, q.bias, act="gelu")
+        ref = I.int8_linear(x, q.weight, q.weight_scale, q.bias, activation="gelu")
         torch.testing.assert_close(q(x), ref, atol=0, rtol=0)
 
 
@@ -323,7 +323,7 @@ def test_int8_linear_group_sizes(backend_device, mode, group_size):
     w, sw = _weights(N, K, dev, group_size)
     x = torch.randn(M, K, device=dev) * 2
     bias = torch.randn(N, device=dev)
-    y = I.int8_linear(x, w, sw, bias, act="gelu", mode=mode, backend=name)
+    y = I.int8_linear(x, w, sw, bias, activation="gelu", mode=mode, backend=name)
     ref = I.int8_linear_reference(x, w, sw, bias, "gelu", mode)
     torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
 

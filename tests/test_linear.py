@@ -13,7 +13,7 @@ import ember
 from ember.ops.activation import act_reference
 from ember.ops.linear import linear_act
 
-ACTS = ["none", "relu", "silu", "gelu", "gelu_tanh"]
+ACTS = list(ember.activations.EPILOGUE)
 DTYPES = [
     pytest.param(torch.float32, id="fp32"),
     pytest.param(torch.float16, id="fp16"),

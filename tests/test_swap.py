@@ -345,7 +345,7 @@ HF_ACTS = {
     "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu_python_tanh": "gelu_tanh",
     "gelu_accurate": "gelu_tanh", "gelu_fast": "gelu_tanh",
     "silu": "silu", "swish": "silu", "relu": "relu",
-    "quick_gelu": None, "gelu_10": None, "mish": None, "linear": None, "laplace": None, "relu2": None,
+    "quick_gelu": None, "gelu_10": None, "mish": None, "linear": None, "laplace": None, "relu2": "relu2",
     "relu6": None, "sigmoid": None, "tanh": None, "leaky_relu": None, "hardswish": None, "prelu": None,
 }
 
@@ -368,7 +368,8 @@ def test_hf_activation_classes(name, dtype):
         return
     assert [(r.name, r.before) for r in report.replaced] == [("1", type(act))]
     new = model[1]
-    assert type(new) is {"gelu": ember.nn.GELU, "gelu_tanh": ember.nn.GELU, "silu": ember.nn.SiLU, "relu": ember.nn.ReLU}[want]
+    assert type(new) is {"gelu": ember.nn.GELU, "gelu_tanh": ember.nn.GELU, "silu": ember.nn.SiLU, "relu": ember.nn.ReLU,
+                         "relu2": ember.nn.ReLU2}[want]
     if want.startswith("gelu"):
         assert new.approximate == ("none" if want == "gelu" else "tanh")
     tol = TOL[dtype]

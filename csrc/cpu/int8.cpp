@@ -94,6 +94,7 @@ at::Tensor int8_linear_w8a8(const at::Tensor& x, const at::Tensor& w, const at::
   if (x.size(1) == 0) return out.zero_().add_(bias ? *bias : at::zeros({N}, x.options()));
   const at::Tensor b = float_or_null(bias);
   const DType dtype = to_dtype(x.scalar_type(), "int8_linear_w8a8", "x");
+  check_act_code(act, "int8_linear_w8a8");
   const int64_t K = x.size(1);
   if (w_packed) {
     // ember's own VNNI GEMM with quantize, dequant, bias and activation fused around it (int8_impl.h).
@@ -149,6 +150,7 @@ at::Tensor int8_linear_w8a16(const at::Tensor& x, const at::Tensor& w, const at:
   const int64_t M = x.size(0), N = w.size(0), K = w.size(1);
   const int64_t group = sw.dim() == 1 ? K : K / sw.size(1);
   const DType dtype = to_dtype(x.scalar_type(), "int8_linear_w8a16", "x");
+  check_act_code(act, "int8_linear_w8a16");
   if (M <= 16 && (group == K || group % 16 == 0)) {
     at::Tensor out = at::empty({M, N}, x.options());
     if (M == 0 || N == 0) return out;

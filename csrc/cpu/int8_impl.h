@@ -30,14 +30,14 @@ void dispatch_float(DType dtype, F&& f) {
   }
 }
 
-// Calls f.template operator()<A, HAS_ACT>() for act code (-1 = none, else ember::Act).
+// Calls f.template operator()<A, HAS_ACT>() for an ember::Act code (Act::kNone = -1: no activation).
 template <typename F>
 void dispatch_act(int32_t act, F&& f) {
-  switch (act) {
-    case 0: return f.template operator()<Act::kRelu, true>();
-    case 1: return f.template operator()<Act::kSilu, true>();
-    case 2: return f.template operator()<Act::kGelu, true>();
-    case 3: return f.template operator()<Act::kGeluTanh, true>();
+  switch (static_cast<Act>(act)) {
+#define EMBER_CASE(member, text) \
+  case Act::member: return f.template operator()<Act::member, true>();
+    EMBER_FOR_EACH_ACT(EMBER_CASE)
+#undef EMBER_CASE
     default: return f.template operator()<Act::kRelu, false>();
   }
 }

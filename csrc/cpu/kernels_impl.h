@@ -15,10 +15,11 @@ void dispatch(DType dtype, Act act, F&& f) {
   auto with_act = [&](auto tag) {
     using scalar_t = decltype(tag);
     switch (act) {
-      case Act::kRelu: return f.template operator()<scalar_t, Act::kRelu>();
-      case Act::kSilu: return f.template operator()<scalar_t, Act::kSilu>();
-      case Act::kGelu: return f.template operator()<scalar_t, Act::kGelu>();
-      case Act::kGeluTanh: return f.template operator()<scalar_t, Act::kGeluTanh>();
+#define EMBER_CASE(member, text) \
+  case Act::member: return f.template operator()<scalar_t, Act::member>();
+      EMBER_FOR_EACH_ACT(EMBER_CASE)
+#undef EMBER_CASE
+      case Act::kNone: break;  // callers handle "no activation" before dispatching
     }
   };
   switch (dtype) {

@@ -104,6 +104,9 @@ inline V act_forward(const V& x) {
     return x / (V(T(1)) + vexp(x.neg()));
   } else if constexpr (A == Act::kGelu) {
     return V(T(0.5)) * x * (V(T(1)) + verf(x * V(T(kSqrt1_2))));
+  } else if constexpr (A == Act::kRelu2) {
+    const V r = V::blendv(x, V(T(0)), x < V(T(0)));  // NaN stays NaN, as torch.relu(x) ** 2
+    return r * r;
   } else if constexpr (std::is_same_v<T, double>) {
     return V(T(0.5)) * x * (V(T(1)) + gelu_tanh_inner(x).tanh());
   } else {
@@ -126,6 +129,8 @@ inline V act_backward(const V& grad, const V& x) {
     const V cdf = V(T(0.5)) * (one + verf(x * V(T(kSqrt1_2))));
     const V pdf = V(T(kInvSqrt2Pi)) * vexp(V(T(-0.5)) * x * x);
     return grad * (cdf + x * pdf);
+  } else if constexpr (A == Act::kRelu2) {
+    return V::blendv(V(T(2)) * x * grad, V(T(0)), x <= V(T(0)));  // selected like ReLU's: 0 where x <= 0
   } else {
     const V x2 = x * x;
     const V dinner = V(T(kSqrt2OverPi)) * (one + V(T(3.0 * kGeluTanhCoeff)) * x2);

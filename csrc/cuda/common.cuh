@@ -79,6 +79,9 @@ __device__ __forceinline__ C act_forward(C x) {
     return x / (C(1) + op_exp(-x));
   } else if constexpr (A == Act::kGelu) {
     return C(0.5) * x * (C(1) + op_erf(x * C(kSqrt1_2)));
+  } else if constexpr (A == Act::kRelu2) {
+    const C r = x < C(0) ? C(0) : x;  // NaN stays NaN, as torch.relu(x) ** 2
+    return r * r;
   } else {
     const C inner = C(kSqrt2OverPi) * (x + C(kGeluTanhCoeff) * x * x * x);
     return C(0.5) * x * (C(1) + op_tanh(inner));
@@ -99,6 +102,8 @@ __device__ __forceinline__ C act_backward(C grad, C x) {
     const C cdf = C(0.5) * (one + op_erf(x * C(kSqrt1_2)));
     const C pdf = C(kInvSqrt2Pi) * op_exp(C(-0.5) * x * x);
     return grad * (cdf + x * pdf);
+  } else if constexpr (A == Act::kRelu2) {
+    return x <= C(0) ? C(0) : C(2) * x * grad;  // selected like ReLU's: 0 where x <= 0
   } else {
     const C x2 = x * x;
     const C t = op_tanh(C(kSqrt2OverPi) * (x + C(kGeluTanhCoeff) * x2 * x));
@@ -145,10 +150,11 @@ template <typename F>
 cudaError_t dispatch(DType dtype, Act act, F&& f) {
   auto with_act = [&](auto type_tag) -> cudaError_t {
     switch (act) {
-      case Act::kRelu: return f(type_tag, ActTag<Act::kRelu>{});
-      case Act::kSilu: return f(type_tag, ActTag<Act::kSilu>{});
-      case Act::kGelu: return f(type_tag, ActTag<Act::kGelu>{});
-      case Act::kGeluTanh: return f(type_tag, ActTag<Act::kGeluTanh>{});
+#define EMBER_CASE(member, text) \
+  case Act::member: return f(type_tag, ActTag<Act::member>{});
+      EMBER_FOR_EACH_ACT(EMBER_CASE)
+#undef EMBER_CASE
+      case Act::kNone: break;
     }
     return cudaErrorInvalidValue;
   };

@@ -45,6 +45,7 @@ at::Tensor int8_linear_w8a8(const at::Tensor& x, const at::Tensor& w, const at::
   const char* op = "int8_linear_w8a8";
   check_rows(x, op, "x");
   const DType dtype = to_dtype(x.scalar_type(), op, "x");
+  check_act_code(act, op);
   TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1), "ember_C.",
               op, ": w must be contiguous int8 (N, K) with K = ", x.size(1), ", got ", w.scalar_type(), " ", w.sizes());
   TORCH_CHECK(sw.scalar_type() == at::kFloat && sw.dim() == 1 && sw.size(0) == w.size(0), "ember_C.", op,

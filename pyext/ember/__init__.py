@@ -11,7 +11,7 @@ from ._versions import check_at_import as _check_versions
 _check_versions()  # torch / triton in the supported range (pyproject.toml), else a clear message
 
 from ._backend import BACKENDS, backend, get_backend, set_backend  # noqa: E402
-from . import ops, nn, optim  # noqa: E402  (ops registers the torch.library custom ops)
+from . import activations, ops, nn, optim  # noqa: E402  (ops registers the torch.library custom ops)
 from .swap import SwapReport, SwapRule, register_rule, swap, unswap  # noqa: E402  (the function shadows the package name)
 from . import quant  # noqa: E402
 from .quant import quantize  # noqa: E402

@@ -272,8 +272,10 @@ def _install(arch: int, full: bool, use_cache: bool) -> None:
 # ---------------------------------------------------------------------------------------------
 # The launcher calls: what ember's dispatch makes, with small CPU tensors.
 # ---------------------------------------------------------------------------------------------
-ACTS = ("relu", "silu", "gelu", "gelu_tanh")
-GATED_ACTS = ("silu", "gelu", "gelu_tanh")
+def _acts():
+    from . import activations  # imports torch, which only the launcher calls need
+
+    return activations.UNARY, activations.GATED
 
 
 def _dtypes(names):
@@ -350,7 +352,7 @@ def _c_linear_bwd(dt, M, precision):
         kl.gemm(g, w.t())  # dx = dpre @ W
         kl.gemm(g.t(), x.t())  # dW = dpre^T @ x
         kl.gemm(g, w.t(), residual=kl.gemm(g, w.t())[0])  # gated dx: dgate @ Wg + dup @ Wu
-    for act in ("none",) + ACTS:
+    for act in ("none",) + _acts()[0]:
         for need_db in (True, False):
             kl.act_grad_and_bias(g, g, act, need_db)
 
@@ -421,6 +423,7 @@ def _c_optim8bit(dt):
 def triton_cases(arch: int, quick: bool) -> list:
     """[(family, label, fn, args)]: the launcher calls for one arch, most expensive first."""
     P = functools.partial
+    ACTS, GATED_ACTS = _acts()
     floats = _dtypes(("float32", "bfloat16") if quick else ("float32", "float16", "bfloat16", "float64"))
     gemm_dtypes = _dtypes(("bfloat16", "float32") if quick else ("bfloat16", "float16", "float32"))
     cases = []
@@ -449,7 +452,9 @@ def triton_cases(arch: int, quick: bool) -> list:
     # Int8: both modes, the three M tiles, per-channel and grouped weights (128 / 32: one dot per block;
     # 16 and 48: the split 32-wide int8 dot), every activation in full mode.
     groups = (None, 128, 16) if quick else (None, 128, 48, 32, 16)
-    acts = (-1,) if quick else (-1, 0, 1, 2, 3)
+    from . import activations
+
+    acts = (-1,) if quick else tuple(activations.ID.values())
     for mode in ("w8a8", "w8a16"):
         for dt in (_dtypes(("bfloat16", "float32")) if quick else floats):
             for M in ((1, 256) if quick else (1, 33, 256)):

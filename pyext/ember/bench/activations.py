@@ -58,6 +58,10 @@ def _relu(x):
     return F.relu(x)
 
 
+def _relu2(x):
+    return F.relu(x) ** 2  # transformers' ReLUSquaredActivation: relu, then square
+
+
 def _swiglu(gate, up):
     return F.silu(gate) * up
 
@@ -83,6 +87,7 @@ OPS: dict[str, Op] = {
     "gelu_tanh": Op(1, _gelu_tanh, lambda x, backend: ember.ops.gelu(x, "tanh", backend=backend)),
     "silu": Op(1, _silu, lambda x, backend: ember.ops.silu(x, backend=backend)),
     "relu": Op(1, _relu, lambda x, backend: ember.ops.relu(x, backend=backend)),
+    "relu2": Op(1, _relu2, lambda x, backend: ember.ops.relu2(x, backend=backend)),
     "swiglu": Op(2, _swiglu, lambda g, u, backend: ember.ops.swiglu(g, u, backend=backend)),
     "geglu": Op(2, _geglu, lambda g, u, backend: ember.ops.geglu(g, u, backend=backend)),
 }

@@ -1,7 +1,7 @@
 """Drop-in ``torch.nn`` modules backed by ember's fused ops."""
-from .activation import GELU, GeGLU, ReLU, SiLU, SwiGLU
+from .activation import GELU, GeGLU, ReLU, ReLU2, SiLU, SwiGLU
 from .gated_mlp import GatedMLP
 from .int8_linear import Int8Linear
 from .linear import FusedConv1DMLP, FusedIntermediate, Linear
 
-__all__ = ["GELU", "SiLU", "ReLU", "SwiGLU", "GeGLU", "GatedMLP", "Linear", "FusedIntermediate", "FusedConv1DMLP", "Int8Linear"]
+__all__ = ["GELU", "SiLU", "ReLU", "ReLU2", "SwiGLU", "GeGLU", "GatedMLP", "Linear", "FusedIntermediate", "FusedConv1DMLP", "Int8Linear"]

@@ -1,5 +1,6 @@
 """Drop-in activation modules. GELU/SiLU/ReLU subclass their torch.nn twins (same constructor, repr,
-state and ``isinstance``) and run ember's op; SwiGLU/GeGLU are the fused gated forms."""
+state and ``isinstance``) and run ember's op; ReLU2 is squared ReLU, which torch.nn lacks (transformers
+calls it ``ReLUSquaredActivation``); SwiGLU/GeGLU are the fused gated forms."""
 from __future__ import annotations
 
 import torch
@@ -25,6 +26,13 @@ class ReLU(nn.ReLU):
         if self.inplace:
             return super().forward(x)
         return ops.relu(x)
+
+
+class ReLU2(nn.Module):
+    """Squared ReLU, ``relu(x) ** 2`` (Primer, Nemotron-H)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.relu2(x)
 
 
 def _split(op: str, gate: torch.Tensor, up: torch.Tensor | None):

@@ -16,9 +16,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import ops
+from .. import activations, ops
 
-ACTIVATIONS = ("silu", "gelu", "gelu_tanh")
+ACTIVATIONS = activations.GATED
 _PROJS = ("gate_proj", "up_proj", "down_proj")
 
 

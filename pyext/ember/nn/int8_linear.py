@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import activations
 from ..ops import int8 as int8_ops
 
 
@@ -29,7 +30,7 @@ class Int8Linear(nn.Module):
         *,
         mode: str = "w8a8",
         group_size: int | None = None,
-        act: str | None = None,
+        activation: str | None = None,
         smooth: bool = False,
         device=None,
         dtype=torch.float32,
@@ -38,11 +39,11 @@ class Int8Linear(nn.Module):
         super().__init__()
         if mode not in int8_ops.MODES:
             raise ValueError(f"ember.nn.Int8Linear: mode must be one of {int8_ops.MODES}, got {mode!r}")
-        if act is not None and act not in int8_ops.ACT_IDS:
-            raise ValueError(f"ember.nn.Int8Linear: act must be None or one of {tuple(int8_ops.ACT_IDS)[1:]}, got {act!r}")
+        activation = activations.check("ember.nn.Int8Linear", activation)
         g = int8_ops.check_group_size("Int8Linear", in_features, group_size)
         self.in_features, self.out_features = in_features, out_features
-        self.mode, self.group_size, self.act = mode, group_size, (None if act == "none" else act)
+        self.mode, self.group_size = mode, group_size
+        self.activation = None if activation == "none" else activation
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         shape = (out_features,) if group_size is None else (out_features, in_features // g)
         self.register_buffer("weight_scale", torch.zeros(shape, dtype=torch.float32, device=device))
@@ -57,7 +58,7 @@ class Int8Linear(nn.Module):
         mode: str = "w8a8",
         *,
         group_size: int | None = None,
-        act: str | None = None,
+        activation: str | None = None,
         smooth: torch.Tensor | None = None,
     ) -> "Int8Linear":
         """Quantize ``linear``'s weight. ``smooth`` (fp32 (in_features,), SmoothQuant's s) is folded into the
@@ -66,7 +67,7 @@ class Int8Linear(nn.Module):
             raise TypeError(f"ember.nn.Int8Linear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
         w = linear.weight.detach()
         new = cls(linear.in_features, linear.out_features, linear.bias is not None, mode=mode, group_size=group_size,
-                  act=act, smooth=smooth is not None, device=w.device, dtype=w.dtype)
+                  activation=activation, smooth=smooth is not None, device=w.device, dtype=w.dtype)
         wf = w.float()
         if smooth is not None:
             s = smooth.detach().to(device=w.device, dtype=torch.float32)
@@ -85,10 +86,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         packed = self._cpu_packing(x)
         if packed is not None:
-            y = int8_ops.cpu_w8a8_eager(x, self.weight, self.weight_scale, self.bias, self.smooth, self.act, packed)
+            y = int8_ops.cpu_w8a8_eager(x, self.weight, self.weight_scale, self.bias, self.smooth, self.activation or "none", packed)
             if y is not None:
                 return y
-        return int8_ops.int8_linear(x, self.weight, self.weight_scale, self.bias, act=self.act, mode=self.mode,
+        return int8_ops.int8_linear(x, self.weight, self.weight_scale, self.bias, activation=self.activation, mode=self.mode,
                                     smooth=self.smooth, w_packed=packed)
 
     def _cpu_packing(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -126,7 +127,7 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         extra = f", group_size={self.group_size}" if self.group_size else ""
-        extra += f", act={self.act!r}" if self.act else ""
+        extra += f", activation={self.activation!r}" if self.activation else ""
         extra += ", smoothed" if self.smooth is not None else ""
         return f"in_features={self.in_features}, out_features={self.out_features}, mode={self.mode!r}{extra}"
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import ops
+from .. import activations, ops
 
-ACTIVATIONS = (None, "relu", "silu", "gelu", "gelu_tanh")
+ACTIVATIONS = (None,) + activations.UNARY
 
 
 class Linear(nn.Linear):

@@ -1,69 +1,22 @@
-"""relu, silu, gelu (erf / tanh): the ``ember::unary_act`` op and its backward.
+"""The unary activations: the ``ember::unary_act`` op and its backward.
 
-One custom op covers the four activations (``act`` names which), so the schema, fake kernel,
-autograd and backend dispatch are written once; every backend computes the same formulas:
-
-    relu       max(x, 0)                      (NaN passes through)
-    silu       x * sigmoid(x)
-    gelu       0.5 x (1 + erf(x / sqrt 2))
-    gelu_tanh  0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
-
-Backward keeps only the input (as torch does) and recomputes what it needs from it.
+One custom op covers every activation of the table in ember/activations.py (``act`` names which), so
+the schema, fake kernel, autograd and backend dispatch are written once, and every backend computes
+the table's formulas. Backward keeps only the input (as torch does) and recomputes what it needs.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .. import _backend
+from .. import _backend, activations
 from ._common import ARG_ERRORS, check_float, eager, eager_native
 
-ACTS = ("relu", "silu", "gelu", "gelu_tanh")
+ACTS = activations.UNARY
 
-
-# ---------------------------------------------------------------------------------------------
-# Pure-PyTorch reference: the test oracle (run in float64) and the fallback on any device.
-# Low-precision inputs compute in fp32 and round once, like torch's own kernels.
-# ---------------------------------------------------------------------------------------------
-def _opmath(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype in (torch.float32, torch.float64) else t.float()
-
-
-def act_reference(x: torch.Tensor, act: str) -> torch.Tensor:
-    xf = _opmath(x)
-    if act == "relu":
-        y = torch.where(xf < 0, torch.zeros_like(xf), xf)
-    elif act == "silu":
-        y = xf * torch.sigmoid(xf)
-    elif act == "gelu":
-        y = 0.5 * xf * (1.0 + torch.erf(xf * (1.0 / math.sqrt(2.0))))
-    elif act == "gelu_tanh":
-        y = 0.5 * xf * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (xf + 0.044715 * xf**3)))
-    else:
-        raise ValueError(f"ember.ops: unknown activation {act!r}; expected one of {ACTS}")
-    return y.to(x.dtype)
-
-
-def act_backward_reference(grad: torch.Tensor, x: torch.Tensor, act: str) -> torch.Tensor:
-    """grad * act'(x)."""
-    g, xf = _opmath(grad), _opmath(x)
-    if act == "relu":
-        dx = torch.where(xf <= 0, torch.zeros_like(g), g)  # NaN passes grad, as torch
-    elif act == "silu":
-        s = torch.sigmoid(xf)
-        dx = g * s * (1.0 + xf * (1.0 - s))
-    elif act == "gelu":
-        cdf = 0.5 * (1.0 + torch.erf(xf * (1.0 / math.sqrt(2.0))))
-        pdf = torch.exp(-0.5 * xf * xf) / math.sqrt(2.0 * math.pi)
-        dx = g * (cdf + xf * pdf)
-    elif act == "gelu_tanh":
-        k = math.sqrt(2.0 / math.pi)
-        t = torch.tanh(k * (xf + 0.044715 * xf**3))
-        dx = g * (0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * k * (1.0 + 3 * 0.044715 * xf * xf))
-    else:
-        raise ValueError(f"ember.ops: unknown activation {act!r}; expected one of {ACTS}")
-    return dx.to(x.dtype)
+# The pure-PyTorch reference (the test oracle in float64, and the "reference" backend) is the table's:
+# low-precision inputs compute in fp32 and round once, like torch's own kernels.
+act_reference = activations.reference
+act_backward_reference = activations.reference_backward
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,17 +91,9 @@ def _apply(op: str, x: torch.Tensor, act: str, backend: str | None) -> torch.Ten
     return unary_act(x, act, _backend.request(backend, x.device, op))
 
 
-def _gelu_act(op: str, approximate: str) -> str:
-    if approximate == "none":
-        return "gelu"
-    if approximate == "tanh":
-        return "gelu_tanh"
-    raise ValueError(f"ember.ops.{op}: approximate must be 'none' or 'tanh', got {approximate!r}")
-
-
 def gelu(x: torch.Tensor, approximate: str = "none", *, backend: str | None = None) -> torch.Tensor:
     """GELU, exact (``approximate="none"``) or tanh-approximated, like ``torch.nn.functional.gelu``."""
-    return _apply("gelu", x, _gelu_act("gelu", approximate), backend)
+    return _apply("gelu", x, activations.gelu_name("ember.ops.gelu", approximate), backend)
 
 
 def silu(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
@@ -159,3 +104,9 @@ def silu(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
 def relu(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """ReLU: max(x, 0), NaN propagating."""
     return _apply("relu", x, "relu", backend)
+
+
+def relu2(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """Squared ReLU: max(x, 0)^2 (Primer, Nemotron-H), as ``torch.relu(x) ** 2``, NaN propagating."""
+    return _apply("relu2", x, "relu2", backend)
+

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from .. import _backend
+from .. import _backend, activations
 from ._common import ARG_ERRORS, as_rows, check_float, check_same, eager, eager_native
-from .activation import _gelu_act, act_backward_reference, act_reference
+from .activation import act_backward_reference, act_reference
 
 
 def gated_reference(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
@@ -114,4 +114,4 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) 
 
 def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "none", *, backend: str | None = None) -> torch.Tensor:
     """GeGLU: ``gelu(gate, approximate) * up`` in one fused pass."""
-    return _apply("geglu", gate, up, _gelu_act("geglu", approximate), backend)
+    return _apply("geglu", gate, up, activations.gelu_name("ember.ops.geglu", approximate), backend)

@@ -6,7 +6,7 @@ Quantization is symmetric (no zero points): an int8 value q stands for q * scale
                (scale (N, K / group_size)); made once, offline, by ``quantize_weight``
   activations  per token (row) at run time: scale_m = max_k |x[m, k]| / 127, computed inside the op
 
-``int8_linear(x, w, w_scale, bias, act=, mode=, smooth=)`` computes ``act(x @ dequant(w).T + bias)``:
+``int8_linear(x, w, w_scale, bias, activation=, mode=, smooth=)`` computes ``act(x @ dequant(w).T + bias)``:
 
   mode="w8a16"  weight-only: the int8 weight is widened inside the GEMM (x keeps its precision)
   mode="w8a8"   dynamic: x is quantized per token, the product runs on int8 units with int32
@@ -24,11 +24,11 @@ import math
 
 import torch
 
-from .. import _backend
+from .. import _backend, activations
 from ._common import as_rows, check_float
 
 MODES = ("w8a8", "w8a16")
-ACT_IDS = {"none": -1, "relu": 0, "silu": 1, "gelu": 2, "gelu_tanh": 3}
+ACT_IDS = activations.ID  # the epilogue's activation, as the kernels' int code
 QMAX = 127.0
 
 
@@ -110,12 +110,10 @@ def dequantize_weight(w: torch.Tensor, w_scale: torch.Tensor, dtype=torch.float3
 
 
 def _finish(y: torch.Tensor, bias, act: str, dtype) -> torch.Tensor:
-    from .activation import act_reference
-
     if bias is not None:
         y = y + bias.to(y.dtype)
     if act != "none":
-        y = act_reference(y, act)
+        y = activations.reference(y, act)
     return y.to(dtype)
 
 
@@ -285,13 +283,13 @@ def int8_linear(
     w_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    act: str | None = None,
+    activation: str | None = None,
     mode: str = "w8a8",
     smooth: torch.Tensor | None = None,
     backend: str | None = None,
     w_packed: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``act((x * smooth) @ dequant(w, w_scale).T + bias)`` with int8 weights; see the module docstring.
+    """``activation((x * smooth) @ dequant(w, w_scale).T + bias)`` with int8 weights; see the module docstring.
 
     ``w_packed`` (optional, CPU W8A8): ``pack_weight_cpu(w, group_size)``; with it the CPU runs ember's own
     VNNI GEMM (quantize, GEMM and epilogue fused; per-group scales applied per group in registers) instead
@@ -300,9 +298,7 @@ def int8_linear(
     check_float(op, "x", x)
     if mode not in MODES:
         raise ValueError(f"ember.ops.{op}: mode must be one of {MODES}, got {mode!r}")
-    act = "none" if act is None else act
-    if act not in ACT_IDS:
-        raise ValueError(f"ember.ops.{op}: act must be None or one of {tuple(ACT_IDS)[1:]}, got {act!r}")
+    act = activations.check(f"ember.ops.{op}", activation)
     if not isinstance(w, torch.Tensor) or w.dtype != torch.int8 or w.dim() != 2:
         got = f"{w.dtype} {w.dim()}-D" if isinstance(w, torch.Tensor) else type(w).__name__
         raise TypeError(f"ember.ops.{op}: w must be a 2-D int8 tensor (out_features, in_features), got {got}")

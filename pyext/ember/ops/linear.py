@@ -1,7 +1,7 @@
 """linear and gated_linear: matmuls with fused epilogues, the ``ember::linear_act`` and
 ``ember::gated_linear`` ops, forward and backward.
 
-    linear        out = act(x @ W^T + b) [+ residual]           act: none, relu, silu, gelu, gelu_tanh
+    linear        out = act(x @ W^T + b) [+ residual]           act: none or any of ember.activations
     gated_linear  h = act(x @ Wg^T + bg) * (x @ Wu^T + bu)       act: silu (SwiGLU), gelu, gelu_tanh (GeGLU)
 
 Why fused: torch eager runs ``addmm`` and then the activation as a second kernel, which reads and
@@ -26,12 +26,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .. import _backend
+from .. import _backend, activations
 from ._common import ARG_ERRORS, check_float, eager, eager_native, wants_grad
-from .activation import ACTS, act_backward_reference, act_reference
+from .activation import act_backward_reference, act_reference
 
-LINEAR_ACTS = ("none",) + ACTS
-GATED_ACTS = ("silu", "gelu", "gelu_tanh")
+LINEAR_ACTS = activations.EPILOGUE
+GATED_ACTS = activations.GATED
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,13 +323,6 @@ gated_linear_op.register_autograd(_gated_autograd, setup_context=_gated_setup)
 # ---------------------------------------------------------------------------------------------
 # Public functions: argument checks, then the op.
 # ---------------------------------------------------------------------------------------------
-def _check_act(op: str, act, allowed) -> str:
-    act = "none" if act is None else act
-    if act not in allowed:
-        raise ValueError(f"ember.ops.{op}: activation must be one of {allowed}, got {act!r}")
-    return act
-
-
 def _check_weight(op: str, x: torch.Tensor, name: str, w: torch.Tensor, b: Optional[torch.Tensor], bname: str):
     check_float(op, name, w)
     if w.dim() != 2:
@@ -368,7 +361,7 @@ def linear(
 ) -> torch.Tensor:
     """``act(x @ weight^T + bias) + residual`` as one op, ``weight`` laid out as ``nn.Linear.weight``.
 
-    activation: None / "none", "relu", "silu", "gelu" (erf) or "gelu_tanh"; residual (optional) has
+    activation: None / "none", "relu", "silu", "gelu" (erf), "gelu_tanh" or "relu2"; residual (optional) has
     the output's shape and is added after the activation. fp32 GEMMs follow
     ``torch.backends.cuda.matmul.allow_tf32`` on GPU.
     """
@@ -377,7 +370,7 @@ def linear(
             return eager().linear(x, weight, bias, residual, "none" if activation is None else activation)
         except ARG_ERRORS:
             pass  # the checks below say what is wrong
-    act = _check_act("linear", activation, LINEAR_ACTS)
+    act = activations.check("ember.ops.linear", activation, LINEAR_ACTS)
     _check_x("linear", x)
     _check_weight("linear", x, "weight", weight, bias, "bias")
     if residual is not None:
@@ -411,7 +404,7 @@ def gated_linear(
             return eager().gated_linear(x, w_gate, w_up, b_gate, b_up, activation)
         except ARG_ERRORS:
             pass  # the checks below say what is wrong
-    act = _check_act("gated_linear", activation, GATED_ACTS)
+    act = activations.check("ember.ops.gated_linear", activation, GATED_ACTS)
     _check_x("gated_linear", x)
     _check_weight("gated_linear", x, "w_gate", w_gate, b_gate, "b_gate")
     _check_weight("gated_linear", x, "w_up", w_up, b_up, "b_up")

@@ -18,7 +18,7 @@ from typing import Callable
 
 from torch import nn
 
-from ..nn.activation import GELU, ReLU, SiLU
+from ..nn.activation import GELU, ReLU, ReLU2, SiLU
 from .forward import forward_matches, method_matches
 from .registry import SwapRule
 
@@ -28,6 +28,7 @@ EMBER_MODULES: dict[str, Callable[[], nn.Module]] = {
     "silu": SiLU,
     "gelu": GELU,
     "gelu_tanh": functools.partial(GELU, approximate="tanh"),
+    "relu2": ReLU2,
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -105,6 +106,9 @@ _HF_ACTS = {
         "gelu_tanh",
     ),
     "SiLUActivation": _HFActivation("return nn.functional.silu({x})", "silu"),
+    "ReLUSquaredActivation": _HFActivation(
+        "relu_applied = nn.functional.relu({x})\nsquared = torch.square(relu_applied)\nreturn squared", "relu2"
+    ),
 }
 # Not swapped: QuickGELU (x sigmoid(1.702 x): another function), ClippedGELU (clamps), and the rest.
 _HF_UNSUPPORTED = {
