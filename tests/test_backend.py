@@ -92,7 +92,7 @@ def test_env_variable_and_info_cli():
     assert out.stdout.strip() == "reference"
     info = subprocess.run([sys.executable, "-m", "ember", "info"], capture_output=True, text=True, timeout=300)
     assert info.returncode == 0, info.stderr
-    assert "torch" in info.stdout and "auto ->" in info.stdout
+    assert "torch" in info.stdout and "live:" in info.stdout and "int8_linear" in info.stdout
 
 
 def test_portable_cpu_kernels_match_avx512():
@@ -127,3 +127,72 @@ def test_portable_cpu_kernels_match_avx512():
             tol = {torch.float32: 1e-5, torch.float64: 1e-12}.get(dtype, 1e-2)
             for t1, t2 in zip(a, b):
                 torch.testing.assert_close(t1, t2, atol=tol, rtol=tol)
+
+
+# ---------------------------------------------------------------------------------------------
+# The registry: supports rules, "auto" skipping a backend that cannot take a call, and explicit
+# requests that cannot serve raising instead of falling back.
+# ---------------------------------------------------------------------------------------------
+def test_every_rule_has_a_summary_and_names_a_known_backend():
+    rules = _backend.rules()
+    assert {(r.backend, r.op) for r in rules} >= {("triton", "linear"), ("cuda", "int8_linear"), ("cpu", "optim_step")}
+    for r in rules:
+        assert r.backend in _backend.BACKENDS and r.summary
+
+
+def test_auto_takes_the_fastest_backend_whose_rule_takes_the_call():
+    cpu = torch.device("cpu")
+    want = "cpu" if _backend.extension() else "reference"
+    assert _backend.choose("auto", cpu, "optim_step", dtype=torch.float64, dense=True) == want
+    assert _backend.choose("auto", cpu, "optim_step", dtype=torch.float32, dense=False) == "reference"
+    assert _backend.choose("auto", cpu, "adamw8bit_step", dtype=torch.float64, dense=True) == "reference"
+
+
+def test_cuda_int8_rules_send_what_the_cuda_kernels_lack_elsewhere():
+    why = _backend.why_not
+    assert why("cuda", "int8_linear", mode="w8a8", group=None, in_features=64) is None
+    assert "W8A8 only" in why("cuda", "int8_linear", mode="w8a16", group=None, in_features=64)
+    assert "not groups" in why("cuda", "int8_linear", mode="w8a8", group=32, in_features=64)
+    assert "% 16" in why("cuda", "int8_linear", mode="w8a8", group=None, in_features=40)
+    assert why("triton", "int8_linear", mode="w8a8", group=32, in_features=64) is None
+    assert "multiple of 16" in why("triton", "int8_linear", mode="w8a8", group=24, in_features=48)
+
+
+def test_explicit_triton_request_it_cannot_serve_raises(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    x, w = torch.randn(3, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    with pytest.raises(_backend.BackendError, match=r"ember.ops.linear: backend 'triton' cannot run this call: "
+                                                    r"the Triton GEMM takes .* got torch.float64"):
+        ember.ops.linear(x, w, backend="triton")
+    torch.testing.assert_close(ember.ops.linear(x, w), x @ w.t())  # auto: served by another backend
+
+
+def test_explicit_optimizer_backend_never_falls_back(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    p = torch.nn.Parameter(torch.randn(8, dtype=torch.float64))
+    p.grad = torch.randn(8, dtype=torch.float64)
+    opt = ember.optim.AdamW([p], lr=0.1, backend="triton")
+    with pytest.raises(_backend.BackendError, match=r"ember.optim.AdamW: backend 'triton' cannot run this call: .*float64"):
+        opt.step()
+    ember.optim.AdamW([p], lr=0.1).step()  # auto takes the group (C++ or reference)
+
+
+def test_explicit_8bit_backend_refuses_a_strided_parameter():
+    if _backend.extension() is None:
+        pytest.skip("ember._C not built")
+    p = torch.nn.Parameter(torch.randn(96, 64).t())  # 6144 elements, quantized state, not contiguous
+    p.grad = torch.randn(96, 64).t()
+    before = p.detach().clone()
+    with pytest.raises(_backend.BackendError, match="AdamW8bit: backend 'cpu' cannot run this call: .*dense"):
+        ember.optim.AdamW8bit([p], lr=0.1, backend="cpu").step()
+    ember.optim.AdamW8bit([p], lr=0.1).step()  # auto: the reference takes it
+    assert not torch.equal(p.detach(), before)
+
+
+def test_info_prints_the_registry():
+    from ember import info
+
+    text = info.describe()
+    assert "int8_linear" in text and "optim_step" in text and "live:" in text

@@ -17,6 +17,8 @@ import functools
 import importlib
 import os
 import threading
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -130,23 +132,93 @@ def why_unavailable(name: str, device: torch.device) -> str | None:
     raise ValueError(f"ember: unknown backend {name!r}")
 
 
-# Fastest first, per device type. Triton before CUDA C++ would be a per-op choice; for the
-# memory-bound ops so far the CUDA C++ kernels are the default and Triton the fallback.
+# ----------------------------------------------------------------------------------------------
+# What each backend's kernels take. A backend that is available on the device may still not take a
+# call (the Triton GEMM has no float64, the CUDA int8 GEMM only per-channel W8A8, ...). Each backend
+# declares that once, next to its kernels, as ``supports`` rules: a function of the call's inputs
+# (keywords such as dtype=, mode=) returning None when the kernels take the call, else the reason.
+#   kernels/supports.py       the Triton kernels
+#   pyext/ember/ops/_native.py  ember._C's C++ CPU and CUDA kernels
+# The reference backend takes everything.
+# ----------------------------------------------------------------------------------------------
+class BackendError(RuntimeError):
+    """An explicitly requested backend cannot run a call. Explicit requests never fall back."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    backend: str
+    op: str
+    check: Callable[..., "str | None"]
+    summary: str  # one line for `python -m ember info`
+
+
+_RULES: dict[tuple[str, str], Rule] = {}
+
+
+def supports(backend: str, *ops: str, summary: str):
+    """Decorator: ``check(**inputs) -> None | reason`` is what ``backend``'s kernels take for ``ops``."""
+    _check_name(backend)
+
+    def register(check):
+        for op in ops:
+            _RULES[(backend, op)] = Rule(backend, op, check, summary)
+        return check
+
+    return register
+
+
+def rules() -> tuple[Rule, ...]:
+    _load_rules()
+    return tuple(_RULES.values())
+
+
+@functools.lru_cache(maxsize=None)
+def _load_rules() -> None:
+    # Importing the declaring modules registers their rules. ember.kernels.supports needs no triton.
+    importlib.import_module("ember.ops._native")
+    importlib.import_module("ember.kernels.supports")
+
+
+def why_not(name: str, op: str, **inputs) -> str | None:
+    """None when backend ``name``'s kernels take this call of ``op``, else the reason."""
+    _load_rules()
+    rule = _RULES.get((name, op))
+    return None if rule is None else rule.check(**inputs)
+
+
+# Fastest first, per device type: "auto" takes the first that is available and supports the call. For
+# the memory-bound ops so far the CUDA C++ kernels beat Triton; Triton serves what they do not take.
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 
-def resolve(requested: str | None, device: torch.device, op: str) -> str:
-    """Turn a request (None = use the ambient choice) into a concrete, available backend name."""
+def choose(requested: str | None, device: torch.device, op: str, *, label: str | None = None, **inputs) -> str:
+    """The concrete backend that runs this call of ``op`` (None = the ambient request).
+
+    "auto": the fastest backend available on ``device`` whose kernels take the inputs. An explicit
+    name: that backend, or a BackendError naming it and the reason it cannot run the call. Without
+    inputs only availability is judged (``resolve``)."""
     name = _check_name(requested) if requested is not None else get_backend()
     if name == "auto":
-        for candidate in _AUTO_ORDER.get(device.type, ("reference",)):
-            if why_unavailable(candidate, device) is None:
+        for candidate in _AUTO_ORDER.get(device.type, ()):
+            if why_unavailable(candidate, device) is None and (not inputs or why_not(candidate, op, **inputs) is None):
                 return candidate
         return "reference"
+    where = f"ember.{label}" if label else f"ember.ops.{op}"
     reason = why_unavailable(name, device)
     if reason is not None:
-        raise RuntimeError(f"ember.ops.{op}: backend {name!r} is unavailable: {reason}")
+        raise BackendError(f"{where}: backend {name!r} is unavailable: {reason}")
+    reason = why_not(name, op, **inputs) if inputs else None
+    if reason is not None:
+        raise BackendError(f"{where}: backend {name!r} cannot run this call: {reason}. Use backend='auto' "
+                           "to let ember choose one that can")
     return name
+
+
+def resolve(requested: str | None, device: torch.device, op: str) -> str:
+    """The backend a request names, judged on availability only: for ops no backend has rules for,
+    and for the early checks before an op's inputs are known (the op then calls ``choose``)."""
+    return choose(requested, device, op)
 
 
 @functools.lru_cache(maxsize=None)

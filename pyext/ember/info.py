@@ -52,10 +52,31 @@ def describe() -> str:
     else:
         lines.append("GPU          none")
     lines.append(f"backend      requested: {_backend.get_backend()}")
-    for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        device = torch.device(dev)
-        status = ", ".join(
-            f"{name}: {'live' if _backend.why_unavailable(name, device) is None else 'off'}" for name in _backend.BACKENDS
-        )
-        lines.append(f"  on {dev:4s}   {status}; auto -> {_backend.resolve('auto', device, 'info')}")
+    lines += _registry(["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
     return "\n".join(lines)
+
+
+# The ops whose backends the registry chooses between, in the order users meet them.
+_OPS = ("unary_act", "gated_act", "linear", "gated_linear", "quantize_per_token", "int8_linear", "optim_step",
+        "adamw8bit_step")
+
+
+def _registry(devices: list[str]) -> list[str]:
+    """Per device: which backends are live (and why the others are not), then per op the order "auto"
+    tries the live ones in, each with what its kernels take (its supports rule; none: every input)."""
+    rules = {(r.backend, r.op): r.summary for r in _backend.rules()}
+    lines = []
+    for dev in devices:
+        device = torch.device(dev)
+        off = {name: _backend.why_unavailable(name, device) for name in _backend.BACKENDS}
+        live = [n for n in _backend._AUTO_ORDER.get(device.type, ("reference",)) if off[n] is None]
+        explicit = [n for n in _backend.BACKENDS if off[n] is None and n not in live]
+        lines.append(f"  on {dev:4s}   live: {', '.join(live)}"
+                     + (f"; {', '.join(explicit)} only when asked for by name" if explicit else ""))
+        for name, reason in off.items():
+            if reason is not None:
+                lines.append(f"               {name} off: {reason}")
+        for op in _OPS:
+            order = " > ".join(f"{n} ({rules[(n, op)]})" if (n, op) in rules else n for n in live)
+            lines.append(f"    {op:19s}{order}")
+    return lines

@@ -174,18 +174,10 @@ def _quantize_forward(x, smooth, backend):
     return torch.ops.ember_C.quantize_per_token(x2, smooth)  # C++ CPU or CUDA kernel
 
 
-def _cuda_fallback(x, w, w_scale, mode) -> str:
-    """The CUDA C++ kernels cover per-channel W8A8 with in_features % 16 == 0; Triton does the rest."""
-    if mode == "w8a8" and (w_scale.dim() == 1 or w_scale.shape[1] == 1) and w.shape[1] % 16 == 0:
-        return "cuda"
-    return "triton" if _backend.why_unavailable("triton", x.device) is None else "reference"
-
-
 def _linear_forward(x, w, w_scale, bias, smooth, act, mode, backend, w_packed=None):
-    backend = _backend.resolve(backend, x.device, "int8_linear")
     N, K = w.shape
-    if backend == "cuda":
-        backend = _cuda_fallback(x, w, w_scale, mode)
+    group = None if w_scale.dim() == 1 or w_scale.shape[1] == 1 else K // w_scale.shape[1]
+    backend = _backend.choose(backend, x.device, "int8_linear", mode=mode, group=group, in_features=K)
     if backend == "reference":
         return int8_linear_reference(x, w, w_scale, bias, act, mode, smooth)
     x2 = as_rows(x)

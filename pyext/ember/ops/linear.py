@@ -99,7 +99,7 @@ def _nrows(x: torch.Tensor) -> int:
 # ember::linear_act
 # ---------------------------------------------------------------------------------------------
 def _linear_fwd(x, weight, bias, residual, act, save_preact, backend):
-    backend = _backend.resolve(backend, x.device, "linear")
+    backend = _backend.choose(backend, x.device, "linear", dtype=x.dtype)
     x2 = _rows(x)
     r2 = None if residual is None else _rows(residual)
     if backend == "reference":
@@ -153,7 +153,7 @@ def linear_act_backward(
     need_db: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    backend = _backend.resolve(backend, x.device, "linear_backward")
+    backend = _backend.choose(backend, x.device, "linear", dtype=x.dtype)
     x2, g2 = _rows(x), _rows(grad_out)
     if act != "none" and preact.numel() == 0 and g2.numel():
         # Forward ran without keeping the pre-activation (grad mode off): recompute it.
@@ -222,7 +222,7 @@ def gated_linear_op(
     save_preact: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    backend = _backend.resolve(backend, x.device, "gated_linear")
+    backend = _backend.choose(backend, x.device, "gated_linear", dtype=x.dtype)
     x2 = _rows(x)
     if backend == "reference":
         h, pre = gated_linear_reference(x2, w_gate, w_up, b_gate, b_up, act)
@@ -256,7 +256,7 @@ def gated_linear_backward(
     need_db: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    backend = _backend.resolve(backend, x.device, "gated_linear_backward")
+    backend = _backend.choose(backend, x.device, "gated_linear", dtype=x.dtype)
     x2, g2 = _rows(x), _rows(grad_out)
     if preact.numel() == 0 and g2.numel():
         preact = torch.cat([F.linear(x2, w_gate, b_gate), F.linear(x2, w_up, b_up)], dim=1)

@@ -15,20 +15,18 @@ from torch import _prims_common
 from .. import _backend
 from ..ops import optim as _op
 
-# Parameter dtypes each backend's kernel takes; other groups (and non-dense parameters) run on the
-# reference backend. Only the C++ CPU kernel has a float64 path (float64 math throughout).
-_FLOATS_16_32 = (torch.float32, torch.float16, torch.bfloat16)
-_KERNEL_DTYPES = {"cpu": _FLOATS_16_32 + (torch.float64,), "cuda": _FLOATS_16_32, "triton": _FLOATS_16_32}
 _LOW_DTYPES = (torch.float16, torch.bfloat16)
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _STRIDED = torch.strided
 
 
 @torch.compiler.assume_constant_result
-def _resolve(requested, device: torch.device, op: str) -> str:
-    # Inside a torch.compile'd step Dynamo cannot trace the availability probes (imports, caches);
-    # the answer is a constant for the process, so the trace takes it as one.
-    return _backend.resolve(requested, device, op)
+def _choose(requested, device: torch.device, op: str, label: str, dtype: torch.dtype, dense: bool) -> str:
+    # The backend for one (device, dtype) group: what its kernels take is declared by each backend
+    # (ember._backend.supports); "auto" takes the fastest that takes the group, an explicit request
+    # that cannot raises. Inside a torch.compile'd step Dynamo cannot trace the availability probes
+    # (imports, caches); the answer is a constant for the process, so the trace takes it as one.
+    return _backend.choose(requested, device, op, label=label, dtype=dtype, dense=dense)
 
 
 # torch 2.13 renamed is_non_overlapping_and_dense to ..._or_false.
@@ -56,6 +54,7 @@ def _scalar_dtype():
 class MultiTensorOptimizer(torch.optim.Optimizer):
     _kind: str = ""
     _name: str = ""
+    _kernel_op = "optim_step"  # the op whose backends' supports rules judge a group
     _has_step = True  # keeps torch's per-parameter 'step' state
 
     def __init__(self, params, defaults: dict, *, backend: str | None = None, master_weights: bool = False):
@@ -195,9 +194,7 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
                 b[4].append(state["step"])
             b[5].append(p)
         for (device, dtype, master, kernel_ok, extra), (params, grads, states, masters, steps, ps) in buckets.items():
-            backend = _resolve(self.backend, device, f"optim.{self._name}")
-            if backend != "reference" and not (kernel_ok and dtype in _KERNEL_DTYPES.get(backend, ())):
-                backend = "reference"
+            backend = _choose(self.backend, device, self._kernel_op, f"optim.{self._name}", dtype, kernel_ok)
             lists = [states[k] if k is not None else [] for k in slots]
             gs = fi = None
             if grad_scale is not None:

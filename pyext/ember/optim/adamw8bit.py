@@ -21,6 +21,7 @@ import math
 import torch
 from torch import Tensor
 
+from .. import _backend
 from ..ops import optim as _op
 from ..ops import optim8bit as _q8
 from ..ops.optim8bit import (BLOCK, dequantize_signed, dequantize_unsigned, quantize_signed,  # noqa: F401
@@ -30,6 +31,7 @@ from ._base import MultiTensorOptimizer, host_lr
 
 class AdamW8bit(MultiTensorOptimizer):
     _kind, _name = "adam", "AdamW8bit"
+    _kernel_op = "adamw8bit_step"
     _slots = ("exp_avg", "exp_avg_sq", None)
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, *, maximize=False,
@@ -85,11 +87,15 @@ class AdamW8bit(MultiTensorOptimizer):
                            lr, grad_scale, found_inf, backend)
         quant = [i for i, q in enumerate(quantized) if q]
         # The kernels walk blocks in memory order, which is the logical order only for contiguous
-        # parameters; the rare others (e.g. a transposed view) take the reference path.
-        for run, ids in ((backend, [i for i in quant if params[i].is_contiguous()]),
-                         ("reference", [i for i in quant if not params[i].is_contiguous()])):
+        # parameters; the rare others (e.g. a transposed view) need a backend that takes them ("auto":
+        # the reference; an explicit kernel backend raises, naming the reason).
+        strided = [i for i in quant if not params[i].is_contiguous()]
+        for run, ids in ((backend, [i for i in quant if params[i].is_contiguous()]), (None, strided)):
             if not ids:
                 continue
+            if run is None:
+                run = _backend.choose(self.backend, params[ids[0]].device, "adamw8bit_step",
+                                      label=f"optim.{self._name}", dtype=params[ids[0]].dtype, dense=False)
             pick = lambda lst: [lst[i] for i in ids]  # noqa: E731
             sts = [self.state[ps[i]] for i in ids]
             _q8.adamw8bit_step(pick(params), pick(grads), pick(m), pick(v), [st["exp_avg_absmax"] for st in sts],

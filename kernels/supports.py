@@ -1,0 +1,35 @@
+"""What ember's Triton kernels take: the "triton" backend's ``supports`` rules (see ember._backend).
+
+Importing this module needs no triton: "auto" consults these rules before it would import a kernel.
+"""
+from __future__ import annotations
+
+import torch
+
+from ember._backend import supports
+
+_TL_DOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_UPDATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@supports("triton", "linear", "gated_linear", summary="float16, bfloat16, float32 (tl.dot has no float64)")
+def _gemm(*, dtype: torch.dtype) -> str | None:
+    if dtype not in _TL_DOT_DTYPES:
+        return f"the Triton GEMM takes float16, bfloat16 or float32 (tl.dot has no float64), got {dtype}"
+    return None
+
+
+@supports("triton", "int8_linear", summary="per-channel weights, or groups of a multiple of 16 channels")
+def _int8(*, mode: str, group: int | None, in_features: int) -> str | None:
+    if group is not None and group != in_features and (group & -group) < 16:
+        return f"the Triton int8 GEMM needs group_size to be a multiple of 16 (one tl.dot operand), got {group}"
+    return None
+
+
+@supports("triton", "optim_step", "adamw8bit_step", summary="dense float16, bfloat16, float32 parameters")
+def _update(*, dtype: torch.dtype, dense: bool) -> str | None:
+    if dtype not in _UPDATE_DTYPES:
+        return f"the Triton optimizer kernels update float16, bfloat16 or float32 parameters, got {dtype}"
+    if not dense:
+        return "the Triton optimizer kernels walk dense (contiguous, gap-free) parameters"
+    return None
