@@ -16,6 +16,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/_unsafe_view.h>
 
+#include "activation.h"
 #include "eager.h"
 
 namespace ember::eager {
@@ -65,11 +66,14 @@ void check_operand(const Tensor& t, const Tensor& x, const char* op, const char*
                    ", x has ", x.scalar_type());
 }
 
-// Mirrors ember.activations: GATED there is silu, gelu, gelu_tanh; the linear epilogue takes every
-// activation and "none". A name this rejects falls back to the Python checks, which name the choices.
+// The linear epilogue takes "none" and every activation of the table (EMBER_FOR_EACH_ACT); the gated forms
+// take ember.activations.GATED (silu, gelu, gelu_tanh). A name this rejects falls back to the Python
+// checks, which name the choices.
 void check_act(const std::string& act, bool gated, const char* op) {
-  const bool ok = act == "silu" || act == "gelu" || act == "gelu_tanh" ||
-                  (!gated && (act == "relu" || act == "relu2" || act == "none"));
+  bool ok = gated ? (act == "silu" || act == "gelu" || act == "gelu_tanh") : act == "none";
+#define EMBER_KNOWN(member, text) ok = ok || (!gated && act == text);
+  EMBER_FOR_EACH_ACT(EMBER_KNOWN)
+#undef EMBER_KNOWN
   TORCH_CHECK_VALUE(ok, "ember.ops.", op, ": unsupported activation '", act, "'");
 }
 

@@ -10,7 +10,7 @@ from ._versions import check_at_import as _check_versions
 
 _check_versions()  # torch / triton in the supported range (pyproject.toml), else a clear message
 
-from ._backend import BACKENDS, backend, get_backend, set_backend  # noqa: E402
+from ._backend import BACKENDS, BackendError, backend, get_backend, set_backend  # noqa: E402
 from . import activations, ops, nn, optim  # noqa: E402  (ops registers the torch.library custom ops)
 from .swap import SwapReport, SwapRule, register_rule, swap, unswap  # noqa: E402  (the function shadows the package name)
 from . import quant  # noqa: E402
@@ -29,4 +29,4 @@ def available_backends(device="cpu") -> dict:
     return {name: why_unavailable(name, dev) for name in BACKENDS}
 
 
-__all__ = ["ops", "nn", "optim", "quant", "quantize", "swap", "unswap", "SwapRule", "SwapReport", "register_rule", "backend", "set_backend", "get_backend", "available_backends", "BACKENDS"]
+__all__ = ["ops", "nn", "optim", "quant", "quantize", "swap", "unswap", "SwapRule", "SwapReport", "register_rule", "backend", "set_backend", "get_backend", "available_backends", "BACKENDS", "BackendError"]

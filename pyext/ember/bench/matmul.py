@@ -37,6 +37,10 @@ from ember.metrics import max_rel_error
 SUITE = "matmul"
 DIRECTIONS = ("fwd", "fwd+bwd")
 
+# A layer so small that at M = 1 the per-call overhead (argument checks, dispatch, autograd recording) is
+# most of the time: ember's eager path must stay within 5% of torch's F.gelu(F.linear(...)) there.
+_OVERHEAD_KN = (64, 64)
+
 # (M list, {op: [(K, N)] or [(H, I)] for the gated MLP}). GPU: Llama-3-8B layer shapes; the plain GEMM
 # also at 8192^2 for the ">= 95% of cuBLAS at 4096^3 and up" target. Each (op, shape, direction) is
 # one torch.compile(max-autotune) compile on GPU, so the list is kept to what the targets need.
@@ -45,9 +49,11 @@ _SIZES = {
                         {"linear": [(4096, 4096), (8192, 8192)], "linear_gelu": [(4096, 14336)],
                          "gated_mlp": [(4096, 14336)]}),
     ("cuda", "small"): ((1, 128, 4096),
-                        {"linear": [(4096, 4096)], "linear_gelu": [(4096, 14336)], "gated_mlp": [(4096, 14336)]}),
+                        {"linear": [(4096, 4096)], "linear_gelu": [(4096, 14336), _OVERHEAD_KN],
+                         "gated_mlp": [(4096, 14336)]}),
     ("cpu", "small"): ((1, 32, 256),
-                       {"linear": [(1024, 1024), (1024, 4096)], "linear_gelu": [(1024, 1024), (1024, 4096)],
+                       {"linear": [(1024, 1024), (1024, 4096)],
+                        "linear_gelu": [(1024, 1024), (1024, 4096), _OVERHEAD_KN],
                         "gated_mlp": [(1024, 2816)]}),
     ("cpu", "large"): ((1, 128, 1024, 4096),
                        {"linear": [(4096, 4096)], "linear_gelu": [(4096, 4096)], "gated_mlp": [(4096, 11008)]}),
@@ -184,6 +190,8 @@ def _maker(op, provider, direction, dtype, shape, device):
 def _target(cfg: Config, op: str, direction: str, provider: str, shape) -> Target | None:
     if not provider.startswith("ember-"):
         return None
+    if op == "linear_gelu" and shape == (1, *_OVERHEAD_KN):
+        return Target("speedup", 0.95, ("torch",))  # per-call overhead within 5% of torch's
     if cfg.kind == "cpu":
         return Target("speedup", 1.0, ("torch",))
     if op == "linear" and min(shape) >= 4096:
@@ -215,9 +223,10 @@ def cases(cfg: Config) -> list[Case]:
 
 def describe_targets(cfg: Config) -> list[str]:
     if cfg.kind == "cpu":
-        return ["matmul: every ember row at least as fast as torch eager."]
+        return ["matmul: every ember row at least as fast as torch eager, except the per-call overhead row "
+                "(linear_gelu 1x64x64): within 5% of torch eager."]
     return ["matmul: plain GEMM >= 95% of cuBLAS at 4096^3+; linear_gelu >= 1.15x eager (and >= torch.compile); "
-            "gated_mlp fwd+bwd >= 1.2x eager."]
+            "gated_mlp fwd+bwd >= 1.2x eager; per-call overhead (linear_gelu 1x64x64) within 5% of eager."]
 
 
 # ---------------------------------------------------------------------------------------------
