@@ -13,7 +13,7 @@ at::Tensor unary_act(const at::Tensor& x, c10::string_view act) {
   const Act a = parse_act(std::string(act));
   const at::Tensor xc = x.contiguous();
   at::Tensor y = at::empty_like(xc);
-  if (xc.numel() > 0) kernels().unary_act(xc.const_data_ptr(), y.mutable_data_ptr(), xc.numel(), dtype, a);
+  if (xc.numel() > 0) activation_kernels().unary(xc.const_data_ptr(), y.mutable_data_ptr(), xc.numel(), dtype, a);
   return y;
 }
 
@@ -24,8 +24,8 @@ at::Tensor unary_act_backward(const at::Tensor& grad_out, const at::Tensor& x, c
   const at::Tensor gc = grad_out.contiguous(), xc = x.contiguous();
   at::Tensor dx = at::empty_like(xc);
   if (xc.numel() > 0)
-    kernels().unary_act_backward(gc.const_data_ptr(), xc.const_data_ptr(), dx.mutable_data_ptr(), xc.numel(),
-                                 dtype, a);
+    activation_kernels().unary_backward(gc.const_data_ptr(), xc.const_data_ptr(), dx.mutable_data_ptr(), xc.numel(),
+                                        dtype, a);
   return dx;
 }
 

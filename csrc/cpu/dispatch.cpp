@@ -1,4 +1,4 @@
-// Picks the CPU kernel table for this machine once, at first use.
+// Picks the CPU kernel tables for this machine once, at first use.
 //
 // EMBER_CPU_ISA=portable forces the portable table on any CPU: the tests use it to check the
 // portable build on AVX-512 machines, where it would otherwise never run.
@@ -28,7 +28,12 @@ static bool use_avx512() {
   return chosen;
 }
 
-const Kernels& kernels() { return use_avx512() ? kernels_avx512() : kernels_default(); }
+static const IsaKernels& for_this_cpu() { return use_avx512() ? kernels_avx512() : kernels_default(); }
+
+const ActivationKernels& activation_kernels() { return for_this_cpu().activation; }
+const LinearKernels& linear_kernels() { return for_this_cpu().linear; }
+const OptimKernels& optim_kernels() { return for_this_cpu().optim; }
+const Int8Kernels& int8_kernels() { return for_this_cpu().int8; }
 
 const char* isa() { return use_avx512() ? "avx512" : "portable"; }
 

@@ -15,8 +15,8 @@ at::Tensor gated_act(const at::Tensor& gate, const at::Tensor& up, c10::string_v
   const Act a = parse_act(std::string(act));
   at::Tensor out = at::empty(gate.sizes(), gate.options());
   if (out.numel() > 0)
-    kernels().gated_act(gate.const_data_ptr(), up.const_data_ptr(), out.mutable_data_ptr(), gate.size(0),
-                        gate.size(1), gate.stride(0), up.stride(0), dtype, a);
+    activation_kernels().gated(gate.const_data_ptr(), up.const_data_ptr(), out.mutable_data_ptr(), gate.size(0),
+                               gate.size(1), gate.stride(0), up.stride(0), dtype, a);
   return out;
 }
 
@@ -30,9 +30,9 @@ std::tuple<at::Tensor, at::Tensor> gated_act_backward(const at::Tensor& grad_out
   at::Tensor dgate = at::empty(gate.sizes(), gate.options());
   at::Tensor dup = at::empty(gate.sizes(), gate.options());
   if (gate.numel() > 0)
-    kernels().gated_act_backward(gc.const_data_ptr(), gate.const_data_ptr(), up.const_data_ptr(),
-                                 dgate.mutable_data_ptr(), dup.mutable_data_ptr(), gate.size(0), gate.size(1),
-                                 gate.stride(0), up.stride(0), dtype, a);
+    activation_kernels().gated_backward(gc.const_data_ptr(), gate.const_data_ptr(), up.const_data_ptr(),
+                                        dgate.mutable_data_ptr(), dup.mutable_data_ptr(), gate.size(0), gate.size(1),
+                                        gate.stride(0), up.stride(0), dtype, a);
   return {dgate, dup};
 }
 

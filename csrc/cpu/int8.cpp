@@ -54,9 +54,9 @@ std::tuple<at::Tensor, at::Tensor> quantize_impl(const at::Tensor& x, const c10:
   at::Tensor q = at::empty({M, K}, x.options().dtype(shift128 ? at::kByte : at::kChar));
   at::Tensor s = at::empty({M}, x.options().dtype(at::kFloat));
   if (M > 0)
-    kernels().quantize_rows(x.const_data_ptr(), M, K, x.stride(0), to_dtype(x.scalar_type(), op, "x"),
-                            m.defined() ? m.const_data_ptr<float>() : nullptr,
-                            static_cast<int8_t*>(q.mutable_data_ptr()), s.mutable_data_ptr<float>(), shift128);
+    int8_kernels().quantize_rows(x.const_data_ptr(), M, K, x.stride(0), to_dtype(x.scalar_type(), op, "x"),
+                                 m.defined() ? m.const_data_ptr<float>() : nullptr,
+                                 static_cast<int8_t*>(q.mutable_data_ptr()), s.mutable_data_ptr<float>(), shift128);
   return {q, s};
 }
 
@@ -78,7 +78,8 @@ at::Tensor w8a8_grouped_fallback(const at::Tensor& x, const at::Tensor& w, const
   y.mul_(sx.unsqueeze(1));
   if (b.defined()) y.add_(b);
   if (act >= 0)
-    kernels().unary_act(y.const_data_ptr(), y.mutable_data_ptr(), y.numel(), DType::kFloat32, static_cast<Act>(act));
+    activation_kernels().unary(y.const_data_ptr(), y.mutable_data_ptr(), y.numel(), DType::kFloat32,
+                               static_cast<Act>(act));
   return out.copy_(y);
 }
 
@@ -104,18 +105,18 @@ at::Tensor int8_linear_w8a8(const at::Tensor& x, const at::Tensor& w, const at::
                 N * K + 4 * N * groups, " int8), got ", w_packed->scalar_type(), " ", w_packed->sizes());
     auto [qu, sxu] = quantize_impl(x, mul, "int8_linear_w8a8", /*shift128=*/true);
     const at::Tensor sw_k = groups == 1 ? sw.contiguous() : sw.t().contiguous();  // (G, N): 16 channels a load
-    if (kernels().w8a8_gemm_packed(qu.const_data_ptr<uint8_t>(), sxu.const_data_ptr<float>(),
-                                   w_packed->const_data_ptr<int8_t>(), sw_k.const_data_ptr<float>(),
-                                   b.defined() ? b.const_data_ptr<float>() : nullptr, out.mutable_data_ptr(), M, N, K,
-                                   groups, dtype, static_cast<int32_t>(act)))
+    if (int8_kernels().w8a8_gemm_packed(qu.const_data_ptr<uint8_t>(), sxu.const_data_ptr<float>(),
+                                        w_packed->const_data_ptr<int8_t>(), sw_k.const_data_ptr<float>(),
+                                        b.defined() ? b.const_data_ptr<float>() : nullptr, out.mutable_data_ptr(), M, N,
+                                        K, groups, dtype, static_cast<int32_t>(act)))
       return out;
   }
   if (groups > 1) return w8a8_grouped_fallback(x, w, sw, b, mul, act, out);
   auto [q, sx] = quantize_impl(x, mul, "int8_linear_w8a8");
   if (M <= 16) {  // decode: ATen's int8 GEMM is slower than a register-blocked GEMV here
-    kernels().w8a8_gemv(q.const_data_ptr<int8_t>(), sx.const_data_ptr<float>(), w.const_data_ptr<int8_t>(),
-                        sw.const_data_ptr<float>(), b.defined() ? b.const_data_ptr<float>() : nullptr,
-                        out.mutable_data_ptr(), M, N, x.size(1), dtype, static_cast<int32_t>(act));
+    int8_kernels().w8a8_gemv(q.const_data_ptr<int8_t>(), sx.const_data_ptr<float>(), w.const_data_ptr<int8_t>(),
+                             sw.const_data_ptr<float>(), b.defined() ? b.const_data_ptr<float>() : nullptr,
+                             out.mutable_data_ptr(), M, N, x.size(1), dtype, static_cast<int32_t>(act));
     return out;
   }
   // w is stored (N, K) like nn.Linear; its transpose view is the column-major (K, N) operand oneDNN
@@ -137,9 +138,9 @@ at::Tensor int8_linear_w8a8(const at::Tensor& x, const at::Tensor& w, const at::
     acc = at::empty({M, N}, x.options().dtype(at::kInt));
   }
   at::_int_mm_out(acc, q, w.t());
-  kernels().dequant_epilogue(acc.const_data_ptr<int32_t>(), sx.const_data_ptr<float>(), sw.const_data_ptr<float>(),
-                             b.defined() ? b.const_data_ptr<float>() : nullptr, out.mutable_data_ptr(), M, N,
-                             dtype, static_cast<int32_t>(act));
+  int8_kernels().dequant_epilogue(acc.const_data_ptr<int32_t>(), sx.const_data_ptr<float>(), sw.const_data_ptr<float>(),
+                                  b.defined() ? b.const_data_ptr<float>() : nullptr, out.mutable_data_ptr(), M, N,
+                                  dtype, static_cast<int32_t>(act));
   return out;
 }
 
@@ -155,9 +156,9 @@ at::Tensor int8_linear_w8a16(const at::Tensor& x, const at::Tensor& w, const at:
     at::Tensor out = at::empty({M, N}, x.options());
     if (M == 0 || N == 0) return out;
     const at::Tensor b = float_or_null(bias);
-    kernels().w8a16_gemv(x.const_data_ptr(), x.stride(0), w.const_data_ptr<int8_t>(), sw.const_data_ptr<float>(),
-                         b.defined() ? b.const_data_ptr<float>() : nullptr, out.mutable_data_ptr(), M, N, K, group,
-                         dtype, static_cast<int32_t>(act));
+    int8_kernels().w8a16_gemv(x.const_data_ptr(), x.stride(0), w.const_data_ptr<int8_t>(), sw.const_data_ptr<float>(),
+                              b.defined() ? b.const_data_ptr<float>() : nullptr, out.mutable_data_ptr(), M, N, K, group,
+                              dtype, static_cast<int32_t>(act));
     return out;
   }
   // Prefill: the GEMM costs 2*M*N*K flops against N*K for one dequantised weight copy, so for M > 16
@@ -165,7 +166,7 @@ at::Tensor int8_linear_w8a16(const at::Tensor& x, const at::Tensor& w, const at:
   const at::Tensor wd = (w.to(at::kFloat).view({N, -1, group}) * sw.view({N, -1, 1})).view({N, K}).to(x.scalar_type());
   at::Tensor out = at::linear(x, wd, bias ? c10::optional<at::Tensor>(bias->to(x.scalar_type())) : c10::nullopt);
   if (act >= 0 && out.numel() > 0)
-    kernels().unary_act(out.const_data_ptr(), out.mutable_data_ptr(), out.numel(), dtype, static_cast<Act>(act));
+    activation_kernels().unary(out.const_data_ptr(), out.mutable_data_ptr(), out.numel(), dtype, static_cast<Act>(act));
   return out;
 }
 

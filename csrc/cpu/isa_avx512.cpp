@@ -18,11 +18,11 @@
 #include "cpu/kernels_impl.h"
 
 namespace ember::cpu {
-const Kernels& kernels_avx512() { return avx512::table(); }
+const IsaKernels& kernels_avx512() { return avx512::table(); }
 }  // namespace ember::cpu
 #else
 #include "cpu/kernels.h"
 namespace ember::cpu {
-const Kernels& kernels_avx512() { return kernels_default(); }
+const IsaKernels& kernels_avx512() { return kernels_default(); }
 }  // namespace ember::cpu
 #endif

@@ -3,5 +3,5 @@
 #include "cpu/kernels_impl.h"
 
 namespace ember::cpu {
-const Kernels& kernels_default() { return portable::table(); }
+const IsaKernels& kernels_default() { return portable::table(); }
 }  // namespace ember::cpu

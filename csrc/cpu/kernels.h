@@ -1,5 +1,6 @@
-// Entry points of ember's CPU kernels, one table per instruction set. Raw pointers and sizes only:
-// the ISA-specific translation units (isa_*.cpp) see no torch tensor types.
+// Entry points of ember's CPU kernels: one table per kernel family, filled once per instruction set.
+// Raw pointers and sizes only: the ISA-specific translation units (isa_*.cpp) see no torch tensor
+// types.
 #pragma once
 #include <cstdint>
 
@@ -57,35 +58,48 @@ struct OptLaunch {
   int64_t count;
 };
 
-struct Kernels {
+// The kernels come in one table per family. Each isa_*.cpp fills every family's table for its
+// instruction set, by field name (kernels_impl.h); callers reach a family through its accessor
+// below, which returns the table for this machine's CPU.
+
+struct ActivationKernels {
   // y = act(x); n elements, contiguous.
-  void (*unary_act)(const void* x, void* y, int64_t n, DType dtype, Act act);
+  void (*unary)(const void* x, void* y, int64_t n, DType dtype, Act act);
   // dx = grad * act'(x); n elements, contiguous.
-  void (*unary_act_backward)(const void* grad, const void* x, void* dx, int64_t n, DType dtype, Act act);
+  void (*unary_backward)(const void* grad, const void* x, void* dx, int64_t n, DType dtype, Act act);
   // out = act(gate) * up over (rows, cols); gate/up rows start every *_row_stride elements,
   // out is contiguous.
-  void (*gated_act)(const void* gate, const void* up, void* out, int64_t rows, int64_t cols,
-                    int64_t gate_row_stride, int64_t up_row_stride, DType dtype, Act act);
+  void (*gated)(const void* gate, const void* up, void* out, int64_t rows, int64_t cols, int64_t gate_row_stride,
+                int64_t up_row_stride, DType dtype, Act act);
   // dgate = grad * up * act'(gate), dup = grad * act(gate); grad, dgate and dup contiguous.
-  void (*gated_act_backward)(const void* grad, const void* gate, const void* up, void* dgate, void* dup,
-                             int64_t rows, int64_t cols, int64_t gate_row_stride, int64_t up_row_stride,
-                             DType dtype, Act act);
+  void (*gated_backward)(const void* grad, const void* gate, const void* up, void* dgate, void* dup, int64_t rows,
+                         int64_t cols, int64_t gate_row_stride, int64_t up_row_stride, DType dtype, Act act);
+};
+
+struct LinearKernels {
   // Linear epilogue: out = act(pre) (+ residual). pre and out contiguous (rows, cols) and may be the
   // same buffer (in-place when no pre-activation is kept); residual rows every res_row_stride
   // elements, or nullptr.
-  void (*linear_epilogue)(const void* pre, const void* residual, void* out, int64_t rows, int64_t cols,
-                          int64_t res_row_stride, DType dtype, Act act);
+  void (*epilogue)(const void* pre, const void* residual, void* out, int64_t rows, int64_t cols,
+                   int64_t res_row_stride, DType dtype, Act act);
   // Linear backward prologue: dpre = grad * act'(pre) (grad rows every grad_row_stride elements, pre
   // and dpre contiguous) and, when col_partials is not null, per-row-chunk column sums of dpre in the
   // compute precision (float, or double for fp64): col_partials[c * cols + j] sums rows
   // [c * rows_per_chunk, (c + 1) * rows_per_chunk). The bias gradient is their sum over c; it is
   // accumulated in the same pass that writes dpre, so dpre is not read again for it.
-  void (*linear_act_backward)(const void* grad, const void* pre, void* dpre, void* col_partials, int64_t rows,
-                              int64_t cols, int64_t grad_row_stride, int64_t rows_per_chunk, DType dtype, Act act);
-  // One optimizer step over every tensor of the launch (all tensors and chunks in one parallel loop).
-  void (*optim_step)(const OptLaunch& launch);
+  void (*act_backward)(const void* grad, const void* pre, void* dpre, void* col_partials, int64_t rows,
+                       int64_t cols, int64_t grad_row_stride, int64_t rows_per_chunk, DType dtype, Act act);
+};
 
-  // Int8 inference (cpu/int8_impl.h). `act` is an ember::Act value or -1 for none.
+struct OptimKernels {
+  // One optimizer step over every tensor of the launch (all tensors and chunks in one parallel loop).
+  void (*step)(const OptLaunch& launch);
+  // One AdamW8bit step over every tensor of the launch: one parallel loop over all their blocks.
+  void (*adamw8bit_step)(const Opt8Launch& launch);
+};
+
+// Int8 inference (cpu/int8_impl.h). `act` is an ember::Act value or -1 for none.
+struct Int8Kernels {
   // q[r, :] = round(x[r, :] * mul * 127 / absmax_r), scale[r] = absmax_r / 127 (NaN for a row with
   // NaN/Inf); x rows start every ld elements, mul (cols floats) may be null; q is contiguous.
   // shift128: q holds q + 128 as uint8 instead (the u8 operand of w8a8_gemm_packed).
@@ -108,14 +122,24 @@ struct Kernels {
   // kernel or N % 16, K % 4 or (K / 4) % groups.
   bool (*w8a8_gemm_packed)(const uint8_t* qu, const float* sx, const int8_t* wp, const float* sw, const float* bias,
                            void* out, int64_t M, int64_t N, int64_t K, int64_t groups, DType dtype, int32_t act);
-  // One AdamW8bit step over every tensor of the launch: one parallel loop over all their blocks.
-  void (*adamw8bit_step)(const Opt8Launch& launch);
 };
 
-const Kernels& kernels_default();
-const Kernels& kernels_avx512();
-// The table for this machine's CPU (AVX-512 when the CPU has it).
-const Kernels& kernels();
+// Every family's table for one instruction set: what an isa_*.cpp unit exports.
+struct IsaKernels {
+  ActivationKernels activation;
+  LinearKernels linear;
+  OptimKernels optim;
+  Int8Kernels int8;
+};
+
+const IsaKernels& kernels_default();
+const IsaKernels& kernels_avx512();
+
+// The tables for this machine's CPU (AVX-512 when the CPU has it; see dispatch.cpp).
+const ActivationKernels& activation_kernels();
+const LinearKernels& linear_kernels();
+const OptimKernels& optim_kernels();
+const Int8Kernels& int8_kernels();
 const char* isa();
 
 }  // namespace ember::cpu

@@ -139,12 +139,26 @@ inline void linear_act_backward(const void* grad, const void* pre, void* dpre, v
   });
 }
 
-inline const Kernels& table() {
-  static const Kernels k{&unary_act,       &unary_act_backward,  &gated_act,        &gated_act_backward,
-                         &linear_epilogue, &linear_act_backward, &optim_step,       &quantize_rows,
-                         &dequant_epilogue, &w8a16_gemv,        &w8a8_gemv,        &w8a8_gemm_packed,
-                         &adamw8bit_step};
+// A designated initialiser leaves an entry it does not name null, which would only fail when that
+// kernel is first called; the pragma turns a forgotten entry into a compile error instead.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic error "-Wmissing-field-initializers"
+inline const IsaKernels& table() {
+  static const IsaKernels k{
+      .activation = {.unary = &unary_act,
+                     .unary_backward = &unary_act_backward,
+                     .gated = &gated_act,
+                     .gated_backward = &gated_act_backward},
+      .linear = {.epilogue = &linear_epilogue, .act_backward = &linear_act_backward},
+      .optim = {.step = &optim_step, .adamw8bit_step = &adamw8bit_step},
+      .int8 = {.quantize_rows = &quantize_rows,
+               .dequant_epilogue = &dequant_epilogue,
+               .w8a16_gemv = &w8a16_gemv,
+               .w8a8_gemv = &w8a8_gemv,
+               .w8a8_gemm_packed = &w8a8_gemm_packed},
+  };
   return k;
 }
+#pragma GCC diagnostic pop
 
 }  // namespace ember::cpu::EMBER_ISA

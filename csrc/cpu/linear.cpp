@@ -79,7 +79,7 @@ std::tuple<at::Tensor, at::Tensor> linear_act(const at::Tensor& x, const at::Ten
   // Without a kept pre-activation (inference) the epilogue overwrites pre in place: no second buffer.
   at::Tensor out = save_preact ? at::empty_like(pre) : pre;
   if (pre.numel() > 0)
-    kernels().linear_epilogue(pre.const_data_ptr(), res.defined() ? res.const_data_ptr() : nullptr,
+    linear_kernels().epilogue(pre.const_data_ptr(), res.defined() ? res.const_data_ptr() : nullptr,
                               out.mutable_data_ptr(), rows, n, res.defined() ? res.stride(0) : 0, dtype, a);
   return {out, save_preact ? pre : at::empty({0}, x.options())};
 }
@@ -98,7 +98,7 @@ std::tuple<at::Tensor, at::Tensor> act_grad_and_bias(const at::Tensor& grad, con
   const auto wide = pre.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor partials = need_db ? at::empty({chunks, cols}, pre.options().dtype(wide)) : at::Tensor();
   if (p.numel() > 0)
-    kernels().linear_act_backward(g.const_data_ptr(), p.const_data_ptr(), dpre.mutable_data_ptr(),
+    linear_kernels().act_backward(g.const_data_ptr(), p.const_data_ptr(), dpre.mutable_data_ptr(),
                                   need_db ? partials.mutable_data_ptr() : nullptr, rows, cols, g.stride(0),
                                   rows_per_chunk, to_dtype(pre.scalar_type(), "linear_act_backward", "preact"), a);
   at::Tensor db;
@@ -153,8 +153,8 @@ std::tuple<at::Tensor, at::Tensor> gated_linear(const at::Tensor& x, const at::T
   TORCH_INTERNAL_ASSERT(gate.data_ptr() == pre.data_ptr(), "ember_C.gated_linear: GEMM did not write in place");
   at::Tensor h = at::empty({rows, inter}, x.options());
   if (h.numel() > 0)
-    kernels().gated_act(gate.const_data_ptr(), up.const_data_ptr(), h.mutable_data_ptr(), rows, inter, 2 * inter,
-                        2 * inter, to_dtype(x.scalar_type(), "gated_linear", "x"), a);
+    activation_kernels().gated(gate.const_data_ptr(), up.const_data_ptr(), h.mutable_data_ptr(), rows, inter, 2 * inter,
+                               2 * inter, to_dtype(x.scalar_type(), "gated_linear", "x"), a);
   return {h, save_preact ? pre : at::empty({0}, x.options())};
 }
 
@@ -171,9 +171,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lin
   const at::Tensor g = grad_out.contiguous(), p = preact.contiguous();
   at::Tensor dgate = at::empty({rows, inter}, x.options()), dup = at::empty({rows, inter}, x.options());
   if (dgate.numel() > 0)
-    kernels().gated_act_backward(g.const_data_ptr(), p.const_data_ptr(), p.narrow(1, inter, inter).const_data_ptr(),
-                                 dgate.mutable_data_ptr(), dup.mutable_data_ptr(), rows, inter, 2 * inter, 2 * inter,
-                                 to_dtype(x.scalar_type(), "gated_linear_backward", "x"), a);
+    activation_kernels().gated_backward(g.const_data_ptr(), p.const_data_ptr(),
+                                        p.narrow(1, inter, inter).const_data_ptr(), dgate.mutable_data_ptr(),
+                                        dup.mutable_data_ptr(), rows, inter, 2 * inter, 2 * inter,
+                                        to_dtype(x.scalar_type(), "gated_linear_backward", "x"), a);
   const at::Tensor empty = at::empty({0}, x.options());
   at::Tensor dx = empty;
   if (need_dx) {

@@ -76,7 +76,7 @@ void optim_step(c10::string_view kind_name, at::TensorList params, at::TensorLis
   }
   L.tensors = ts.data();
   L.count = n;
-  kernels().optim_step(L);
+  optim_kernels().step(L);
   for (const at::TensorList list : {params, s1, s2, s3, masters}) bump_versions(list);
 }
 

@@ -40,7 +40,7 @@ void adamw8bit_step(at::TensorList params, at::TensorList grads, at::TensorList 
   }
   L.tensors = ts.data();
   L.count = static_cast<int64_t>(ts.size());
-  kernels().adamw8bit_step(L);
+  optim_kernels().adamw8bit_step(L);
 }
 
 }  // namespace
