@@ -222,6 +222,9 @@ TORCH_LIBRARY(ember_C, m) {
       "int8_linear_w8a8(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, Tensor? smooth, int act, Tensor? w_packed=None) "
       "-> Tensor");
   m.def("int8_linear_w8a16(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, int act) -> Tensor");
+  // The packed weight int8_linear_w8a8 reads as w_packed (its layout: csrc/cpu/int8.cpp), or an empty
+  // tensor where the shape has none; the group size follows from w_scale's shape.
+  m.def("int8_prepack(Tensor w, Tensor w_scale) -> Tensor");
 }
 
 namespace ember::cpu {

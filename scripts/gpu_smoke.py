@@ -402,7 +402,7 @@ def int8_checks():
                     f"{kind} {gtag}", KERN["w8a16"](x, wq, sq, bias, INT8_ACT_IDS[act]),
                     I.int8_linear_reference(x, wq, sq, bias, act, "w8a16"), **tol16))
             if BACKEND == "cpu" and N % 16 == 0:  # the packed VNNI layout
-                packed = I.pack_weight_cpu(w)
+                packed = torch.ops.ember_C.int8_prepack(w, sw)
                 check("int8_gemm", f"w8a8 packed {gtag}", lambda: close(
                     "w8a8 packed " + gtag, KERN["w8a8"](x, w, sw, bias, smooth, INT8_ACT_IDS[act], packed),
                     I.int8_linear_reference(x, w, sw, bias, act, "w8a8", smooth), **tol))

@@ -14,6 +14,7 @@ import ember.smooth_fold
 from ember.bench.int8_accuracy import minilm_accuracy
 from ember.metrics import sqnr_db
 from ember.nn import Int8Linear
+from ember.ops import int8 as I
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -159,9 +160,137 @@ def test_quantize_report_counts_the_cpu_packed_weight_copy():
     packed = sum(m.weight.numel() + 4 * m.weight.shape[0] for m in layers if m.weight.shape[0] % 16 == 0)
     assert report.bytes_packed == packed == (96 * 64 + 4 * 96) + (64 * 96 + 4 * 64)
     assert report.bytes_after == buffers + packed and "packed weight copies" in str(report)
-    model(torch.randn(2, 64))  # the copies now exist, each the size counted above
-    for m in layers:
-        made = m.__dict__["_packed"][1]
-        assert (0 if made is None else made.numel()) == m.cpu_packed_nbytes()
+    for m in layers:  # made by quantize, each the size counted above, and kept by a forward
+        made = m.weight_packed
+        model(torch.randn(2, 64))
+        assert m.weight_packed is made and made.numel() == m.cpu_packed_nbytes()
     # weight-only layers make none
     assert ember.quantize(MLP(), mode="w8a16").bytes_packed == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# weight_packed: the CPU kernel's packed copy of the weight, a non-persistent buffer kept current.
+# ---------------------------------------------------------------------------------------------
+needs_c = pytest.mark.skipif(ember.available_backends()["cpu"] is not None, reason="needs ember._C")
+
+
+def _fresh_copy(q: Int8Linear) -> Int8Linear:
+    """A layer made from q's saved state alone (so packed from q's weight as it is now)."""
+    f = Int8Linear(q.in_features, q.out_features, q.bias is not None, mode=q.mode, group_size=q.group_size,
+                   activation=q.activation, smooth=q.smooth is not None,
+                   dtype=q.bias.dtype if q.bias is not None else torch.float32)
+    f.load_state_dict(q.state_dict())
+    return f
+
+
+@needs_c
+@pytest.mark.parametrize("group_size", [None, 32])
+def test_packed_weight_is_derived_state_outside_the_state_dict(group_size):
+    q = Int8Linear.from_linear(nn.Linear(64, 48), "w8a8", group_size=group_size)
+    sd = q.state_dict()
+    assert list(sd) == ["weight", "weight_scale", "bias"]
+    assert torch.equal(q.weight_packed, I.int8_prepack(q.weight, q.weight_scale))
+    assert q.weight_packed.numel() == q.cpu_packed_nbytes() == 48 * 64 + 4 * 48 * (1 if group_size is None else 2)
+    assert q.nbytes() == sum(v.numel() * v.element_size() for v in sd.values())
+    # loading repacks: into a zero layer, strictly (the checkpoint has no weight_packed), and by assignment
+    f = Int8Linear(64, 48, mode="w8a8", group_size=group_size)
+    f.load_state_dict(sd, strict=True)
+    assert torch.equal(f.weight_packed, q.weight_packed)
+    with torch.device("meta"):
+        m = Int8Linear(64, 48, mode="w8a8")  # per channel: the checkpoint's grouping wins
+    m.load_state_dict(sd, assign=True)
+    assert m.weight_packed.device.type == "cpu" and torch.equal(m.weight_packed, q.weight_packed)
+    x = torch.randn(5, 64)
+    for other in (f, m):
+        torch.testing.assert_close(other(x), q(x), atol=0, rtol=0)
+    # w8a16 reads the plain weight: no packed copy
+    assert Int8Linear.from_linear(nn.Linear(64, 48), "w8a16").weight_packed.numel() == 0
+
+
+@needs_c
+def test_weight_edits_repack():
+    q = Int8Linear.from_linear(nn.Linear(64, 48), "w8a8", activation="silu")
+    x = torch.randn(7, 64)
+    q(x)
+
+    def assign_data():
+        q.weight.data = torch.randint(-127, 128, (48, 64), dtype=torch.int8)
+
+    def under_inference_mode():
+        with torch.inference_mode():
+            q.weight.neg_()
+
+    edits = {
+        "index": lambda: q.weight.__setitem__((0, 0), 5),
+        "neg_": lambda: q.weight.neg_(),
+        "copy_ into rows": lambda: q.weight[3:9].copy_(torch.randint(-127, 128, (6, 64))),
+        "through a transposed view": lambda: q.weight.t()[5].zero_(),
+        "through detach()": lambda: q.weight.detach()[7].fill_(100),
+        "buffer replaced": lambda: setattr(q, "weight", q.weight.flip(0).contiguous()),
+        ".data assigned": assign_data,
+        "in inference_mode": under_inference_mode,
+        "load_state_dict": lambda: q.load_state_dict(
+            {**q.state_dict(), "weight": torch.randint(-127, 128, (48, 64), dtype=torch.int8)}),
+    }
+    for name, edit in edits.items():
+        before = q.weight.clone()
+        edit()
+        assert not torch.equal(q.weight, before), name
+        torch.testing.assert_close(q(x), _fresh_copy(q)(x), atol=0, rtol=0, msg=name)
+        assert torch.equal(q.weight_packed, I.int8_prepack(q.weight, q.weight_scale)), name
+
+
+@needs_c
+def test_dtype_casts_and_moves_keep_the_packed_weight_current():
+    q = Int8Linear.from_linear(nn.Linear(64, 48), "w8a8")
+    packed = q.weight_packed
+    for cast, dtype in ((lambda m: m.to(torch.bfloat16), torch.bfloat16), (lambda m: m.half(), torch.float16),
+                        (lambda m: m.float(), torch.float32), (lambda m: m.to("cpu"), torch.float32)):
+        cast(q)
+        assert q.weight_packed is packed  # the int8 weight is untouched by a cast: nothing to repack
+        assert q.weight_scale.dtype == torch.float32 and q.bias.dtype == dtype
+        x = torch.randn(5, 64, dtype=dtype)
+        y = q(x)
+        assert y.dtype == dtype
+        torch.testing.assert_close(y, _fresh_copy(q)(x), atol=0, rtol=0)
+        ref = I.int8_linear_reference(x, q.weight, q.weight_scale, q.bias)
+        torch.testing.assert_close(y.float(), ref.float(), atol=2e-2 * ref.abs().max().item(), rtol=1e-2)
+    q.to("meta")  # a move repacks for the new device (none on meta)
+    assert q.weight_packed.device.type == "meta" and q.weight_packed.numel() == 0
+    q.to_empty(device="cpu")
+    q.load_state_dict(Int8Linear.from_linear(nn.Linear(64, 48), "w8a8").state_dict())
+    assert torch.equal(q.weight_packed, I.int8_prepack(q.weight, q.weight_scale))
+
+
+@needs_c
+def test_layers_made_under_inference_mode_pack_and_track_edits():
+    with torch.inference_mode():
+        q = Int8Linear.from_linear(nn.Linear(64, 48), "w8a8")
+        x = torch.randn(3, 64)
+        q(x)
+        assert not q.weight.is_inference() and q.weight_packed.numel() > 0
+        q.weight.neg_()
+        torch.testing.assert_close(q(x), _fresh_copy(q)(x), atol=0, rtol=0)
+        # an inference tensor put in as the weight has no version counter: no packed copy, the plain weight is read
+        q.weight = q.weight.clone()
+        y = q(x)
+        assert q.weight.is_inference() and q.weight_packed.numel() == 0 and q.cpu_packed_nbytes() == 0
+        torch.testing.assert_close(y, I.int8_linear_reference(x, q.weight, q.weight_scale, q.bias), atol=1e-5, rtol=1e-5)
+        q.weight.neg_()
+        torch.testing.assert_close(q(x), I.int8_linear_reference(x, q.weight, q.weight_scale, q.bias), atol=1e-5, rtol=1e-5)
+
+
+def test_compile_and_export_read_the_weight_itself():
+    q = Int8Linear.from_linear(nn.Linear(64, 48), "w8a8", activation="gelu")
+    x = torch.randn(5, 64)
+    f = torch.compile(q, fullgraph=True, backend="eager")
+    for _ in range(2):
+        ref = I.int8_linear_reference(x, q.weight, q.weight_scale, q.bias, act="gelu")
+        torch.testing.assert_close(f(x), ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(f(x), q(x), atol=1e-5, rtol=1e-5)
+        with torch.no_grad():
+            q.weight.neg_()  # the graph reads weight, never a packed copy that could be stale
+    for strict in (True, False):
+        ep = torch.export.export(q, (x,), strict=strict)
+        torch.testing.assert_close(ep.module()(x), q(x), atol=1e-5, rtol=1e-5)
+        assert list(ep.state_dict) == ["weight", "weight_scale", "bias"]

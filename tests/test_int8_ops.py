@@ -2,6 +2,7 @@
 quantization properties, bad inputs and the inference-only contract."""
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import ember
 from ember.ops import int8 as I
@@ -187,14 +188,72 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(f(x), I.int8_linear(x, w, sw, mode="w8a8"), atol=0, rtol=0)
 
 
+def _reference_pack(w: torch.Tensor, group_size: int | None = None) -> torch.Tensor:
+    """The CPU W8A8 packed layout written out in PyTorch (the description beside ember_C::int8_prepack in
+    csrc/cpu/int8.cpp): the (N/16, K/4, 16, 4) int8 tiles, then (G, N) int32 128 * sum of w over each group."""
+    N, K = w.shape
+    g = K if group_size is None else group_size
+    tiles = w.reshape(N // 16, 16, K // 4, 4).permute(0, 2, 1, 3).reshape(-1)
+    corr = (w.reshape(N, K // g, g).sum(-1, dtype=torch.int32) * 128).t().contiguous().view(torch.int8).reshape(-1)
+    return torch.cat([tiles, corr])
+
+
 @pytest.mark.skipif(ember.available_backends()["cpu"] is not None, reason="needs ember._C")
-def test_cpu_packed_layout():
-    w, _ = _weights(48, 100, "cpu")
-    wp = I.pack_weight_cpu(w)
-    assert wp.dtype == torch.int8 and wp.numel() == 48 * 100 + 4 * 48 and I.pack_weight_cpu(w[:40]) is None
-    tiles = wp[: 48 * 100].view(3, 25, 16, 4)
-    assert torch.equal(tiles[1, 7, 5], w[16 + 5, 28:32])  # block 1, k 4*7.., channel 16+5
-    assert torch.equal(wp[48 * 100 :].view(torch.int32), w.sum(1, dtype=torch.int32) * 128)
+@pytest.mark.parametrize("N,K,group_size", [(48, 100, None), (16, 4, None), (96, 256, 64), (64, 96, 4), (208, 388, 4),
+                                            (32, 384, 128), (1024, 64, 32)])
+def test_cpu_prepack_equals_reference_layout_bit_for_bit(N, K, group_size):
+    w, sw = _weights(N, K, "cpu", group_size)
+    w[:, 0] = -127  # the extremes of the int8 range in every column sum
+    w[0] = 127
+    wp = I.int8_prepack(w, sw)
+    assert wp.dtype == torch.int8 and wp.dim() == 1 and wp.numel() == N * K + 4 * N * (1 if group_size is None else K // group_size)
+    assert torch.equal(wp, _reference_pack(w, group_size))
+    assert torch.equal(torch.ops.ember_C.int8_prepack(w, sw), wp)
+    tiles = wp[: N * K].view(N // 16, K // 4, 16, 4)
+    assert torch.equal(tiles[N // 16 - 1, 0, 5], w[N - 16 + 5, 0:4])  # last block, k 0..3, its channel 5
+    # a non-contiguous weight packs as its contiguous copy
+    assert torch.equal(I.int8_prepack(w.t().contiguous().t(), sw), wp)
+
+
+def test_int8_prepack_empty_where_no_packed_form(backend_device):
+    name, dev = _backend_args(backend_device)
+    native_cpu = name == "cpu"
+    for N, K, g, packable in [(48, 100, None, True), (96, 256, 64, True), (40, 100, None, False),
+                              (48, 102, None, False), (16, 24, 6, False), (16, 20, 10, False), (16, 40, 8, True)]:
+        w, sw = _weights(N, K, dev, g)
+        for mode in I.MODES:
+            wp = I.int8_prepack(w, sw, mode=mode, backend=name)
+            assert wp.dtype == torch.int8 and wp.device == w.device
+            has = native_cpu and packable and mode == "w8a8"
+            assert wp.numel() == (N * K + 4 * N * (1 if g is None else K // g) if has else 0), (N, K, g, mode)
+            if name == "triton" and g is not None and g % 16:
+                continue  # Triton's grouped GEMM takes groups of 16k only
+            # the op takes its own answer either way, an empty one as no packed weight
+            x = torch.randn(5, K, device=dev)
+            y = I.int8_linear(x, w, sw, mode=mode, backend=name, w_packed=wp)
+            torch.testing.assert_close(y, I.int8_linear_reference(x, w, sw, None, "none", mode), atol=1e-4, rtol=1e-4)
+
+
+def test_int8_prepack_traces_and_checks_inputs():
+    w, sw = _weights(48, 64, "cpu", 16)
+    b = "cpu" if ember.available_backends()["cpu"] is None else "reference"
+    for mode in I.MODES:
+        torch.library.opcheck(torch.ops.ember.int8_prepack.default, (w, sw, mode, b),
+                              test_utils=("test_schema", "test_faketensor"))
+    # the fake kernel's size comes from the C++ rule (ember_C's Meta kernel)
+    real = I.int8_prepack(w, sw, backend=b)
+    with FakeTensorMode() as mode:
+        fake = torch.ops.ember.int8_prepack.default(mode.from_tensor(w), mode.from_tensor(sw), "w8a8", b)
+    assert fake.shape == real.shape and fake.dtype == real.dtype
+    assert I.int8_prepack(w.to("meta"), sw.to("meta")).numel() == 0  # the meta device has no packed form
+    with pytest.raises(TypeError, match="w must be a 2-D int8"):
+        I.int8_prepack(w.float(), sw)
+    with pytest.raises(ValueError, match="w_scale must be"):
+        I.int8_prepack(w, sw[:, :3])
+    with pytest.raises(ValueError, match="mode must be"):
+        I.int8_prepack(w, sw, mode="w4a16")
+    with pytest.raises(ValueError, match="w_packed must be"):
+        I.int8_linear(torch.randn(2, 64), w, sw, w_packed=torch.zeros(3, dtype=torch.int32))
 
 
 # (M, K, N): M across the 6-row register tile and its tails, decode and prefill sizes; N in whole and
@@ -207,7 +266,7 @@ PACKED_SHAPES = [(1, 100, 48), (5, 388, 80), (6, 64, 64), (7, 4, 16), (16, 256, 
 def test_cpu_packed_gemm_matches_reference(shape):
     M, K, N = shape
     w, sw = _weights(N, K, "cpu")
-    wp = I.pack_weight_cpu(w)
+    wp = I.int8_prepack(w, sw)
     bias, smooth = torch.randn(N), torch.rand(K) + 0.5
     for dtype, act, b, sm in ((torch.float32, None, None, None), (torch.float32, "gelu", bias, smooth),
                               (torch.bfloat16, "silu", bias, None), (torch.float16, "relu", bias, None),
@@ -230,13 +289,13 @@ GROUPED_SHAPES = [(1, 128, 48, 32), (5, 256, 80, 64), (7, 384, 16, 128), (33, 25
 def test_cpu_packed_grouped_gemm_matches_reference(shape):
     M, K, N, g = shape
     w, sw = _weights(N, K, "cpu", g)
-    wp = I.pack_weight_cpu(w, g)
+    wp = I.int8_prepack(w, sw)
     assert wp.numel() == N * K + 4 * N * (K // g)
     # the per-group column sums, (G, N) after the tiles
     want = (w.reshape(N, K // g, g).sum(-1, dtype=torch.int32) * 128).t()
     assert torch.equal(wp[N * K :].view(torch.int32).view(K // g, N), want)
     w[3, :g] = 0  # one all-zero group
-    wp = I.pack_weight_cpu(w, g)
+    wp = I.int8_prepack(w, sw)
     bias, smooth = torch.randn(N), torch.rand(K) + 0.5
     for dtype, act, b, sm in ((torch.float32, None, None, None), (torch.float32, "silu", bias, smooth),
                               (torch.bfloat16, "gelu", bias, None)):
@@ -256,12 +315,16 @@ def test_grouped_int8linear_packs_and_keeps_nan_rows_apart():
     x = torch.randn(9, 256)
     x[2, 10] = float("nan")
     y = q(x)
-    assert q.__dict__["_packed"][1].numel() == q.cpu_packed_nbytes() == 96 * 256 + 4 * 96 * 4
+    assert q.weight_packed.numel() == q.cpu_packed_nbytes() == 96 * 256 + 4 * 96 * 4
     assert y[2].isnan().all() and not y[[0, 1, *range(3, 9)]].isnan().any()
     keep = [0, 1, *range(3, 9)]
     torch.testing.assert_close(y[keep], I.int8_linear_reference(x[keep], q.weight, q.weight_scale, q.bias),
                                atol=1e-4, rtol=1e-5)
-    assert I.pack_weight_cpu(q.weight, 6) is None  # a group that is not a multiple of 4 runs unpacked
+    # a group that is not a multiple of 4 runs unpacked
+    g6 = ember.nn.Int8Linear.from_linear(torch.nn.Linear(252, 96), "w8a8", group_size=6)
+    assert g6.weight_packed.numel() == g6.cpu_packed_nbytes() == 0
+    x6 = torch.randn(9, 252)
+    torch.testing.assert_close(g6(x6), I.int8_linear_reference(x6, g6.weight, g6.weight_scale, g6.bias), atol=1e-4, rtol=1e-5)
 
 
 @pytest.mark.skipif(ember.available_backends()["cpu"] is not None, reason="needs ember._C")
@@ -272,7 +335,7 @@ def test_cpu_packed_gemm_nan_and_zero_rows_stay_in_their_row():
     bias = torch.randn(64)
     x = torch.randn(13, 96)
     x[1, 3], x[2, 7], x[3] = float("nan"), float("inf"), 0.0
-    y = I.int8_linear(x, w, sw, bias, backend="cpu", w_packed=I.pack_weight_cpu(w))
+    y = I.int8_linear(x, w, sw, bias, backend="cpu", w_packed=I.int8_prepack(w, sw))
     assert y[1].isnan().all() and y[2].isnan().all()
     keep = [0] + list(range(3, 13))
     torch.testing.assert_close(y[keep], I.int8_linear_reference(x[keep], w, sw, bias), atol=1e-4, rtol=1e-5)
@@ -286,7 +349,7 @@ def test_int8linear_cpu_eager_path_matches_op():
     q = ember.nn.Int8Linear.from_linear(lin, "w8a8", activation="gelu")
     x = torch.randn(2, 3, 100)
     y = q(x)
-    assert "_packed" in q.__dict__ and y.shape == (2, 3, 48)
+    assert q.weight_packed.numel() == 48 * 100 + 4 * 48 and y.shape == (2, 3, 48)
     ref = I.int8_linear_reference(x, q.weight, q.weight_scale, q.bias, act="gelu")
     torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
     q.weight[0, 0] += 1  # an in-place weight edit repacks

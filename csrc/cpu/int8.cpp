@@ -5,11 +5,17 @@
 //       GEMM (torch._int_mm: oneDNN with VNNI / AMX), fused dequant + bias + activation epilogue
 //   int8_linear_w8a16(x, w, w_scale, bias?, act)         weight-only: fused GEMV for M <= 16, else
 //       one dequantised copy of the weight in x's dtype and ATen's GEMM (compute bound there)
+//   int8_prepack(w, w_scale)     the packed weight int8_linear_w8a8's VNNI GEMM reads (`w_packed`), or
+//       an empty tensor for shapes it cannot take; also a Meta kernel (the size only), which the
+//       fake kernel of ember::int8_prepack (ops/int8.py) calls so the rule lives here alone
 // x is 2-D (M, K) with a contiguous last dim; w is (N, K) int8 contiguous; w_scale fp32 (N,) for
 // per-channel or (N, K / group) for groups; bias (N,) in any float dtype; act -1 (none) or ember::Act.
 #include <torch/library.h>
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <c10/core/InferenceMode.h>
+
+#include <cstring>
 
 #include "cpu/kernels.h"
 #include "ops.h"
@@ -83,6 +89,67 @@ at::Tensor w8a8_grouped_fallback(const at::Tensor& x, const at::Tensor& w, const
   return out.copy_(y);
 }
 
+// The packed weight of the CPU W8A8 GEMM (int8_kernels().w8a8_gemm_packed, cpu/int8_impl.h): one flat int8
+// tensor of w8a8_packed_numel(N, K, G) = N * K + 4 * N * G elements,
+//   tiles  [N / 16][K / 4][16][4] int8, tiles[b][k4][j][t] = w[16 b + j][4 k4 + t]: each 64-byte line
+//          holds 4 k of 16 output channels, what AVX512-VNNI's vpdpbusd multiplies against 4 activation
+//          bytes broadcast to all 16 lanes, so each lane accumulates one output channel's dot product;
+//   corr   [G][N] int32 from byte N * K on (a multiple of 64, so aligned), corr[g][n] = 128 * the sum of
+//          w[n, k] over group g's k. The GEMM's activations are u8 = q + 128 (vpdpbusd multiplies u8 by
+//          s8), which adds 128 * sum_k w[n, k] to each dot; corr takes it off again, once per group
+//          because each group's dot is scaled by its own w_scale before the groups are summed.
+// G is 1 for per-channel scales (w_scale (N,)) and K / group_size for w_scale (N, G). Shapes without a
+// packed form (!w8a8_packable: N % 16, K % 4, group_size % 4) get an empty tensor: int8_linear_w8a8
+// then runs unpacked, on ATen's int8 GEMM.
+void check_prepack_args(const at::Tensor& w, const at::Tensor& sw) {
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2,
+              "ember_C.int8_prepack: w must be a 2-D int8 tensor (N, K), got ", w.scalar_type(), " ", w.sizes());
+  TORCH_CHECK(sw.scalar_type() == at::kFloat && sw.size(0) == w.size(0) &&
+                  (sw.dim() == 1 || (sw.dim() == 2 && sw.size(1) > 0 && w.size(1) % sw.size(1) == 0)),
+              "ember_C.int8_prepack: w_scale must be fp32 (N,) or (N, K / group), got ", sw.scalar_type(), " ",
+              sw.sizes(), " for w ", w.sizes());
+}
+
+int64_t prepacked_numel(const at::Tensor& w, const at::Tensor& sw) {
+  return w8a8_packed_numel(w.size(0), w.size(1), sw.dim() == 1 ? 1 : sw.size(1));
+}
+
+at::Tensor int8_prepack(const at::Tensor& w_in, const at::Tensor& sw) {
+  check_prepack_args(w_in, sw);
+  TORCH_CHECK(w_in.device().is_cpu(), "ember_C.int8_prepack: w must be a CPU tensor, got ", w_in.device());
+  const at::Tensor w = w_in.contiguous();
+  const int64_t N = w.size(0), K = w.size(1), G = sw.dim() == 1 ? 1 : sw.size(1);
+  at::Tensor packed = at::empty({prepacked_numel(w, sw)}, w.options());
+  if (packed.numel() == 0) return packed;
+  const int64_t K4 = K / 4, group = K / G;
+  const int8_t* src = w.const_data_ptr<int8_t>();
+  int8_t* tiles = packed.mutable_data_ptr<int8_t>();
+  int32_t* corr = reinterpret_cast<int32_t*>(tiles + N * K);
+  // One task per 16-channel block: its K / 4 lines and its 16 columns of corr are written by it alone.
+  at::parallel_for(0, N / 16, 1, [&](int64_t b_begin, int64_t b_end) {
+    for (int64_t b = b_begin; b < b_end; ++b) {
+      int8_t* block = tiles + b * K4 * 64;
+      for (int64_t j = 0; j < 16; ++j) {
+        const int64_t n = 16 * b + j;
+        const int8_t* row = src + n * K;
+        for (int64_t k4 = 0; k4 < K4; ++k4) std::memcpy(block + k4 * 64 + j * 4, row + 4 * k4, 4);
+        for (int64_t g = 0; g < G; ++g) {
+          int32_t sum = 0;  // int32 like the GEMM's accumulators: 128 * |sum| <= 128 * 127 * K < 2^31 for K < 132k
+          for (int64_t k = g * group; k < (g + 1) * group; ++k) sum += row[k];
+          corr[g * N + n] = 128 * sum;
+        }
+      }
+    }
+  });
+  return packed;
+}
+
+// The size alone, for tracing (torch.compile / torch.export fake tensors).
+at::Tensor int8_prepack_meta(const at::Tensor& w, const at::Tensor& sw) {
+  check_prepack_args(w, sw);
+  return at::empty({prepacked_numel(w, sw)}, w.options());
+}
+
 at::Tensor int8_linear_w8a8(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sw,
                             const c10::optional<at::Tensor>& bias, const c10::optional<at::Tensor>& mul, int64_t act,
                             const c10::optional<at::Tensor>& w_packed) {
@@ -97,12 +164,13 @@ at::Tensor int8_linear_w8a8(const at::Tensor& x, const at::Tensor& w, const at::
   const DType dtype = to_dtype(x.scalar_type(), "int8_linear_w8a8", "x");
   check_act_code(act, "int8_linear_w8a8");
   const int64_t K = x.size(1);
-  if (w_packed) {
+  // An empty w_packed is int8_prepack's answer for a shape without a packed form: run unpacked.
+  if (w_packed && w_packed->numel() > 0) {
     // ember's own VNNI GEMM with quantize, dequant, bias and activation fused around it (int8_impl.h).
     TORCH_CHECK(w_packed->scalar_type() == at::kChar && w_packed->is_contiguous() &&
-                    w_packed->numel() == N * K + 4 * N * groups,
-                "ember_C.int8_linear_w8a8: w_packed must be ember.ops.int8.pack_weight_cpu(w, group_size) (",
-                N * K + 4 * N * groups, " int8), got ", w_packed->scalar_type(), " ", w_packed->sizes());
+                    w_packed->numel() == w8a8_packed_numel(N, K, groups),
+                "ember_C.int8_linear_w8a8: w_packed must be ember_C.int8_prepack(w, w_scale) (",
+                w8a8_packed_numel(N, K, groups), " int8), got ", w_packed->scalar_type(), " ", w_packed->sizes());
     auto [qu, sxu] = quantize_impl(x, mul, "int8_linear_w8a8", /*shift128=*/true);
     const at::Tensor sw_k = groups == 1 ? sw.contiguous() : sw.t().contiguous();  // (G, N): 16 channels a load
     if (int8_kernels().w8a8_gemm_packed(qu.const_data_ptr<uint8_t>(), sxu.const_data_ptr<float>(),
@@ -176,6 +244,9 @@ TORCH_LIBRARY_IMPL(ember_C, CPU, m) {
   m.impl("quantize_per_token", &quantize_per_token);
   m.impl("int8_linear_w8a8", &int8_linear_w8a8);
   m.impl("int8_linear_w8a16", &int8_linear_w8a16);
+  m.impl("int8_prepack", &int8_prepack);
 }
+
+TORCH_LIBRARY_IMPL(ember_C, Meta, m) { m.impl("int8_prepack", &int8_prepack_meta); }
 
 }  // namespace ember::cpu

@@ -264,13 +264,12 @@ __attribute__((target("avx512vnni"), noinline)) void w8a8_block_vnni(const uint8
   }
 }
 
-// W8A8 GEMM on the packed weight (int8_linear's `w_packed`, ops/int8.py:pack_weight_cpu):
-//   wp[N / 16][K / 4][16][4] int8, then corr[G][N] int32 = 128 * sum over group g's k of w[n, k]
-//   (G = 1 with per-channel scales; G = K / group_size with per-group scales).
-// Each 64-byte line holds 4 k of 16 output channels: vpdpbusd takes it against 4 activation bytes
-// broadcast to all lanes, so the 16 lanes of an accumulator are 16 finished dot products (no
-// horizontal sums, no int32 product in memory). Activations are u8 (q + 128, written so by the
-// quantize pass); corr removes the 128 * sum_k w that shift adds. An MB x NB tile keeps MB * NB
+// W8A8 GEMM on the packed weight (int8_linear's `w_packed`, made by ember_C::int8_prepack, whose
+// comment in cpu/int8.cpp is the layout's description): wp[N / 16][K / 4][16][4] int8 tiles, then
+// corr[G][N] int32. vpdpbusd takes each 64-byte line against 4 activation bytes broadcast to all
+// lanes, so the 16 lanes of an accumulator are 16 finished dot products (no horizontal sums, no int32
+// product in memory). Activations are u8 (q + 128, written so by the quantize pass); corr removes the
+// 128 * sum_k w that shift adds. An MB x NB tile keeps MB * NB
 // accumulators in registers (6 x 4 = 24 of the 32 zmm) and writes fp32 y = (acc - corr) sx sw + bias
 // (rows every ldy floats; bias may be null).
 
@@ -475,8 +474,8 @@ inline void w8a8_packed_tile_grouped(const uint8_t* qu, int64_t K, int64_t N, in
 }
 
 // W8A8 for any M on the packed weight (see w8a8_packed_tile); qu is the quantized x as u8 (q + 128),
-// (M, K) contiguous. Returns false (nothing done) when this build or CPU has no VNNI kernel, or
-// N % 16 or K % 4 (the caller falls back to ATen's int8 GEMM).
+// (M, K) contiguous. Returns false (nothing done) when this build or CPU has no VNNI kernel, or the
+// shape has no packed form (!w8a8_packable; the caller falls back to ATen's int8 GEMM).
 // Work split: rows in chunks whose u8 activations fit in half of L2 (<= 128 KiB), output channels in
 // panels of 64; one task = one (chunk, panel), run chunk-major so a thread walks every panel of its
 // chunk while the chunk stays in cache, and each panel (64 x K bytes) is reused by the chunk's
@@ -487,7 +486,7 @@ inline void w8a8_packed_tile_grouped(const uint8_t* qu, int64_t K, int64_t N, in
 inline bool w8a8_gemm_packed(const uint8_t* qu, const float* sx, const int8_t* wp, const float* sw, const float* bias,
                              void* out, int64_t M, int64_t N, int64_t K, int64_t groups, DType dtype, int32_t act) {
 #if defined(CPU_CAPABILITY_AVX512)
-  if (!has_vnni() || N % 16 || K % 4 || groups < 1 || (K / 4) % groups) return false;
+  if (!has_vnni() || !w8a8_packable(N, K, groups)) return false;
   const int32_t* corr = reinterpret_cast<const int32_t*>(wp + N * K);
   constexpr int MR = 6, NBMAX = 4, PANEL = NBMAX * 16;
   const int64_t blocks = N / 16, panels = (blocks + NBMAX - 1) / NBMAX;

@@ -115,14 +115,25 @@ struct Int8Kernels {
   // W8A8 for M <= 16 from quantized rows: out = act(sx[m] sw[n] (q @ w.T)[m, n] + bias[n]).
   void (*w8a8_gemv)(const int8_t* q, const float* sx, const int8_t* w, const float* sw, const float* bias,
                     void* out, int64_t M, int64_t N, int64_t K, DType dtype, int32_t act);
-  // The same for any M from the packed weight wp = (N / 16, K / 4, 16, 4) int8 tiles then (groups, N)
-  // int32 128 * sum over the group's k of w[n, k] (ops/int8.py:pack_weight_cpu) and qu = q + 128 as
-  // uint8 (quantize_rows with shift128); sw is (N,) per channel or, with groups > 1, the (groups, N)
-  // transpose of the per-group scales. Returns false (nothing done) when this CPU / build has no VNNI
-  // kernel or N % 16, K % 4 or (K / 4) % groups.
+  // The same for any M from the packed weight wp (ember_C::int8_prepack in cpu/int8.cpp describes the
+  // layout) and qu = q + 128 as uint8 (quantize_rows with shift128); sw is (N,) per channel or, with
+  // groups > 1, the (groups, N) transpose of the per-group scales. Returns false (nothing done) when this
+  // CPU / build has no VNNI kernel or !w8a8_packable(N, K, groups).
   bool (*w8a8_gemm_packed)(const uint8_t* qu, const float* sx, const int8_t* wp, const float* sw, const float* bias,
                            void* out, int64_t M, int64_t N, int64_t K, int64_t groups, DType dtype, int32_t act);
 };
+
+// The shapes the packed W8A8 weight exists for: whole 16-channel blocks (N % 16), whole 4-k steps
+// (K % 4) and groups of whole 4-k steps (group_size % 4). One rule for int8_prepack, which makes the
+// packed weight (an empty tensor elsewhere), and for w8a8_gemm_packed, which reads it.
+inline bool w8a8_packable(int64_t N, int64_t K, int64_t groups) {
+  return N > 0 && K > 0 && N % 16 == 0 && K % 4 == 0 && groups >= 1 && K % groups == 0 && (K / groups) % 4 == 0;
+}
+
+// int8 elements of the packed weight: N x K tiles then (groups, N) int32 corrections; 0 where none.
+inline int64_t w8a8_packed_numel(int64_t N, int64_t K, int64_t groups) {
+  return w8a8_packable(N, K, groups) ? N * K + 4 * N * groups : 0;
+}
 
 // Every family's table for one instruction set: what an isa_*.cpp unit exports.
 struct IsaKernels {

@@ -95,7 +95,7 @@ class QuantReport:
     skipped: list[tuple[str, str]] = field(default_factory=list)
     bytes_before: int = 0
     bytes_after: int = 0  # every byte the quantized layers hold, the CPU kernel's packed copies included
-    bytes_packed: int = 0  # of which: packed weight copies the CPU W8A8 kernel makes at each layer's first call
+    bytes_packed: int = 0  # of which: the packed weight copies the CPU W8A8 kernel reads (Int8Linear.weight_packed)
 
     @property
     def bytes_saved(self) -> int:
@@ -112,7 +112,7 @@ class QuantReport:
             f" {len(self.folded)} norms); {self.bytes_before / 2**20:.2f} MiB -> {self.bytes_after / 2**20:.2f} MiB"
             f" ({self.bytes_saved / 2**20:.2f} MiB saved)"
             + (f"; the after includes {self.bytes_packed / 2**20:.2f} MiB of packed weight copies the CPU kernel"
-               " makes at each layer's first call" if self.bytes_packed else "")
+               " reads (not saved in the state_dict)" if self.bytes_packed else "")
         ]
         for name, why in self.skipped:
             lines.append(f"  skipped {name or '<root>'}: {why}")

@@ -11,6 +11,12 @@ State (all buffers, so ``state_dict`` round-trips bit-exactly, through safetenso
                   preceding norm (see ember/smooth_fold.py): x is multiplied by it
                   inside the quantization pass (no extra pass over x)
 Module ``.to(dtype)`` converts the bias only: scales stay fp32 (they are part of the int8 format).
+
+Derived, not saved (a non-persistent buffer, absent from ``state_dict``):
+    weight_packed ``ember.ops.int8_prepack(weight, weight_scale)``: the layout the device's own W8A8 kernel
+                  reads (the C++ CPU kernel's VNNI tiles), or empty where it reads ``weight`` itself. Made by
+                  ``from_linear``, after ``load_state_dict`` and when the module moves (``_apply``), and
+                  remade by ``forward`` if ``weight`` was changed since (see ``_packing_is_current``).
 """
 from __future__ import annotations
 
@@ -44,11 +50,20 @@ class Int8Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.mode, self.group_size = mode, group_size
         self.activation = None if activation == "none" else activation
-        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
-        shape = (out_features,) if group_size is None else (out_features, in_features // g)
-        self.register_buffer("weight_scale", torch.zeros(shape, dtype=torch.float32, device=device))
-        self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
-        self.register_buffer("smooth", torch.ones(in_features, dtype=torch.float32, device=device) if smooth else None)
+        # Ordinary tensors even when the layer is made under torch.inference_mode(): inference tensors
+        # keep no version counter, and the weight_packed staleness check reads weight's.
+        with torch.inference_mode(False):
+            self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+            shape = (out_features,) if group_size is None else (out_features, in_features // g)
+            self.register_buffer("weight_scale", torch.zeros(shape, dtype=torch.float32, device=device))
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device) if bias else None)
+            self.register_buffer("smooth", torch.ones(in_features, dtype=torch.float32, device=device) if smooth else None)
+        # Packed lazily (first forward) unless from_linear / load_state_dict / _apply pack first: packing
+        # these zeros would be wasted work for a layer that is about to be loaded.
+        self.register_buffer("weight_packed", torch.empty(0, dtype=torch.int8, device=device), persistent=False)
+        self._packed_from: torch.Tensor | None = None  # the weight tensor weight_packed was made from,
+        self._packed_version: int | None = None  # its _version then (None: an inference tensor)
+        self._packed_ptr = 0  # and its data_ptr()
 
     @classmethod
     @torch.no_grad()
@@ -81,10 +96,11 @@ class Int8Linear(nn.Module):
         if linear.bias is not None:
             new.bias.copy_(linear.bias.detach())
         new.train(linear.training)
+        new.repack()
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        packed = self._cpu_packing(x)
+        packed = self._packed_weight_for(x)
         if packed is not None:
             y = int8_ops.cpu_w8a8_eager(x, self.weight, self.weight_scale, self.bias, self.smooth, self.activation or "none", packed)
             if y is not None:
@@ -92,18 +108,54 @@ class Int8Linear(nn.Module):
         return int8_ops.int8_linear(x, self.weight, self.weight_scale, self.bias, activation=self.activation, mode=self.mode,
                                     smooth=self.smooth, w_packed=packed)
 
-    def _cpu_packing(self, x: torch.Tensor) -> torch.Tensor | None:
-        """CPU W8A8 reads the weight in the packed VNNI layout (see ``ops.int8.pack_weight_cpu``): made on
-        the first CPU call and cached beside the module (not a buffer, not in the state_dict; N x K bytes
-        more), remade if the weight changes."""
-        if self.mode != "w8a8" or x.device.type != "cpu" or torch.compiler.is_compiling():
+    def _packed_weight_for(self, x: torch.Tensor) -> torch.Tensor | None:
+        """weight_packed, current, for an eager call on its device; None where the plain weight is read.
+
+        Under torch.compile / torch.export the layer passes no packed weight (the traced graph reads
+        ``weight`` only): the staleness check below is Python run per call, which a graph would not
+        repeat, so a graph holding weight_packed could read a stale copy after an in-place weight edit."""
+        if self.mode != "w8a8" or torch.compiler.is_compiling():
             return None
-        key = (self.weight.data_ptr(), self.weight._version)
-        cached = self.__dict__.get("_packed")
-        if cached is None or cached[0] != key:
-            cached = (key, int8_ops.pack_weight_cpu(self.weight, self.group_size))
-            self.__dict__["_packed"] = cached
-        return cached[1]
+        if not self._packing_is_current():
+            self.repack()
+        packed = self._buffers["weight_packed"]
+        return packed if packed.numel() and packed.device == x.device else None
+
+    def _packing_is_current(self) -> bool:
+        """Whether weight_packed was made from the weight as it is now.
+
+        Every in-place write to a tensor through torch (``weight[0] += 1``, ``copy_``, ``load_state_dict``'s
+        copy, writes through views or ``detach()``) bumps its ``_version``, the counter autograd itself
+        relies on to detect modified saved tensors; replacing the buffer (``self.weight = t``, ``assign=True``
+        loads, ``_apply``) makes ``weight`` another tensor object; ``weight.data = t`` keeps object and
+        version but changes ``data_ptr()``. So one identity test and two int compares (well under a
+        microsecond, against the N x K pass of a repack) catch every edit torch can see, and holding
+        ``_packed_from`` keeps its storage alive, so no other tensor can take its address. Writes torch
+        does not count are not seen, as autograd does not see them either: through ``weight.data`` (a new
+        version counter), a NumPy view or the raw storage; call ``repack()`` after those."""
+        w = self._buffers["weight"]
+        if w is not self._packed_from:
+            return False
+        if self._packed_version is None:  # an inference tensor: nothing was packed from it (see repack)
+            return True
+        return w._version == self._packed_version and w.data_ptr() == self._packed_ptr
+
+    def repack(self) -> None:
+        """Remake weight_packed from weight (``ember.ops.int8_prepack``; empty where there is no packed form)."""
+        w = self._buffers["weight"]
+        if w.is_inference():
+            # A weight made under inference_mode (a load or .to() there) has no version counter, so a
+            # packed copy could not be kept current: none is made, and forward reads the weight itself.
+            packed, version = torch.empty(0, dtype=torch.int8, device=w.device), None
+        else:
+            with torch.no_grad():
+                # backend "auto": the packed form of the weight's device, whatever backend is chosen
+                # around this call (a model quantized under ember.backend("reference") still runs packed
+                # later); forward still honours each call's backend choice.
+                packed = int8_ops.int8_prepack(w, self.weight_scale, mode=self.mode, backend="auto")
+            version = w._version
+        self._buffers["weight_packed"] = packed
+        self._packed_from, self._packed_version, self._packed_ptr = w, version, w.data_ptr()
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
         """The float weight this layer computes with (smoothing undone)."""
@@ -113,17 +165,17 @@ class Int8Linear(nn.Module):
         return w.to(dtype)
 
     def nbytes(self) -> int:
-        """Bytes of the layer's buffers (what the state_dict holds)."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        """Bytes of the layer's saved buffers (what the state_dict holds; weight_packed is not among them)."""
+        return sum(b.numel() * b.element_size() for name, b in self._buffers.items()
+                   if b is not None and name not in self._non_persistent_buffers_set)
 
     def cpu_packed_nbytes(self) -> int:
-        """Bytes of the packed weight copy the CPU W8A8 kernel makes at this layer's first CPU call (see
-        ``_cpu_packing``), 0 where none is made: N x K int8 tiles plus N int32 column sums."""
-        N, K = self.weight.shape
-        g = self.group_size or K
-        if self.mode != "w8a8" or self.weight.device.type != "cpu" or N % 16 or K % 4 or g % 4 or K % g:
-            return 0
-        return N * K + 4 * N * (K // g)
+        """Bytes of the packed weight copy the layer holds beside ``weight`` for the CPU W8A8 kernel
+        (weight_packed), 0 where there is none."""
+        if not self._packing_is_current():
+            self.repack()
+        packed = self.weight_packed
+        return packed.numel() * packed.element_size() if packed.device.type == "cpu" else 0
 
     def extra_repr(self) -> str:
         extra = f", group_size={self.group_size}" if self.group_size else ""
@@ -134,11 +186,20 @@ class Int8Linear(nn.Module):
     def _apply(self, fn, recurse=True):
         # Keep the fp32 scales fp32 when the model is cast (model.half(), .to(torch.bfloat16)).
         keep = {k: getattr(self, k) for k in ("weight_scale", "smooth") if getattr(self, k) is not None}
-        super()._apply(fn, recurse)
+        # weight_packed is derived from weight, not converted with it: kept out of fn (which would copy it
+        # along on a device move, only to be remade), then remade only if weight is now another tensor.
+        packed = self._buffers["weight_packed"]
+        self._buffers["weight_packed"] = None  # Module._apply skips None buffers
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            self._buffers["weight_packed"] = packed
         for k, v in keep.items():
             moved = getattr(self, k)
             if moved.dtype != torch.float32:
                 self._buffers[k] = v.to(device=moved.device)
+        if not self._packing_is_current():
+            self.repack()
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -155,3 +216,5 @@ class Int8Linear(nn.Module):
             self.weight_scale = torch.zeros(s.shape, dtype=torch.float32, device=self.weight.device)
             self.group_size = None if s.dim() == 1 else self.in_features // s.shape[1]
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        # weight and weight_scale are the checkpoint's now (copied in, or assigned with assign=True).
+        self.repack()

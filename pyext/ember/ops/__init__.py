@@ -3,9 +3,9 @@ autograd) with reference, C++ CPU, Triton and CUDA implementations chosen per ca
 ``ember.backend``."""
 from .activation import gelu, relu, relu2, silu
 from .gated import geglu, swiglu
-from .int8 import dequantize_weight, int8_linear, quantize_per_token, quantize_weight
+from .int8 import dequantize_weight, int8_linear, int8_prepack, quantize_per_token, quantize_weight
 from .linear import gated_linear, linear
 from . import _native  # noqa: F401  (the C++ backends' supports rules)
 
-__all__ = ["gelu", "silu", "relu", "relu2", "swiglu", "geglu", "linear", "gated_linear", "int8_linear", "quantize_per_token",
-           "quantize_weight", "dequantize_weight"]
+__all__ = ["gelu", "silu", "relu", "relu2", "swiglu", "geglu", "linear", "gated_linear", "int8_linear", "int8_prepack",
+           "quantize_per_token", "quantize_weight", "dequantize_weight"]

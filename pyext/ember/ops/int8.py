@@ -1,4 +1,4 @@
-"""Int8 inference ops: ``ember::quantize_per_token`` and ``ember::int8_linear``.
+"""Int8 inference ops: ``ember::quantize_per_token``, ``ember::int8_linear`` and ``ember::int8_prepack``.
 
 Quantization is symmetric (no zero points): an int8 value q stands for q * scale.
 
@@ -14,6 +14,10 @@ Quantization is symmetric (no zero points): an int8 value q stands for q * scale
                 are the GEMM's epilogue
   smooth        optional (K,) fp32 per-input-channel multiplier applied to x before quantization
                 (SmoothQuant's 1 / s; ``ember.quantize`` folds s into the weight)
+
+``int8_prepack(w, w_scale, mode=)`` is the weight in the layout a backend's own W8A8 kernel reads
+(``int8_linear(..., w_packed=)``), made once per weight; an empty tensor where the backend reads the
+plain weight. Only the C++ CPU kernel has one (its layout is described beside it, csrc/cpu/int8.cpp).
 
 Rows whose activations hold NaN or Inf give NaN outputs in that row only (torch would give a mix of
 +-Inf and NaN there); other rows are never affected. Inference only: backward raises.
@@ -54,21 +58,6 @@ def quantize_weight(w: torch.Tensor, group_size: int | None = None) -> tuple[tor
     q = torch.round(wf * inv).clamp_(-QMAX, QMAX).to(torch.int8).reshape(N, K)
     scale = (amax / QMAX).to(torch.float32).reshape(N, K // g)
     return q, (scale.reshape(N) if group_size is None else scale)
-
-
-def pack_weight_cpu(w: torch.Tensor, group_size: int | None = None) -> torch.Tensor | None:
-    """The CPU W8A8 layout of an int8 weight (N, K), or None if N % 16, K % 4 or group_size % 4: a flat
-    int8 tensor of the (N/16, K/4, 16, 4) tiles (each 64-byte line 4 k of 16 output channels, what
-    AVX512-VNNI's vpdpbusd consumes against a broadcast activation) followed by (G, N) int32
-    ``128 * sum of w[n, k] over group g`` (G = 1 per channel; the correction for the kernel's
-    u8 = int8 + 128 activations, one per group because each group's product is scaled on its own)."""
-    N, K = w.shape
-    g = K if group_size is None else group_size
-    if N % 16 or K % 4 or g % 4 or K % g:
-        return None
-    tiles = w.reshape(N // 16, 16, K // 4, 4).permute(0, 2, 1, 3).reshape(-1)
-    corr = (w.reshape(N, K // g, g).sum(-1, dtype=torch.int32) * 128).t().contiguous().view(torch.int8).reshape(-1)
-    return torch.cat([tiles, corr])
 
 
 def check_group_size(op: str, K: int, group_size: int | None) -> int:
@@ -246,6 +235,28 @@ def _setup_context(ctx, inputs, output):
 _int8_linear_op.register_autograd(_no_backward, setup_context=_setup_context)
 
 
+def _prepack_backend(w: torch.Tensor, mode: str, backend: str) -> str | None:
+    """The ember_C kernel that has a packed weight for this call, or None (the plain weight is read)."""
+    if mode != "w8a8":
+        return None
+    return "cpu" if _backend.resolve(backend, w.device, "int8_prepack") == "cpu" else None
+
+
+@torch.library.custom_op("ember::int8_prepack", mutates_args=())
+def _prepack_op(w: torch.Tensor, w_scale: torch.Tensor, mode: str, backend: str) -> torch.Tensor:
+    if _prepack_backend(w, mode, backend) is None:
+        return w.new_empty(0)
+    return torch.ops.ember_C.int8_prepack(w, w_scale)
+
+
+@_prepack_op.register_fake
+def _(w, w_scale, mode, backend):
+    if _prepack_backend(w, mode, backend) is None:
+        return w.new_empty(0)
+    # ember_C's Meta kernel: the size comes from the C++ rule, not from a copy of it here.
+    return torch.ops.ember_C.int8_prepack(w, w_scale)
+
+
 # ---------------------------------------------------------------------------------------------
 # Public functions.
 # ---------------------------------------------------------------------------------------------
@@ -283,9 +294,10 @@ def int8_linear(
 ) -> torch.Tensor:
     """``activation((x * smooth) @ dequant(w, w_scale).T + bias)`` with int8 weights; see the module docstring.
 
-    ``w_packed`` (optional, CPU W8A8): ``pack_weight_cpu(w, group_size)``; with it the CPU runs ember's own
+    ``w_packed`` (optional, CPU W8A8): ``int8_prepack(w, w_scale)``; with it the CPU runs ember's own
     VNNI GEMM (quantize, GEMM and epilogue fused; per-group scales applied per group in registers) instead
-    of ATen's int8 GEMM (one per group). Int8Linear makes and caches it."""
+    of ATen's int8 GEMM (one per group). An empty ``w_packed`` (no packed form) is the same as None.
+    Int8Linear holds it as its ``weight_packed`` buffer."""
     op = "int8_linear"
     check_float(op, "x", x)
     if mode not in MODES:
@@ -313,8 +325,32 @@ def int8_linear(
     _check_smooth(op, smooth, K, x.device)
     w = w if w.is_contiguous() else w.contiguous()
     w_scale = w_scale if w_scale.is_contiguous() else w_scale.contiguous()
-    groups = 1 if w_scale.dim() == 1 else w_scale.shape[1]
-    if w_packed is not None and (w_packed.dtype != torch.int8 or w_packed.numel() != w.numel() + 4 * N * groups
-                                 or w_packed.device != x.device):
-        raise ValueError(f"ember.ops.{op}: w_packed must be pack_weight_cpu(w, group_size) on {x.device}")
+    if w_packed is not None and w_packed.numel() == 0:
+        w_packed = None
+    # The size is the kernel's to check (ember_C compares it with the rule that made it).
+    if w_packed is not None and (w_packed.dtype != torch.int8 or w_packed.dim() != 1 or w_packed.device != x.device):
+        raise ValueError(f"ember.ops.{op}: w_packed must be int8_prepack(w, w_scale) on {x.device}")
     return _int8_linear_op(x, w, w_scale, bias, smooth, act, mode, _backend.request(backend, x.device, op), w_packed)
+
+
+def int8_prepack(w: torch.Tensor, w_scale: torch.Tensor, *, mode: str = "w8a8",
+                 backend: str | None = None) -> torch.Tensor:
+    """The packed form of the int8 weight ``w`` (N, K) that ``int8_linear(x, w, w_scale, mode=mode,
+    w_packed=...)`` reads on ``backend``: a flat int8 tensor, or an empty one where that backend has no
+    packed form (reference, Triton, CUDA, W8A16, or a shape the CPU kernel cannot take: N % 16, K % 4 or
+    group_size % 4). The group size follows from ``w_scale``'s shape ((N,) or (N, K // group_size))."""
+    op = "int8_prepack"
+    if mode not in MODES:
+        raise ValueError(f"ember.ops.{op}: mode must be one of {MODES}, got {mode!r}")
+    if not isinstance(w, torch.Tensor) or w.dtype != torch.int8 or w.dim() != 2:
+        got = f"{w.dtype} {w.dim()}-D" if isinstance(w, torch.Tensor) else type(w).__name__
+        raise TypeError(f"ember.ops.{op}: w must be a 2-D int8 tensor (out_features, in_features), got {got}")
+    N, K = w.shape
+    is_tensor = isinstance(w_scale, torch.Tensor)
+    if not (is_tensor and w_scale.dtype == torch.float32 and w_scale.device == w.device and (
+            w_scale.shape == (N,) or (w_scale.dim() == 2 and w_scale.shape[0] == N and w_scale.shape[1] > 0
+                                      and K % w_scale.shape[1] == 0))):
+        got = f"{w_scale.dtype} {tuple(w_scale.shape)} on {w_scale.device}" if is_tensor else type(w_scale).__name__
+        raise ValueError(f"ember.ops.{op}: w_scale must be float32 ({N},) or ({N}, K // group_size) on {w.device}, "
+                         f"got {got}")
+    return _prepack_op(w.contiguous(), w_scale, mode, _backend.request(backend, w.device, op))
