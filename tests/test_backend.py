@@ -196,3 +196,19 @@ def test_info_prints_the_registry():
 
     text = info.describe()
     assert "int8_linear" in text and "optim_step" in text and "live:" in text
+
+
+def test_a_refused_step_changes_nothing():
+    """Backends are chosen for every group before any update: a step an explicit backend refuses for one
+    parameter leaves the others (already planned, in an earlier bucket) untouched too."""
+    if _backend.extension() is None:
+        pytest.skip("ember._C not built")
+    dense = torch.nn.Parameter(torch.randn(16))
+    strided = torch.nn.Parameter(torch.randn(8, 8)[:, ::2])  # neither contiguous nor gap-free
+    for p in (dense, strided):
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in (dense, strided)]
+    opt = ember.optim.SGD([{"params": [dense]}, {"params": [strided]}], lr=0.1, momentum=0.9, backend="cpu")
+    with pytest.raises(_backend.BackendError, match="SGD: backend 'cpu' cannot run this call"):
+        opt.step()
+    assert torch.equal(dense, before[0]) and torch.equal(strided, before[1])

@@ -509,6 +509,17 @@ def _optim_body(data, backend, name):
     exact, twin = [p.clone() for p in p0], [p.detach().clone() for p in params]
     extra = dict(min_8bit_size=1 << 30) if name == "AdamW8bit" else {}
     ours = getattr(ember.optim, name)(params, backend=backend, **kw, **extra)
+    # An explicit backend whose kernels do not take a parameter (its supports rule) must refuse the
+    # step, naming itself, and leave the parameters untouched; it never falls back in silence.
+    op = "adamw8bit_step" if name == "AdamW8bit" else "optim_step"
+    if any(ember._backend.why_not(backend, op, dtype=p.dtype, dense=ember.optim._base._dense(p)) for p in params):
+        for i, s in enumerate(shapes_):
+            params[i].grad = draw_tensor(data, s, dtype, f"grad0.{i}", values=("normal", "small", "large"))
+        with pytest.raises(ember.BackendError, match=f"backend '{backend}' cannot run this call"):
+            ours.step()
+        for a, b in zip(params, p0):
+            assert torch.equal(a.detach().double(), b)
+        return
     opts = [_torch_optim(name, exact, kw), _torch_optim(name, twin, kw)]
     steps = 1 if name == "Lion" else data.draw(st.integers(1, 2), label="steps")  # Lion: sign() of a near-0 sum flips
     for step in range(steps):

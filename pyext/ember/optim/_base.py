@@ -8,6 +8,8 @@ state_dict interchange with torch.optim — is handled here once.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 from torch import _prims_common
@@ -41,7 +43,7 @@ def _dense(t: Tensor) -> bool:
 def host_lr(group) -> float:
     """The lr for a group's hyper list. A tensor lr is never read on the host (that .item() would be a
     device sync every step, and is illegal under CUDA-graph capture): the kernels load it through its
-    pointer, and _step_group puts 0.0 in its hyper slot."""
+    pointer, and _plan_group puts 0.0 in its hyper slot."""
     lr = group["lr"]
     return 0.0 if isinstance(lr, Tensor) else float(lr)
 
@@ -155,11 +157,16 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        for group in self.param_groups:
-            self._step_group(group, grad_scale, found_inf)
+        # Every group is planned (gradients checked, backends chosen) before any parameter changes, so
+        # a step that raises (a sparse gradient, an explicit backend that cannot take a group) leaves
+        # every parameter and its state as it was.
+        launches = [launch for group in self.param_groups for launch in self._plan_group(group, grad_scale, found_inf)]
+        for launch in launches:
+            launch()
         return loss
 
-    def _step_group(self, group, grad_scale, found_inf):
+    def _plan_group(self, group, grad_scale, found_inf) -> list:
+        """The group's kernel launches, as callables, each with its backend already chosen."""
         slots = self._active_slots(group)
         hyper, flags = self._hyper(group)
         lr = group["lr"]
@@ -193,6 +200,7 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
             if self._has_step:
                 b[4].append(state["step"])
             b[5].append(p)
+        launches = []
         for (device, dtype, master, kernel_ok, extra), (params, grads, states, masters, steps, ps) in buckets.items():
             backend = _choose(self.backend, device, self._kernel_op, f"optim.{self._name}", dtype, kernel_ok)
             lists = [states[k] if k is not None else [] for k in slots]
@@ -204,9 +212,14 @@ class MultiTensorOptimizer(torch.optim.Optimizer):
             lt = lr_t
             if lt is not None and backend != "cpu":
                 lt = lt.to(device=device, dtype=torch.float32, non_blocking=True)
-            self._launch(backend, ps, params, grads, lists, masters, steps, list(hyper),
-                         flags | self._bucket_flags(extra), lt, gs, fi)
-            self._after_group(group, ps, extra)
+            launches.append(functools.partial(self._launch_and_finish, group, extra, backend, ps, params, grads, lists,
+                                              masters, steps, list(hyper), flags | self._bucket_flags(extra), lt, gs,
+                                              fi))
+        return launches
+
+    def _launch_and_finish(self, group, extra, *launch_args):
+        self._launch(*launch_args)
+        self._after_group(group, launch_args[1], extra)
 
     def _launch(self, backend, ps, params, grads, lists, masters, steps, hyper, flags, lr, grad_scale, found_inf):
         """One bucket's kernel call(s); ``ps`` are the original parameters (state keys). AdamW8bit

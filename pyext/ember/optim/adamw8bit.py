@@ -77,6 +77,16 @@ class AdamW8bit(MultiTensorOptimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p, dtype=sdt, memory_format=torch.preserve_format)
         return state
 
+    def _plan_group(self, group, grad_scale, found_inf):
+        launches = super()._plan_group(group, grad_scale, found_inf)
+        # The strided quantized parameters' backend is chosen again in _launch; an explicit one that
+        # cannot take them must raise here, before any parameter of the step has changed.
+        for p in group["params"]:
+            if p.grad is not None and "exp_avg_absmax" in self.state.get(p, {}) and not p.is_contiguous():
+                _backend.choose(self.backend, p.device, "adamw8bit_step", label=f"optim.{self._name}",
+                                dtype=p.dtype, dense=False)
+        return launches
+
     def _launch(self, backend, ps, params, grads, lists, masters, steps, hyper, flags, lr, grad_scale, found_inf):
         m, v = lists[0], lists[1]
         quantized = ["exp_avg_absmax" in self.state[p] for p in ps]
