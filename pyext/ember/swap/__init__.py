@@ -1,6 +1,6 @@
 """``ember.swap(model)``: replace modules of an existing model, in place, with ember's.
 
-    report = ember.swap(model)        # activations -> ember.nn.GELU/SiLU/ReLU, gated MLPs -> GatedMLP
+    report = ember.swap(model)        # activations -> ember.nn.GELU/SiLU/ReLU/ReLU2, gated MLPs -> GatedMLP
     print(report)                     # what was replaced, what was skipped and why
     ember.unswap(model)               # put the very same original module objects back
 
