@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ember._backend import supports
+from ember._backend import dense_update_rule, supports
 
 _TL_DOT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _UPDATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -26,10 +26,5 @@ def _int8(*, mode: str, group: int | None, in_features: int) -> str | None:
     return None
 
 
-@supports("triton", "optim_step", "adamw8bit_step", summary="dense float16, bfloat16, float32 parameters")
-def _update(*, dtype: torch.dtype, dense: bool) -> str | None:
-    if dtype not in _UPDATE_DTYPES:
-        return f"the Triton optimizer kernels update float16, bfloat16 or float32 parameters, got {dtype}"
-    if not dense:
-        return "the Triton optimizer kernels walk dense (contiguous, gap-free) parameters"
-    return None
+supports("triton", "optim_step", "adamw8bit_step", summary="dense float16, bfloat16, float32 parameters")(
+    dense_update_rule("the Triton optimizer kernels", _UPDATE_DTYPES, "contiguous, gap-free"))

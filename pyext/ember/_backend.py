@@ -168,6 +168,21 @@ def supports(backend: str, *ops: str, summary: str):
     return register
 
 
+def dense_update_rule(kernels: str, dtypes: tuple[torch.dtype, ...], layout: str) -> Callable[..., "str | None"]:
+    """The rule of a multi-tensor update kernel: it updates parameters of ``dtypes`` that are dense in
+    the sense ``layout`` words (the caller judges ``dense`` that way)."""
+    names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+    def check(*, dtype: torch.dtype, dense: bool) -> str | None:
+        if dtype not in dtypes:
+            return f"{kernels} update {names} parameters, got {dtype}"
+        if not dense:
+            return f"{kernels} walk dense ({layout}) parameters"
+        return None
+
+    return check
+
+
 def rules() -> tuple[Rule, ...]:
     _load_rules()
     return tuple(_RULES.values())

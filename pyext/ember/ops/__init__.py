@@ -5,7 +5,6 @@ from .activation import gelu, relu, relu2, silu
 from .gated import geglu, swiglu
 from .int8 import dequantize_weight, int8_linear, int8_prepack, quantize_per_token, quantize_weight
 from .linear import gated_linear, linear
-from . import _native  # noqa: F401  (the C++ backends' supports rules)
 
 __all__ = ["gelu", "silu", "relu", "relu2", "swiglu", "geglu", "linear", "gated_linear", "int8_linear", "int8_prepack",
            "quantize_per_token", "quantize_weight", "dequantize_weight"]

@@ -4,28 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from .._backend import supports
+from .._backend import dense_update_rule, supports
 
 _FLOAT16_32 = (torch.float16, torch.bfloat16, torch.float32)
 
 
-@supports("cpu", "optim_step", summary="dense float16, bfloat16, float32, float64 parameters")
-def _cpu_update(*, dtype: torch.dtype, dense: bool) -> str | None:
-    if dtype not in _FLOAT16_32 + (torch.float64,):
-        return f"the C++ optimizer kernels update floating-point parameters, got {dtype}"
-    if not dense:
-        return "the C++ optimizer kernels walk dense (non-overlapping, gap-free) parameters"
-    return None
-
-
-@supports("cpu", "adamw8bit_step", summary="dense float16, bfloat16, float32 parameters")
-@supports("cuda", "optim_step", "adamw8bit_step", summary="dense float16, bfloat16, float32 parameters")
-def _update(*, dtype: torch.dtype, dense: bool) -> str | None:
-    if dtype not in _FLOAT16_32:
-        return f"this backend's optimizer kernels update float16, bfloat16 or float32 parameters, got {dtype}"
-    if not dense:
-        return "this backend's optimizer kernels walk dense (contiguous, gap-free) parameters"
-    return None
+supports("cpu", "optim_step", summary="dense float16, bfloat16, float32, float64 parameters")(
+    dense_update_rule("the C++ optimizer kernels", _FLOAT16_32 + (torch.float64,), "non-overlapping, gap-free"))
+_update_16_32 = dense_update_rule("this backend's optimizer kernels", _FLOAT16_32, "contiguous, gap-free")
+supports("cpu", "adamw8bit_step", summary="dense float16, bfloat16, float32 parameters")(_update_16_32)
+supports("cuda", "optim_step", "adamw8bit_step", summary="dense float16, bfloat16, float32 parameters")(_update_16_32)
 
 
 @supports("cuda", "int8_linear", summary="W8A8, per-channel weights, in_features % 16 == 0")

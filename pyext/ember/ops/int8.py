@@ -280,6 +280,18 @@ def quantize_per_token(x: torch.Tensor, smooth: torch.Tensor | None = None, *, b
     return _quantize_op(x, smooth, _backend.request(backend, x.device, "quantize_per_token"))
 
 
+def _check_int8_weight(op: str, w) -> None:
+    if not isinstance(w, torch.Tensor) or w.dtype != torch.int8 or w.dim() != 2:
+        got = f"{w.dtype} {w.dim()}-D" if isinstance(w, torch.Tensor) else type(w).__name__
+        raise TypeError(f"ember.ops.{op}: w must be a 2-D int8 tensor (out_features, in_features), got {got}")
+
+
+def _scale_shape_ok(w_scale: torch.Tensor, N: int, K: int) -> bool:
+    """(N,) per channel, or (N, G) per group with G dividing K."""
+    return w_scale.shape == (N,) or (w_scale.dim() == 2 and w_scale.shape[0] == N and w_scale.shape[1] > 0
+                                     and K % w_scale.shape[1] == 0)
+
+
 def int8_linear(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -303,17 +315,14 @@ def int8_linear(
     if mode not in MODES:
         raise ValueError(f"ember.ops.{op}: mode must be one of {MODES}, got {mode!r}")
     act = activations.check(f"ember.ops.{op}", activation)
-    if not isinstance(w, torch.Tensor) or w.dtype != torch.int8 or w.dim() != 2:
-        got = f"{w.dtype} {w.dim()}-D" if isinstance(w, torch.Tensor) else type(w).__name__
-        raise TypeError(f"ember.ops.{op}: w must be a 2-D int8 tensor (out_features, in_features), got {got}")
+    _check_int8_weight(op, w)
     N, K = w.shape
     if x.dim() == 0 or x.shape[-1] != K:
         raise ValueError(f"ember.ops.{op}: x must end in in_features={K}, got shape {tuple(x.shape)}")
     if not isinstance(w_scale, torch.Tensor) or w_scale.dtype != torch.float32:
         raise TypeError(f"ember.ops.{op}: w_scale must be a float32 tensor, got "
                         f"{w_scale.dtype if isinstance(w_scale, torch.Tensor) else type(w_scale).__name__}")
-    if not (w_scale.shape == (N,) or (w_scale.dim() == 2 and w_scale.shape[0] == N and w_scale.shape[1] > 0
-                                      and K % w_scale.shape[1] == 0)):
+    if not _scale_shape_ok(w_scale, N, K):
         raise ValueError(f"ember.ops.{op}: w_scale must be ({N},) or ({N}, K // group_size), got {tuple(w_scale.shape)}")
     if bias is not None:
         check_float(op, "bias", bias)
@@ -342,14 +351,11 @@ def int8_prepack(w: torch.Tensor, w_scale: torch.Tensor, *, mode: str = "w8a8",
     op = "int8_prepack"
     if mode not in MODES:
         raise ValueError(f"ember.ops.{op}: mode must be one of {MODES}, got {mode!r}")
-    if not isinstance(w, torch.Tensor) or w.dtype != torch.int8 or w.dim() != 2:
-        got = f"{w.dtype} {w.dim()}-D" if isinstance(w, torch.Tensor) else type(w).__name__
-        raise TypeError(f"ember.ops.{op}: w must be a 2-D int8 tensor (out_features, in_features), got {got}")
+    _check_int8_weight(op, w)
     N, K = w.shape
     is_tensor = isinstance(w_scale, torch.Tensor)
-    if not (is_tensor and w_scale.dtype == torch.float32 and w_scale.device == w.device and (
-            w_scale.shape == (N,) or (w_scale.dim() == 2 and w_scale.shape[0] == N and w_scale.shape[1] > 0
-                                      and K % w_scale.shape[1] == 0))):
+    if not (is_tensor and w_scale.dtype == torch.float32 and w_scale.device == w.device
+            and _scale_shape_ok(w_scale, N, K)):
         got = f"{w_scale.dtype} {tuple(w_scale.shape)} on {w_scale.device}" if is_tensor else type(w_scale).__name__
         raise ValueError(f"ember.ops.{op}: w_scale must be float32 ({N},) or ({N}, K // group_size) on {w.device}, "
                          f"got {got}")
