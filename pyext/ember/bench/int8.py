@@ -61,10 +61,7 @@ def _torch_bf16(lin):
 
 
 def _ao_dynamic(lin):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deprecated in favour of torchao, still the CPU baseline
-        return torch.ao.quantization.quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8), \
-            torch.float32
+    return _ao_dynamic_model(nn.Sequential(lin)), torch.float32
 
 
 def _ember(mode: str, dtype: torch.dtype, backend: str | None = None):
@@ -196,7 +193,7 @@ def decoder_tokens_per_s(device="cpu", hidden=1024, layers=8, inter=2816, vocab=
 
 def _ao_dynamic_model(m):
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # deprecated in favour of torchao, still the CPU baseline
         return torch.ao.quantization.quantize_dynamic(m, {nn.Linear}, dtype=torch.qint8)
 
 
