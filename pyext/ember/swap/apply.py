@@ -78,7 +78,7 @@ def swap(
                 return None, None
             new = rule.replace(module)
             new.train(module.training)
-            object.__setattr__(new, _ORIGINAL, module)  # remembered, not registered as a submodule
+            mark_replaced(new, module)
             object.__setattr__(new, _RULE, rule.name)
             return new, rule.name
         if declined:
