@@ -1,12 +1,11 @@
 // ember._C: kernel-level op schemas (namespace ember_C) and the Python module.
 //
-// These ops are the raw kernels: no autograd, no backend choice. The public ops (namespace
-// `ember`, with fake kernels and autograd) are declared in Python (pyext/ember/ops/) so ember works
-// without this extension; they call these when the "cpu" or "cuda" backend is chosen.
+// These ops are the raw kernels: no autograd, no backend choice. The public ops (namespace `ember`)
+// are declared with their fake kernels in pyext/ember/ops/_schemas.py, so ember works without this
+// extension; their autograd (csrc/autograd.cpp) and their "cpu"/"cuda" backends call these.
 #include <torch/extension.h>
 #include <torch/library.h>
 
-#include "eager.h"
 #include "ops.h"
 
 namespace ember {
@@ -250,11 +249,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "(name, ember::Act id) of every activation the kernels were built with");
   m.def("cpu_isa", []() { return std::string(ember::cpu::isa()); },
         "Instruction set the CPU kernels dispatch to on this machine");
-  // The eager fast path of the fused ops (csrc/eager.cpp; called by pyext/ember/ops when eager_native).
-  m.def("linear", &ember::eager::linear, "act(x @ weight^T + bias) [+ residual], with C++ autograd");
-  m.def("gated_linear", &ember::eager::gated_linear, "act(x @ w_gate^T + b_gate) * (x @ w_up^T + b_up)");
-  m.def("unary_act", &ember::eager::unary_act, "relu / silu / gelu / gelu_tanh of x");
-  m.def("gated_act", &ember::eager::gated_act, "act(gate) * up");
   m.def("int8_peak_macs", &ember::cpu::int8_peak_macs,
         "Measured int8 multiply-accumulates per second (AVX512-VNNI vpdpbusd, all torch threads); 0 without VNNI");
 }

@@ -447,7 +447,7 @@ def optim_checks():
                     for _ in range(2)]  # the kernel's copy, the reference's copy
             lists = lambda d: (d["p"], gs, *d["s"], d["m"], d["st"])  # noqa: E731
             KERN["optim"](kind, *lists(sets[0]), hyper, flags, None, None, None)
-            O.optim_step(kind, *lists(sets[1]), hyper, flags, None, None, None, "reference")
+            O.step(kind, *lists(sets[1]), hyper, flags, None, None, None, "reference")
             got, want = sets[0], sets[1]
             tol = dict(dtype=dt, atol=1e-6, rtol=1e-5) if dt == FP32 else dict(dtype=dt)
             return close("optim " + tag, got["p"] + got["m"] + sum(got["s"], []) + got["st"],

@@ -237,7 +237,7 @@ def _abs_mm(a, b):
 
 @pytest.mark.skipif(ember.available_backends("cpu")["cpu"] is not None, reason="needs ember._C")
 def test_linear_backward_zero_out_features_cpu():
-    # Found by this file: csrc/eager.cpp rows() did t.reshape({-1, cols}), ambiguous for a (..., 0)
+    # Found by this file: csrc/eager.cpp (now csrc/autograd.cpp) rows() did t.reshape({-1, cols}), ambiguous for a (..., 0)
     # gradient, so the C++ autograd node failed when out_features == 0 and x was not 2-D.
     x = torch.randn(3, requires_grad=True)
     y = ember.ops.linear(x, torch.randn(0, 3, requires_grad=True), backend="cpu")

@@ -13,10 +13,10 @@ Precedence: the op's ``backend=`` argument, then the innermost ``with ember.back
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib
 import os
-import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,7 +27,9 @@ from . import _versions
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 _CHOICES = BACKENDS + ("auto",)
 
-_local = threading.local()
+# The `with ember.backend(...)` stack, per thread (and per asyncio task). A ContextVar: every eager op
+# call reads it, and it is several times cheaper to read than a threading.local attribute.
+_stack: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("ember_backend_stack", default=())
 _global_choice: str | None = None
 
 
@@ -35,6 +37,20 @@ def _check_name(name: str) -> str:
     if name not in _CHOICES:
         raise ValueError(f"ember: unknown backend {name!r}; expected one of {_CHOICES}")
     return name
+
+
+def env(name: str) -> str | None:
+    """``os.environ.get(name)``, cheaply: it is read on every eager op call, and os.environ's Mapping
+    layer (key encoding, KeyError) costs about a microsecond; its backing dict is current (os.environ
+    writes through it), so this sees what tests and users set at run time."""
+    data = getattr(os.environ, "_data", None)
+    if data is None:  # not CPython's os.environ
+        return os.environ.get(name)
+    value = data.get(_ENV_KEYS.get(name) or os.environ.encodekey(name))
+    return None if value is None else os.environ.decodevalue(value)
+
+
+_ENV_KEYS = {name: os.environ.encodekey(name) for name in ("EMBER_BACKEND", "TRITON_INTERPRET")}
 
 
 def set_backend(name: str | None) -> None:
@@ -45,26 +61,22 @@ def set_backend(name: str | None) -> None:
 
 def get_backend() -> str:
     """The backend an op called without ``backend=`` would request (may be "auto")."""
-    stack = getattr(_local, "stack", None)
+    stack = _stack.get()
     if stack:
         return stack[-1]
     if _global_choice is not None:
         return _global_choice
-    return _check_name(os.environ.get("EMBER_BACKEND", "auto"))
+    return _check_name(env("EMBER_BACKEND") or "auto")
 
 
 @contextlib.contextmanager
 def backend(name: str):
     """Context manager: ops inside run on ``name`` unless a call passes ``backend=`` itself."""
-    _check_name(name)
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
-    stack.append(name)
+    token = _stack.set(_stack.get() + (_check_name(name),))
     try:
         yield
     finally:
-        stack.pop()
+        _stack.reset(token)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,7 +99,7 @@ def extension_has_cuda() -> bool:
 
 
 def triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return env("TRITON_INTERPRET") == "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -214,8 +226,16 @@ def choose(requested: str | None, device: torch.device, op: str, *, label: str |
     name: that backend, or a BackendError naming it and the reason it cannot run the call. Without
     inputs only availability is judged (``resolve``)."""
     name = _check_name(requested) if requested is not None else get_backend()
+    # The answer depends on the device type, the op, the inputs the rules read and whether the Triton
+    # interpreter is on (the tests toggle it), so it is computed once per combination.
+    return _choose(name, device.type, op, label, triton_interpret(), tuple(sorted(inputs.items())))
+
+
+@functools.lru_cache(maxsize=4096)
+def _choose(name: str, device_type: str, op: str, label, _interpret: bool, items: tuple) -> str:
+    device, inputs = torch.device(device_type), dict(items)
     if name == "auto":
-        for candidate in _AUTO_ORDER.get(device.type, ()):
+        for candidate in _AUTO_ORDER.get(device_type, ()):
             if why_unavailable(candidate, device) is None and (not inputs or why_not(candidate, op, **inputs) is None):
                 return candidate
         return "reference"
@@ -230,36 +250,35 @@ def choose(requested: str | None, device: torch.device, op: str, *, label: str |
     return name
 
 
+def for_call(requested: str | None, device: torch.device, op: str, *, label: str | None = None, **inputs) -> str:
+    """The concrete backend a public function passes to its ``ember::`` op as ``backend``.
+
+    Under torch.compile / export the choice is made once, at trace time, and baked into the graph (it
+    reads thread-locals and the environment, which do not belong in a graph). "cpu" and "cuda" name the
+    same ember_C kernels, which dispatch on the tensors' device, so a graph traced on one device still
+    runs on the other."""
+    if _is_compiling():
+        return _traced_choice(requested, device, op, label, tuple(inputs.items()))
+    name = requested if requested is not None else get_backend()
+    # Every eager op call comes through here, so the answer is memoised on what it depends on (a call
+    # site passes its inputs in a fixed order); choose() runs, and raises, only for a new combination.
+    key = (name, device, op, label, env("TRITON_INTERPRET"), *inputs.items())
+    chosen = _FOR_CALL.get(key)
+    if chosen is None:
+        chosen = _FOR_CALL[key] = choose(name, device, op, label=label, **inputs)
+    return chosen
+
+
+@torch.compiler.assume_constant_result
+def _traced_choice(requested: str | None, device: torch.device, op: str, label: str | None, items: tuple) -> str:
+    return choose(requested, device, op, label=label, **dict(items))
+
+
+_FOR_CALL: dict[tuple, str] = {}
+_is_compiling = torch.compiler.is_compiling
+
+
 def resolve(requested: str | None, device: torch.device, op: str) -> str:
     """The backend a request names, judged on availability only: for ops no backend has rules for,
     and for the early checks before an op's inputs are known (the op then calls ``choose``)."""
     return choose(requested, device, op)
-
-
-@functools.lru_cache(maxsize=None)
-def _native_auto(device_type: str) -> bool:
-    # What "auto" resolves to depends only on the device type and on the build of ember._C.
-    if device_type == "cpu":
-        return extension() is not None
-    return device_type == "cuda" and extension_has_cuda()
-
-
-def native(requested: str | None, device: torch.device, op: str) -> bool:
-    """Whether a call resolves to ember's compiled kernels ("cpu" / "cuda": the ember_C ops), which
-    the eager fast paths then call directly. The common case ("auto" on CPU or CUDA) is one cached
-    lookup; anything else goes through resolve(), which also raises for an unavailable request."""
-    name = requested if requested is not None else get_backend()
-    if name == "auto" and device.type in ("cpu", "cuda"):
-        return _native_auto(device.type)
-    return resolve(name, device, op) in ("cpu", "cuda")
-
-
-# Under torch.compile / torch.export the request is read once, at trace time, and baked into the
-# graph as the op's `backend` string argument (it reads thread-locals and the environment, which do
-# not belong in a graph). "auto" stays "auto" in the graph and is resolved per call from the tensors'
-# device, so an exported program still runs on another device.
-@torch.compiler.assume_constant_result
-def request(backend: str | None, device: torch.device, op: str) -> str:
-    """What an op call asks for: "auto", or an explicit backend checked to be available here."""
-    name = _check_name(backend) if backend is not None else get_backend()
-    return name if name == "auto" else resolve(name, device, op)

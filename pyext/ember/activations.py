@@ -47,7 +47,9 @@ class Activation:
 
 
 def _relu(x):
-    return torch.where(x < 0, torch.zeros_like(x), x)
+    # x <= 0, not x < 0: without ember._C torch's autograd differentiates this formula (ops/_common.py,
+    # plain_reference), and at 0 the zero branch gives derivative 0, as torch.relu's and _relu_backward's.
+    return torch.where(x <= 0, torch.zeros_like(x), x)
 
 
 def _relu_backward(g, x):

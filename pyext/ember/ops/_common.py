@@ -54,40 +54,9 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     return view
 
 
-# ---------------------------------------------------------------------------------------------
-# The eager fast path. Each ember op is a torch.library custom op (what torch.compile, torch.export,
-# opcheck and dispatch modes see), but on CPU one trip through it costs ~15-30 us of Python and
-# dispatcher work per call, and its registered autograd as much again, which at M = 1 is as much
-# as the GEMM itself. Plain eager calls that resolve to ember's compiled kernels therefore make one
-# call into ember._C (csrc/eager.cpp), which checks, reshapes, runs the kernels and, when a gradient
-# is wanted, records a C++ autograd node. Everything else keeps the custom op: tracing/compiling, a
-# dispatch mode (FakeTensorMode, FlopCounterMode, export's make_fx), functorch transforms (vmap/grad,
-# whose wrapped tensors look plain) and tensor subclasses.
-# ---------------------------------------------------------------------------------------------
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-_is_compiling = torch.compiler.is_compiling
-_dispatch_depth = torch._C._len_torch_dispatch_stack
-_functorch_top = torch._C._functorch.peek_interpreter_stack
-
-# What ember._C's eager entry points raise for bad arguments. The caller then runs its Python checks,
-# which name the argument in ember.ops' words (and re-raise through the custom op if those pass).
-ARG_ERRORS = (RuntimeError, TypeError, ValueError, IndexError)
-
-
-def eager_native(backend, op: str, x, *rest) -> bool:
-    """True when this call may skip the custom op and call ``eager()``'s entry point directly."""
-    if type(x) not in _PLAIN or _is_compiling() or _dispatch_depth() or _functorch_top() is not None:
-        return False
-    for t in rest:
-        if t is not None and type(t) not in _PLAIN:
-            return False
-    return _backend.native(backend, x.device, op)
-
-
-def eager():
-    """ember._C, whose ``linear``, ``gated_linear``, ``unary_act`` and ``gated_act`` are the fast path."""
-    return _backend.extension()
-
-
-def wants_grad(*ts) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+def plain_reference(backend: str) -> bool:
+    """Whether a call on ``backend`` runs the reference as plain torch, outside the ember op: only
+    without ember._C, where the op has no autograd (csrc/autograd.cpp is in it). torch's autograd then
+    differentiates the reference formulas, which agree with ember's derivatives except, at most, in
+    which overflowing elements come out inf or NaN."""
+    return backend == "reference" and _backend.extension() is None

@@ -9,9 +9,11 @@ from __future__ import annotations
 import torch
 
 from .. import _backend, activations
-from ._common import ARG_ERRORS, check_float, eager, eager_native
+from ._common import check_float, plain_reference
+from ._schemas import impl
 
 ACTS = activations.UNARY
+_OP = torch.ops.ember.unary_act.default
 
 # The pure-PyTorch reference (the test oracle in float64, and the "reference" backend) is the table's:
 # low-precision inputs compute in fp32 and round once, like torch's own kernels.
@@ -44,51 +46,19 @@ def _backward(grad: torch.Tensor, x: torch.Tensor, act: str, backend: str) -> to
     return torch.ops.ember_C.unary_act_backward(grad, x, act)
 
 
-@torch.library.custom_op("ember::unary_act", mutates_args=())
-def unary_act(x: torch.Tensor, act: str, backend: str) -> torch.Tensor:
-    return _forward(x, act, backend)
-
-
-@unary_act.register_fake
-def _(x, act, backend):
-    return x.new_empty(x.shape)
-
-
-@torch.library.custom_op("ember::unary_act_backward", mutates_args=())
-def unary_act_backward(grad_out: torch.Tensor, x: torch.Tensor, act: str, backend: str) -> torch.Tensor:
-    return _backward(grad_out, x, act, backend)
-
-
-@unary_act_backward.register_fake
-def _(grad_out, x, act, backend):
-    return x.new_empty(x.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    x, act, backend = inputs
-    ctx.save_for_backward(x)
-    ctx.act, ctx.backend = act, backend
-
-
-def _autograd_backward(ctx, grad):
-    (x,) = ctx.saved_tensors
-    return unary_act_backward(grad, x, ctx.act, ctx.backend), None, None
-
-
-unary_act.register_autograd(_autograd_backward, setup_context=_setup_context)
+impl("unary_act")(_forward)
+impl("unary_act_backward")(_backward)
 
 
 # ---------------------------------------------------------------------------------------------
 # Public functions.
 # ---------------------------------------------------------------------------------------------
 def _apply(op: str, x: torch.Tensor, act: str, backend: str | None) -> torch.Tensor:
-    if eager_native(backend, op, x):
-        try:
-            return eager().unary_act(x, act)
-        except ARG_ERRORS:
-            pass  # the checks below say what is wrong
     check_float(op, "x", x)
-    return unary_act(x, act, _backend.request(backend, x.device, op))
+    name = _backend.for_call(backend, x.device, "unary_act", label=f"ops.{op}")
+    if plain_reference(name):
+        return act_reference(x, act)
+    return _OP(x, act, name)
 
 
 def gelu(x: torch.Tensor, approximate: str = "none", *, backend: str | None = None) -> torch.Tensor:

@@ -10,8 +10,12 @@ from __future__ import annotations
 import torch
 
 from .. import _backend, activations
-from ._common import ARG_ERRORS, as_rows, check_float, check_same, eager, eager_native
+from ._common import as_rows, check_float, check_same, plain_reference
+from ._schemas import impl
 from .activation import act_backward_reference, act_reference
+
+
+_OP = torch.ops.ember.gated_act.default
 
 
 def gated_reference(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
@@ -57,54 +61,25 @@ def _backward(grad, gate, up, act, backend):
     return torch.ops.ember_C.gated_act_backward(d2, g2, u2, act)
 
 
-@torch.library.custom_op("ember::gated_act", mutates_args=())
-def gated_act(gate: torch.Tensor, up: torch.Tensor, act: str, backend: str) -> torch.Tensor:
+@impl("gated_act")
+def _(gate, up, act, backend):
     return _reshaped(_forward(gate, up, act, backend), gate.shape)
 
 
-@gated_act.register_fake
-def _(gate, up, act, backend):
-    return gate.new_empty(gate.shape)
-
-
-@torch.library.custom_op("ember::gated_act_backward", mutates_args=())
-def gated_act_backward(
-    grad_out: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str, backend: str
-) -> tuple[torch.Tensor, torch.Tensor]:
+@impl("gated_act_backward")
+def _(grad_out, gate, up, act, backend):
     dgate, dup = _backward(grad_out, gate, up, act, backend)
     return _reshaped(dgate, gate.shape), _reshaped(dup, gate.shape)
 
 
-@gated_act_backward.register_fake
-def _(grad_out, gate, up, act, backend):
-    return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
-
-
-def _setup_context(ctx, inputs, output):
-    gate, up, act, backend = inputs
-    ctx.save_for_backward(gate, up)
-    ctx.act, ctx.backend = act, backend
-
-
-def _autograd_backward(ctx, grad):
-    gate, up = ctx.saved_tensors
-    dgate, dup = gated_act_backward(grad, gate, up, ctx.act, ctx.backend)
-    return dgate, dup, None, None
-
-
-gated_act.register_autograd(_autograd_backward, setup_context=_setup_context)
-
-
 def _apply(op: str, gate: torch.Tensor, up: torch.Tensor, act: str, backend: str | None) -> torch.Tensor:
-    if eager_native(backend, op, gate, up):
-        try:
-            return eager().gated_act(gate, up, act)
-        except ARG_ERRORS:
-            pass  # the checks below say what is wrong
     check_float(op, "gate", gate)
     check_float(op, "up", up)
     check_same(op, ("gate", "up"), gate, up)
-    return gated_act(gate, up, act, _backend.request(backend, gate.device, op))
+    name = _backend.for_call(backend, gate.device, "gated_act", label=f"ops.{op}")
+    if plain_reference(name):
+        return gated_reference(gate, up, act)
+    return _OP(gate, up, act, name)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:

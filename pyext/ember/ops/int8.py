@@ -30,6 +30,7 @@ import torch
 
 from .. import _backend, activations
 from ._common import as_rows, check_float
+from ._schemas import impl
 
 MODES = ("w8a8", "w8a16")
 ACT_IDS = activations.ID  # the epilogue's activation, as the kernels' int code
@@ -127,30 +128,6 @@ def int8_linear_reference(x, w, w_scale, bias=None, act="none", mode="w8a8", smo
 # ---------------------------------------------------------------------------------------------
 # Backends.
 # ---------------------------------------------------------------------------------------------
-_EAGER_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def cpu_w8a8_eager(x, w, w_scale, bias, smooth, act, w_packed):
-    """Int8Linear's eager CPU W8A8 call straight into the C++ op, or None where the general path must
-    run (another backend asked for, autograd recording, an input the checks of ``int8_linear`` should
-    judge). The layer's own buffers need no per-call validation, and skipping the custom-op and
-    backend-resolution layers saves ~15 us per call, a fifth of a 768 x 3072 decode GEMV."""
-    if (x.dtype not in _EAGER_DTYPES or x.dim() == 0 or x.shape[-1] != w.shape[1] or x.device.type != "cpu"
-            or (x.requires_grad and torch.is_grad_enabled()) or _backend.get_backend() not in ("auto", "cpu")):
-        return None
-    global _C_W8A8
-    if _C_W8A8 is None:
-        if _backend.extension() is None:  # loads ember._C, which registers the op
-            return None
-        _C_W8A8 = torch.ops.ember_C.int8_linear_w8a8.default
-    x2 = x if x.dim() == 2 and x.stride(-1) == 1 else as_rows(x)
-    y = _C_W8A8(x2, w, w_scale, bias, smooth, ACT_IDS[act or "none"], w_packed)
-    return y if x.dim() == 2 else y.view(*x.shape[:-1], w.shape[0])
-
-
-_C_W8A8 = None
-
-
 def _quantize_forward(x, smooth, backend):
     backend = _backend.resolve(backend, x.device, "quantize_per_token")
     if backend == "reference":
@@ -189,72 +166,27 @@ def _linear_forward(x, w, w_scale, bias, smooth, act, mode, backend, w_packed=No
     return torch.ops.aten._unsafe_view.default(y, (*x.shape[:-1], N))
 
 
-@torch.library.custom_op("ember::quantize_per_token", mutates_args=())
-def _quantize_op(x: torch.Tensor, smooth: torch.Tensor | None, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _quantize_forward(x, smooth, backend)
+impl("quantize_per_token")(_quantize_forward)
+impl("int8_linear")(_linear_forward)  # its autograd (inference only: backward raises) is csrc/autograd.cpp's
 
 
-@_quantize_op.register_fake
-def _(x, smooth, backend):
-    K = x.shape[-1]
-    M = x.numel() // K if K else math.prod(x.shape[:-1])
-    return x.new_empty(M, K, dtype=torch.int8), x.new_empty(M, dtype=torch.float32)
-
-
-@torch.library.custom_op("ember::int8_linear", mutates_args=())
-def _int8_linear_op(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    w_scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    smooth: torch.Tensor | None,
-    act: str,
-    mode: str,
-    backend: str,
-    w_packed: torch.Tensor | None = None,
-) -> torch.Tensor:
-    return _linear_forward(x, w, w_scale, bias, smooth, act, mode, backend, w_packed)
-
-
-@_int8_linear_op.register_fake
-def _(x, w, w_scale, bias, smooth, act, mode, backend, w_packed=None):
-    return x.new_empty(*x.shape[:-1], w.shape[0])
-
-
-def _no_backward(ctx, grad):
-    raise RuntimeError(
-        "ember.ops.int8_linear is inference-only: it has no backward. Run it under torch.no_grad() / "
-        "inference_mode, or keep the float layer for training."
-    )
-
-
-def _setup_context(ctx, inputs, output):
-    pass
-
-
-_int8_linear_op.register_autograd(_no_backward, setup_context=_setup_context)
-
-
-def _prepack_backend(w: torch.Tensor, mode: str, backend: str) -> str | None:
+def packed_by(w: torch.Tensor, mode: str, backend: str) -> str | None:
     """The ember_C kernel that has a packed weight for this call, or None (the plain weight is read)."""
     if mode != "w8a8":
         return None
     return "cpu" if _backend.resolve(backend, w.device, "int8_prepack") == "cpu" else None
 
 
-@torch.library.custom_op("ember::int8_prepack", mutates_args=())
-def _prepack_op(w: torch.Tensor, w_scale: torch.Tensor, mode: str, backend: str) -> torch.Tensor:
-    if _prepack_backend(w, mode, backend) is None:
-        return w.new_empty(0)
-    return torch.ops.ember_C.int8_prepack(w, w_scale)
-
-
-@_prepack_op.register_fake
+@impl("int8_prepack")
 def _(w, w_scale, mode, backend):
-    if _prepack_backend(w, mode, backend) is None:
+    if packed_by(w, mode, backend) is None:
         return w.new_empty(0)
-    # ember_C's Meta kernel: the size comes from the C++ rule, not from a copy of it here.
     return torch.ops.ember_C.int8_prepack(w, w_scale)
+
+
+_QUANTIZE = torch.ops.ember.quantize_per_token.default
+_INT8_LINEAR = torch.ops.ember.int8_linear.default
+_PREPACK = torch.ops.ember.int8_prepack.default
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,7 +209,7 @@ def quantize_per_token(x: torch.Tensor, smooth: torch.Tensor | None = None, *, b
     if x.dim() == 0:
         raise ValueError("ember.ops.quantize_per_token: x must have at least one dimension")
     _check_smooth("quantize_per_token", smooth, x.shape[-1], x.device)
-    return _quantize_op(x, smooth, _backend.request(backend, x.device, "quantize_per_token"))
+    return _QUANTIZE(x, smooth, _backend.for_call(backend, x.device, "quantize_per_token"))
 
 
 def _check_int8_weight(op: str, w) -> None:
@@ -339,7 +271,14 @@ def int8_linear(
     # The size is the kernel's to check (ember_C compares it with the rule that made it).
     if w_packed is not None and (w_packed.dtype != torch.int8 or w_packed.dim() != 1 or w_packed.device != x.device):
         raise ValueError(f"ember.ops.{op}: w_packed must be int8_prepack(w, w_scale) on {x.device}")
-    return _int8_linear_op(x, w, w_scale, bias, smooth, act, mode, _backend.request(backend, x.device, op), w_packed)
+    return _INT8_LINEAR(x, w, w_scale, bias, smooth, act, mode, backend_for(backend, x.device, mode, w_scale, K),
+                        w_packed)
+
+
+def backend_for(requested: str | None, device: torch.device, mode: str, w_scale: torch.Tensor, K: int) -> str:
+    """The backend string of an int8_linear call (``_backend.for_call`` with what the rules read)."""
+    group = None if w_scale.dim() == 1 or w_scale.shape[1] == 1 else K // w_scale.shape[1]
+    return _backend.for_call(requested, device, "int8_linear", mode=mode, group=group, in_features=K)
 
 
 def int8_prepack(w: torch.Tensor, w_scale: torch.Tensor, *, mode: str = "w8a8",
@@ -359,4 +298,4 @@ def int8_prepack(w: torch.Tensor, w_scale: torch.Tensor, *, mode: str = "w8a8",
         got = f"{w_scale.dtype} {tuple(w_scale.shape)} on {w_scale.device}" if is_tensor else type(w_scale).__name__
         raise ValueError(f"ember.ops.{op}: w_scale must be float32 ({N},) or ({N}, K // group_size) on {w.device}, "
                          f"got {got}")
-    return _prepack_op(w.contiguous(), w_scale, mode, _backend.request(backend, w.device, op))
+    return _PREPACK(w.contiguous(), w_scale, mode, _backend.for_call(backend, w.device, op))

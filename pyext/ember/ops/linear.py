@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import _backend, activations
-from ._common import ARG_ERRORS, check_float, eager, eager_native, wants_grad
+from ._common import check_float, plain_reference
+from ._schemas import impl
 from .activation import act_backward_reference, act_reference
 
 LINEAR_ACTS = activations.EPILOGUE
@@ -59,8 +60,8 @@ def linear_backward_reference(grad2, x2, weight, pre, act: str):
 
 
 def gated_linear_reference(x2, w_gate, w_up, b_gate, b_up, act: str):
-    pre = torch.cat([F.linear(x2, w_gate, b_gate), F.linear(x2, w_up, b_up)], dim=1)
-    gate, up = pre.chunk(2, dim=1)
+    pre = torch.cat([F.linear(x2, w_gate, b_gate), F.linear(x2, w_up, b_up)], dim=-1)
+    gate, up = pre.chunk(2, dim=-1)
     h = act_reference(_wide(gate), act) * _wide(up)
     return h.to(x2.dtype), pre
 
@@ -96,8 +97,12 @@ def _nrows(x: torch.Tensor) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# ember::linear_act
+# ember::linear_act (schema in _schemas.py; its autograd is csrc/autograd.cpp's)
 # ---------------------------------------------------------------------------------------------
+linear_act = torch.ops.ember.linear_act.default
+gated_linear_op = torch.ops.ember.gated_linear.default
+
+
 def _linear_fwd(x, weight, bias, residual, act, save_preact, backend):
     backend = _backend.choose(backend, x.device, "linear", dtype=x.dtype)
     x2 = _rows(x)
@@ -116,43 +121,16 @@ def _linear_fwd(x, weight, bias, residual, act, save_preact, backend):
     return out, (pre if keep else _empty(x))
 
 
-@torch.library.custom_op("ember::linear_act", mutates_args=())
-def linear_act(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    residual: Optional[torch.Tensor],
-    act: str,
-    save_preact: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+@impl("linear_act")
+def _(x, weight, bias, residual, act, save_preact, backend):
     out, pre = _linear_fwd(x, weight, bias, residual, act, save_preact, backend)
     if pre.numel() and pre.data_ptr() == out.data_ptr():
         pre = pre.clone()
     return _shaped(out, (*x.shape[:-1], weight.shape[0])), pre
 
 
-@linear_act.register_fake
-def _(x, weight, bias, residual, act, save_preact, backend):
-    out = x.new_empty((*x.shape[:-1], weight.shape[0]))
-    if save_preact and act != "none":
-        return out, x.new_empty((_nrows(x), weight.shape[0]))
-    return out, x.new_empty((0,))
-
-
-@torch.library.custom_op("ember::linear_act_backward", mutates_args=())
-def linear_act_backward(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
-    preact: torch.Tensor,
-    act: str,
-    need_dx: bool,
-    need_dw: bool,
-    need_db: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+@impl("linear_act_backward")
+def _(grad_out, x, weight, bias, preact, act, need_dx, need_dw, need_db, backend):
     backend = _backend.choose(backend, x.device, "linear", dtype=x.dtype)
     x2, g2 = _rows(x), _rows(grad_out)
     if act != "none" and preact.numel() == 0 and g2.numel():
@@ -172,56 +150,11 @@ def linear_act_backward(
     return dx, dw, db
 
 
-@linear_act_backward.register_fake
-def _(grad_out, x, weight, bias, preact, act, need_dx, need_dw, need_db, backend):
-    return (
-        x.new_empty(x.shape) if need_dx else x.new_empty((0,)),
-        x.new_empty(weight.shape) if need_dw else x.new_empty((0,)),
-        x.new_empty((weight.shape[0],)) if need_db else x.new_empty((0,)),
-    )
-
-
-def _linear_setup(ctx, inputs, output):
-    x, weight, bias, residual, act, save_preact, backend = inputs
-    ctx.save_for_backward(x, weight, bias, output[1])
-    ctx.act, ctx.backend = act, backend
-    ctx.mark_non_differentiable(output[1])
-
-
-def _linear_autograd(ctx, grad_out, _grad_preact):
-    x, weight, bias, preact = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    dx, dw, db = linear_act_backward(
-        grad_out.contiguous(), x, weight, bias, preact, ctx.act, need[0], need[1], need[2] and bias is not None, ctx.backend
-    )
-    return (
-        dx if need[0] else None,
-        dw if need[1] else None,
-        db if need[2] and bias is not None else None,
-        grad_out if need[3] else None,
-        None,
-        None,
-        None,
-    )
-
-
-linear_act.register_autograd(_linear_autograd, setup_context=_linear_setup)
-
-
 # ---------------------------------------------------------------------------------------------
-# ember::gated_linear
+# ember::gated_linear (schema in _schemas.py; its autograd is csrc/autograd.cpp's)
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("ember::gated_linear", mutates_args=())
-def gated_linear_op(
-    x: torch.Tensor,
-    w_gate: torch.Tensor,
-    w_up: torch.Tensor,
-    b_gate: Optional[torch.Tensor],
-    b_up: Optional[torch.Tensor],
-    act: str,
-    save_preact: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor]:
+@impl("gated_linear")
+def _(x, w_gate, w_up, b_gate, b_up, act, save_preact, backend):
     backend = _backend.choose(backend, x.device, "gated_linear", dtype=x.dtype)
     x2 = _rows(x)
     if backend == "reference":
@@ -235,27 +168,8 @@ def gated_linear_op(
     return _shaped(h, (*x.shape[:-1], w_gate.shape[0])), (pre if save_preact else _empty(x))
 
 
-@gated_linear_op.register_fake
-def _(x, w_gate, w_up, b_gate, b_up, act, save_preact, backend):
-    h = x.new_empty((*x.shape[:-1], w_gate.shape[0]))
-    return h, (x.new_empty((_nrows(x), 2 * w_gate.shape[0])) if save_preact else x.new_empty((0,)))
-
-
-@torch.library.custom_op("ember::gated_linear_backward", mutates_args=())
-def gated_linear_backward(
-    grad_out: torch.Tensor,
-    x: torch.Tensor,
-    w_gate: torch.Tensor,
-    w_up: torch.Tensor,
-    b_gate: Optional[torch.Tensor],
-    b_up: Optional[torch.Tensor],
-    preact: torch.Tensor,
-    act: str,
-    need_dx: bool,
-    need_dw: bool,
-    need_db: bool,
-    backend: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+@impl("gated_linear_backward")
+def _(grad_out, x, w_gate, w_up, b_gate, b_up, preact, act, need_dx, need_dw, need_db, backend):
     backend = _backend.choose(backend, x.device, "gated_linear", dtype=x.dtype)
     x2, g2 = _rows(x), _rows(grad_out)
     if preact.numel() == 0 and g2.numel():
@@ -277,47 +191,6 @@ def gated_linear_backward(
         dbg if need_db else e.clone(),
         dbu if need_db else e.clone(),
     )
-
-
-@gated_linear_backward.register_fake
-def _(grad_out, x, w_gate, w_up, b_gate, b_up, preact, act, need_dx, need_dw, need_db, backend):
-    e = lambda: x.new_empty((0,))  # noqa: E731
-    n = w_gate.shape[0]
-    return (
-        x.new_empty(x.shape) if need_dx else e(),
-        x.new_empty(w_gate.shape) if need_dw else e(),
-        x.new_empty(w_up.shape) if need_dw else e(),
-        x.new_empty((n,)) if need_db else e(),
-        x.new_empty((n,)) if need_db else e(),
-    )
-
-
-def _gated_setup(ctx, inputs, output):
-    x, w_gate, w_up, b_gate, b_up, act, save_preact, backend = inputs
-    ctx.save_for_backward(x, w_gate, w_up, b_gate, b_up, output[1])
-    ctx.act, ctx.backend = act, backend
-    ctx.mark_non_differentiable(output[1])
-
-
-def _gated_autograd(ctx, grad_out, _grad_preact):
-    x, w_gate, w_up, b_gate, b_up, preact = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    has_b = b_gate is not None
-    dx, dwg, dwu, dbg, dbu = gated_linear_backward(
-        grad_out.contiguous(), x, w_gate, w_up, b_gate, b_up, preact, ctx.act,
-        need[0], need[1] or need[2], has_b and (need[3] or need[4]), ctx.backend,
-    )
-    return (
-        dx if need[0] else None,
-        dwg if need[1] else None,
-        dwu if need[2] else None,
-        dbg if has_b and need[3] else None,
-        dbu if has_b and need[4] else None,
-        None, None, None,
-    )
-
-
-gated_linear_op.register_autograd(_gated_autograd, setup_context=_gated_setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,11 +238,6 @@ def linear(
     the output's shape and is added after the activation. fp32 GEMMs follow
     ``torch.backends.cuda.matmul.allow_tf32`` on GPU.
     """
-    if eager_native(backend, "linear", x, weight, bias, residual):
-        try:
-            return eager().linear(x, weight, bias, residual, "none" if activation is None else activation)
-        except ARG_ERRORS:
-            pass  # the checks below say what is wrong
     act = activations.check("ember.ops.linear", activation, LINEAR_ACTS)
     _check_x("linear", x)
     _check_weight("linear", x, "weight", weight, bias, "bias")
@@ -381,10 +249,10 @@ def linear(
                 f"ember.ops.linear: residual must have the output's shape {want}, dtype {x.dtype} and device "
                 f"{x.device}, got {tuple(residual.shape)}, {residual.dtype}, {residual.device}"
             )
-    requested = _backend.request(backend, x.device, "linear")
-    out, _ = linear_act(x, weight, bias, residual, act, act != "none" and wants_grad(x, weight, bias, residual),
-                        requested)
-    return out
+    name = _backend.for_call(backend, x.device, "linear", dtype=x.dtype)
+    if plain_reference(name):
+        return linear_reference(x, weight, bias, residual, act)[0]
+    return linear_act(x, weight, bias, residual, act, False, name)[0]
 
 
 def gated_linear(
@@ -399,11 +267,6 @@ def gated_linear(
 ) -> torch.Tensor:
     """``act(x @ w_gate^T + b_gate) * (x @ w_up^T + b_up)``: both projections in one GEMM pass with the
     gating in its epilogue (SwiGLU for "silu", GeGLU for "gelu" / "gelu_tanh")."""
-    if eager_native(backend, "gated_linear", x, w_gate, w_up, b_gate, b_up):
-        try:
-            return eager().gated_linear(x, w_gate, w_up, b_gate, b_up, activation)
-        except ARG_ERRORS:
-            pass  # the checks below say what is wrong
     act = activations.check("ember.ops.gated_linear", activation, GATED_ACTS)
     _check_x("gated_linear", x)
     _check_weight("gated_linear", x, "w_gate", w_gate, b_gate, "b_gate")
@@ -415,6 +278,7 @@ def gated_linear(
         )
     if (b_gate is None) != (b_up is None):
         raise ValueError("ember.ops.gated_linear: give both b_gate and b_up or neither")
-    requested = _backend.request(backend, x.device, "gated_linear")
-    h, _ = gated_linear_op(x, w_gate, w_up, b_gate, b_up, act, wants_grad(x, w_gate, w_up, b_gate, b_up), requested)
-    return h
+    name = _backend.for_call(backend, x.device, "gated_linear", dtype=x.dtype)
+    if plain_reference(name):
+        return gated_linear_reference(x, w_gate, w_up, b_gate, b_up, act)[0]
+    return gated_linear_op(x, w_gate, w_up, b_gate, b_up, act, False, name)[0]

@@ -21,6 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._schemas import impl
+
 KINDS = ("sgd", "adam", "adagrad", "rmsprop", "lion")
 
 # Option bits, as ember::OptFlag in csrc/optim.h.
@@ -132,10 +134,11 @@ def _step_reference(kind, params, grads, s1, s2, s3, masters, steps, hyper, flag
 
 
 # ---------------------------------------------------------------------------------------------
-# The op. "cpu" and "cuda" are the same ember_C op; the dispatcher picks the device's kernel.
+# The op (schema in _schemas.py). "cpu" and "cuda" are the same ember_C op; the dispatcher picks the
+# device's kernel, which bumps the version counters of what it updates.
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("ember::optim_step", mutates_args=("params", "s1", "s2", "s3", "masters", "steps"))
-def optim_step(
+@impl("optim_step")
+def _optim_step(
     kind: str,
     params: list[Tensor],
     grads: list[Tensor],
@@ -163,20 +166,9 @@ def optim_step(
         torch.ops.ember_C.optim_step(*args)
 
 
-@optim_step.register_fake
-def _(kind, params, grads, s1, s2, s3, masters, steps, hyper, flags, lr, grad_scale, found_inf, backend):
-    return None
-
-
 def step(kind, params, grads, s1, s2, s3, masters, steps, hyper, flags, lr, grad_scale, found_inf, backend):
-    """``optim_step`` as ember.optim calls it. In plain eager mode the "cpu" backend goes straight to
-    the C++ op: the custom-op wrapper's Python bookkeeping (argument checks, one version-counter bump
-    per mutated tensor) costs ~0.5 ms for ~200 parameters, as much as the whole step of torch's fused
-    optimizer; the C++ op bumps the counters itself. Under torch.compile, or under a dispatch mode
-    (FakeTensorMode, ...), it stays the registered custom op so tracing sees it."""
-    args = (kind, params, grads, s1, s2, s3, masters, steps, hyper, flags, lr, grad_scale, found_inf)
-    if backend == "cpu" and not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0:
-        torch.ops.ember_C.optim_step(*args)
-    else:
-        optim_step(*args, backend)
+    """``ember::optim_step`` as ember.optim calls it."""
+    _OP(kind, params, grads, s1, s2, s3, masters, steps, hyper, flags, lr, grad_scale, found_inf, backend)
 
+
+_OP = torch.ops.ember.optim_step.default

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .. import _backend
 from . import optim as _op
+from ._schemas import impl
 
 BLOCK = 256
 
@@ -133,12 +134,11 @@ def _check_triton(params, grads, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq
 
 
 # ---------------------------------------------------------------------------------------------
-# The op. "cpu" and "cuda" are the same ember_C op; the dispatcher picks the device's kernel.
+# The op (schema in _schemas.py). "cpu" and "cuda" are the same ember_C op; the dispatcher picks the
+# device's kernel.
 # ---------------------------------------------------------------------------------------------
-@torch.library.custom_op("ember::adamw8bit_step",
-                         mutates_args=("params", "exp_avg", "exp_avg_sq", "exp_avg_absmax", "exp_avg_sq_absmax",
-                                       "steps"))
-def adamw8bit_step(
+@impl("adamw8bit_step")
+def _adamw8bit_step(
     params: list[Tensor],
     grads: list[Tensor],
     exp_avg: list[Tensor],
@@ -168,7 +168,4 @@ def adamw8bit_step(
         torch.ops.ember_C.adamw8bit_step(*args)
 
 
-@adamw8bit_step.register_fake
-def _(params, grads, exp_avg, exp_avg_sq, exp_avg_absmax, exp_avg_sq_absmax, steps, hyper, flags, lr, grad_scale,
-      found_inf, backend):
-    return None
+adamw8bit_step = torch.ops.ember.adamw8bit_step.default

@@ -1,18 +1,38 @@
-"""The eager fast path (ember.ops._common.eager_native): plain eager calls on the CPU backend skip the
-torch.library custom op and make one call into ember._C (csrc/eager.cpp), which runs the ember_C kernels
-and, for training, records a C++ autograd node. Its results and gradients must equal the custom op's (up to the
-BLAS's own run-to-run rounding), and anything that must see the custom op (dispatch modes, vmap,
-compile) must still get it."""
+"""The one autograd of the ember ops (csrc/autograd.cpp, under the Autograd key) and its two routes.
+
+Plain eager tensors on the "cpu" backend go straight to the ember_C kernels; anything else (here: a
+dispatch mode, which is what tracing, FakeTensorMode and FlopCounterMode look like to it) goes below
+autograd to the op's registered kernel. The two must give the same results and gradients (up to the BLAS's
+own run-to-run rounding), and whatever must see the ember op (dispatch modes, vmap, compile) gets it."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ember
-from ember.ops.activation import unary_act
-from ember.ops.gated import gated_act
 from ember.ops.linear import gated_linear_op, linear_act
 
 pytestmark = pytest.mark.skipif(ember._backend.extension() is None, reason="ember._C not built")
+
+
+class _Recorder(TorchDispatchMode):
+    """Records the ops it sees; its presence also sends ember's autograd down the op's route."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _both_routes(fn, tensors, grad):
+    """(direct route, op route): output and gradients of fn, in plain eager mode and under a mode."""
+    direct = _grads(fn, _leaves(*tensors), grad)
+    with _Recorder() as rec:
+        through_op = _grads(fn, _leaves(*tensors), grad)
+    assert any(op.startswith("ember.") for op in rec.ops), rec.ops
+    return direct, through_op
 
 
 def _grads(fn, tensors, grad):
@@ -25,46 +45,48 @@ def _leaves(*ts):
 
 
 @pytest.mark.parametrize("act", ["none", "gelu", "silu"])
-def test_linear_matches_custom_op(act):
+def test_linear_routes_agree(act):
     torch.manual_seed(0)
     base = torch.randn(3, 7, 19)
     x = base[:, :, :17]  # non-contiguous rows, 3-D
     w, b, r = torch.randn(9, 17), torch.randn(9), torch.randn(3, 7, 9)
-    grad = torch.randn(3, 7, 9)
-    fast = _grads(lambda *t: ember.ops.linear(t[0], t[1], t[2], activation=act, residual=t[3], backend="cpu"),
-                  _leaves(x, w, b, r), grad)
-    slow = _grads(lambda *t: linear_act(*t, act, act != "none", "cpu")[0], _leaves(x, w, b, r), grad)
-    for got, want in zip(fast, slow):
+    direct, through_op = _both_routes(
+        lambda *t: ember.ops.linear(t[0], t[1], t[2], activation=act, residual=t[3], backend="cpu"), (x, w, b, r),
+        torch.randn(3, 7, 9))
+    for got, want in zip(direct, through_op):
         torch.testing.assert_close(got, want)
+    # The op called directly, with save_preact: the pre-activation comes back only when asked for.
     with torch.no_grad():
-        torch.testing.assert_close(ember.ops.linear(x, w, b, activation=act, residual=r, backend="cpu"),
-                                   linear_act(x, w, b, r, act, False, "cpu")[0])
+        out, pre = linear_act(x, w, b, r, act, True, "cpu")
+        torch.testing.assert_close(out, ember.ops.linear(x, w, b, activation=act, residual=r, backend="cpu"))
+        assert pre.shape == ((21, 9) if act != "none" else (0,))
+        assert linear_act(x, w, b, r, act, False, "cpu")[1].numel() == 0
 
 
-def test_gated_linear_matches_custom_op():
+def test_gated_linear_routes_agree():
     torch.manual_seed(1)
     x, wg, wu = torch.randn(2, 5, 13), torch.randn(11, 13), torch.randn(11, 13)
     bg, bu = torch.randn(11), torch.randn(11)
-    grad = torch.randn(2, 5, 11)
-    fast = _grads(lambda *t: ember.ops.gated_linear(*t, activation="silu", backend="cpu"), _leaves(x, wg, wu, bg, bu),
-                  grad)
-    slow = _grads(lambda *t: gated_linear_op(*t, "silu", True, "cpu")[0], _leaves(x, wg, wu, bg, bu), grad)
-    for got, want in zip(fast, slow):
+    direct, through_op = _both_routes(lambda *t: ember.ops.gated_linear(*t, activation="silu", backend="cpu"),
+                                      (x, wg, wu, bg, bu), torch.randn(2, 5, 11))
+    for got, want in zip(direct, through_op):
         torch.testing.assert_close(got, want)
+    with torch.no_grad():
+        h, pre = gated_linear_op(x, wg, wu, bg, bu, "silu", True, "cpu")
+    torch.testing.assert_close(h, direct[0])
+    assert pre.shape == (10, 22)
 
 
-def test_activations_match_custom_op():
+def test_activation_routes_agree():
     torch.manual_seed(2)
     x, grad = torch.randn(4, 1023), torch.randn(4, 1023)
-    for act, fn in (("gelu", ember.ops.gelu), ("silu", ember.ops.silu), ("relu", ember.ops.relu)):
-        fast = _grads(lambda t: fn(t, backend="cpu"), _leaves(x), grad)
-        slow = _grads(lambda t: unary_act(t, act, "cpu"), _leaves(x), grad)
-        for got, want in zip(fast, slow):
+    for fn in (ember.ops.gelu, ember.ops.silu, ember.ops.relu, ember.ops.relu2):
+        direct, through_op = _both_routes(lambda t: fn(t, backend="cpu"), (x,), grad)
+        for got, want in zip(direct, through_op):
             torch.testing.assert_close(got, want)
     gate, up = x[:, :500], x[:, 500:1000]  # halves of one buffer: strided rows
-    fast = _grads(lambda a, b: ember.ops.swiglu(a, b, backend="cpu"), _leaves(gate, up), grad[:, :500])
-    slow = _grads(lambda a, b: gated_act(a, b, "silu", "cpu"), _leaves(gate, up), grad[:, :500])
-    for got, want in zip(fast, slow):
+    direct, through_op = _both_routes(lambda a, b: ember.ops.swiglu(a, b, backend="cpu"), (gate, up), grad[:, :500])
+    for got, want in zip(direct, through_op):
         torch.testing.assert_close(got, want)
 
 
@@ -79,33 +101,43 @@ def test_outputs_allow_inplace_and_refuse_double_backward():
         torch.autograd.grad(gx.sum(), x)
 
 
-class _Recorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
-def test_dispatch_modes_and_vmap_still_see_the_custom_op():
-    from ember.ops._common import eager_native
-
+def test_dispatch_modes_vmap_and_export_see_the_ember_op():
     x, w = torch.randn(5, 8), torch.randn(4, 8)
-    assert eager_native("cpu", "linear", x, w)
     with _Recorder() as rec:
-        ember.ops.linear(x, w, activation="gelu", backend="cpu")
-        ember.ops.silu(x, backend="cpu")
+        ember.ops.linear(x, w, activation="gelu")
+        ember.ops.silu(x)
     assert any("ember.linear_act" in op for op in rec.ops), rec.ops
     assert any("ember.unary_act" in op for op in rec.ops), rec.ops
-    seen = []
-    torch.vmap(lambda t: seen.append(eager_native("cpu", "gelu", t)) or t * 2)(torch.randn(3, 6))
-    assert seen == [False]
-    assert not eager_native("reference", "linear", x, w)
+    # vmap: torch's fallback runs the op per slice; the result is the op's.
+    xs = torch.randn(3, 5, 8)
+    torch.testing.assert_close(torch.vmap(lambda t: ember.ops.linear(t, w, activation="gelu"))(xs),
+                               ember.ops.linear(xs, w, activation="gelu"))
+
+    class Layer(torch.nn.Module):
+        def forward(self, t):
+            return ember.ops.linear(t, w, activation="gelu")
+
+    exported = torch.export.export(Layer(), (x,))
+    assert any("ember.linear_act" in str(n.target) for n in exported.graph.nodes)
+    torch.testing.assert_close(exported.module()(x), Layer()(x))
 
 
-# ---- the C++ entry points themselves (csrc/eager.cpp) ------------------------------------------------
+def test_reference_backend_takes_the_op_and_its_derivative():
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(4, 8, dtype=torch.float64, requires_grad=True)
+    with _Recorder() as rec:
+        y = ember.ops.linear(x, w, activation="gelu", backend="reference")
+    assert any("ember.linear_act" in op for op in rec.ops), rec.ops
+    assert torch.autograd.gradcheck(lambda a, b: ember.ops.linear(a, b, activation="gelu", backend="reference"),
+                                    (x, w))
+    # ReLU's derivative at 0 is the table's (0), as torch.relu's.
+    z = torch.tensor([0.0, -0.0, 1.0, -1.0], requires_grad=True)
+    (gz,) = torch.autograd.grad(ember.ops.relu(z, backend="reference").sum(), z)
+    assert gz.tolist() == [0.0, 0.0, 1.0, 0.0]
+    assert y.shape == (3, 4)
+
+
+# ---- the direct route (plain eager tensors) ------------------------------------------------------------
 def test_linear_cpp_path_gradcheck_and_partial_grads():
     torch.manual_seed(3)
     x, w, b, r = (torch.randn(*s, dtype=torch.float64) for s in ((2, 3, 5), (4, 5), (4,), (2, 3, 4)))
@@ -147,7 +179,7 @@ def test_gated_linear_cpp_path_gradcheck():
     (lambda x, w: ember.ops.swiglu(x, x[..., :4], backend="cpu"), ValueError, "same shape"),
     (lambda x, w: ember.ops.gelu(x.int(), backend="cpu"), TypeError, "floating-point"),
 ])
-def test_bad_input_through_the_cpp_path_gives_the_python_error(call, exc, words):
+def test_bad_input_gives_the_python_error(call, exc, words):
     x, w = torch.randn(2, 3, 8), torch.randn(4, 8)
     with pytest.raises(exc, match=words):
         call(x, w)
