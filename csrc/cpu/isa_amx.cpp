@@ -220,9 +220,9 @@ bool w8a8_gemm_packed_amx(const uint8_t* qu, const float* sx, const int8_t* wp, 
 // parts, see below) times the int8 weight widened to bf16 by TDPBF16PS. An int8 value is exact in bf16 (8 significant bits),
 // so the widened weight carries no rounding: the weight scales are applied in fp32 in the epilogue,
 // per channel or per group (one fp32 tile product per group, scaled and summed). The weight is read
-// from the plain (N, K) int8 tensor and widened one 32-column panel at a time into a per-thread
-// buffer in the B-tile layout (K / 2 rows of [16 columns][2 k] bf16 per 16-column block: 64 KiB per
-// 1024 k), which every 32-row block of x then reuses; no whole dequantized weight is ever made.
+// from the plain (N, K) int8 tensor and widened a few 32-column panels (~1 MiB) at a time into a
+// per-thread buffer in the B-tile layout (K / 2 rows of [16 columns][2 k] bf16 per 16-column block:
+// 64 KiB per 1024 k), which every 32-row block of x then reuses; no whole dequantized weight is made.
 // ---------------------------------------------------------------------------------------------
 
 // Widens w[0..15][k0 .. k0 + 31] (rows every K bytes) into one bf16 B tile (16 rows of 64 bytes):
@@ -348,41 +348,56 @@ bool w8a16_gemm_amx(const void* x, int64_t ldx, const int8_t* w, const float* sw
         TileScope tiles;
         alignas(64) float c[kBlockM * kBlockN];
         alignas(64) float y[kBlockM * kBlockN];
-        // One widened 32-column panel: [2 blocks][K / 2 k pairs][16 columns][2] bf16.
+        // A thread widens `span` of its 32-column pairs at a time into one buffer of ~1 MiB (in L2;
+        // [pair][2 blocks][K / 2 k pairs][16 columns][2] bf16) and runs every 32-row block of x against
+        // all of them: each x block is read from L3 once per span rather than once per pair (x blocks
+        // are K * 2 bytes a row, the weight panel is re-read from L2). Which pairs share a span does
+        // not change any output's arithmetic, so results do not depend on the thread count.
         const int64_t bstride = K * 32;  // bytes per widened 16-column block
-        uint16_t* panel = static_cast<uint16_t*>(std::aligned_alloc(64, 2 * bstride));
-        std::vector<float> swp(G * kBlockN);  // the panel's scales as (G, 32)
-        for (int64_t p = p0; p < p1; ++p) {
-          const int64_t nb = std::min<int64_t>(2, blocks - 2 * p), n0 = 32 * p, ncols = 16 * nb;
-          for (int64_t j = 0; j < nb; ++j)
-            for (int64_t s = 0; s < steps; ++s)
-              widen_b_tile(w + (n0 + 16 * j) * K + 32 * s, K, panel + (j * bstride + s * 1024) / 2);
-          for (int64_t g = 0; g < G; ++g)
-            for (int64_t n = 0; n < ncols; ++n) swp[g * kBlockN + n] = sw[(n0 + n) * G + g];
+        const int64_t span = std::clamp<int64_t>((int64_t(1) << 20) / (2 * bstride), 1, 8);
+        uint16_t* panel = static_cast<uint16_t*>(std::aligned_alloc(64, span * 2 * bstride));
+        std::vector<float> swp(span * G * kBlockN);  // each pair's scales as (G, 32)
+        for (int64_t q0 = p0; q0 < p1; q0 += span) {
+          const int64_t q1 = std::min(p1, q0 + span);
+          for (int64_t p = q0; p < q1; ++p) {
+            const int64_t nb = std::min<int64_t>(2, blocks - 2 * p), n0 = 32 * p, ncols = 16 * nb;
+            uint16_t* pp = panel + (p - q0) * bstride;  // 2 blocks of bstride bytes = bstride uint16
+            for (int64_t j = 0; j < nb; ++j)
+              for (int64_t st = 0; st < steps; ++st)
+                widen_b_tile(w + (n0 + 16 * j) * K + 32 * st, K, pp + (j * bstride + st * 1024) / 2);
+            float* sp = swp.data() + (p - q0) * G * kBlockN;
+            for (int64_t g = 0; g < G; ++g)
+              for (int64_t n = 0; n < ncols; ++n) sp[g * kBlockN + n] = sw[(n0 + n) * G + g];
+          }
           for (int64_t mb = 0; mb < mblocks; ++mb) {
             const int64_t m0 = mb * kBlockM, rows = std::min(kBlockM, M - m0);
             const uint16_t* a[3] = {xa + m0 * K, xa + (Mp + m0) * K, xa + (2 * Mp + m0) * K};
-            auto run = [&]<int NB>() {
-              for (int64_t i = 0; i < rows * kBlockN; i += 16) _mm512_store_ps(y + i, _mm512_setzero_ps());
-              for (int64_t g = 0; g < G; ++g) {
-                dots_bf16<NB>(a, parts, 2 * K, panel, bstride, g * group_steps, (g + 1) * group_steps, c);
-                for (int j = 0; j < NB; ++j) {
-                  const __m512 sg = _mm512_loadu_ps(swp.data() + g * kBlockN + 16 * j);
-                  for (int64_t i = 0; i < rows; ++i) {
-                    float* yr = y + i * kBlockN + 16 * j;
-                    _mm512_store_ps(yr, _mm512_fmadd_ps(_mm512_load_ps(c + i * kBlockN + 16 * j), sg, _mm512_load_ps(yr)));
+            for (int64_t p = q0; p < q1; ++p) {
+              const int64_t nb = std::min<int64_t>(2, blocks - 2 * p), n0 = 32 * p, ncols = 16 * nb;
+              const uint16_t* pp = panel + (p - q0) * bstride;
+              const float* sp = swp.data() + (p - q0) * G * kBlockN;
+              auto run = [&]<int NB>() {
+                for (int64_t i = 0; i < rows * kBlockN; i += 16) _mm512_store_ps(y + i, _mm512_setzero_ps());
+                for (int64_t g = 0; g < G; ++g) {
+                  dots_bf16<NB>(a, parts, 2 * K, pp, bstride, g * group_steps, (g + 1) * group_steps, c);
+                  for (int j = 0; j < NB; ++j) {
+                    const __m512 sg = _mm512_loadu_ps(sp + g * kBlockN + 16 * j);
+                    for (int64_t i = 0; i < rows; ++i) {
+                      float* yr = y + i * kBlockN + 16 * j;
+                      _mm512_store_ps(yr, _mm512_fmadd_ps(_mm512_load_ps(c + i * kBlockN + 16 * j), sg, _mm512_load_ps(yr)));
+                    }
                   }
                 }
+              };
+              if (nb == 2)
+                run.template operator()<2>();
+              else
+                run.template operator()<1>();
+              for (int64_t i = 0; i < rows; ++i) {
+                float* yr = y + i * kBlockN;
+                finish_row<A, HAS_ACT>(yr, ncols, bias ? bias + n0 : nullptr);
+                at::vec::convert<float, T>(yr, static_cast<T*>(out) + (m0 + i) * N + n0, ncols);
               }
-            };
-            if (nb == 2)
-              run.template operator()<2>();
-            else
-              run.template operator()<1>();
-            for (int64_t i = 0; i < rows; ++i) {
-              float* yr = y + i * kBlockN;
-              finish_row<A, HAS_ACT>(yr, ncols, bias ? bias + n0 : nullptr);
-              at::vec::convert<float, T>(yr, static_cast<T*>(out) + (m0 + i) * N + n0, ncols);
             }
           }
         }
