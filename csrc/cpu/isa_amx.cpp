@@ -304,9 +304,9 @@ inline void dots_bf16(const uint16_t* const* a, int parts, int64_t lda, const ui
 
 bool w8a16_gemm_amx(const void* x, int64_t ldx, const int8_t* w, const float* sw, const float* bias, void* out,
                     int64_t M, int64_t N, int64_t K, int64_t group, DType dtype, int32_t act) {
-  // Whole 32-k steps and groups, whole 16-column blocks; decode sizes stay on the GEMV (1 byte per weight).
-  // fp64 x keeps its float64 GEMM (the bf16 parts would stop at fp32 precision).
-  if (M <= kMaxGemvRows || K % 32 != 0 || group % 32 != 0 || N % 16 != 0 || dtype == DType::kFloat64) return false;
+  // Whole 32-k steps and groups, whole 16-column blocks; 1-4 rows stay on the GEMV (1 byte per weight,
+  // int8.cpp decides). fp64 x keeps its float64 GEMM (the bf16 parts would stop at fp32 precision).
+  if (M <= 4 || K % 32 != 0 || group % 32 != 0 || N % 16 != 0 || dtype == DType::kFloat64) return false;
   const int64_t G = K / group, steps = K / 32, group_steps = group / 32;
   const int64_t mblocks = (M + kBlockM - 1) / kBlockM, Mp = mblocks * kBlockM;
   const int64_t blocks = N / 16, panels = (blocks + 1) / 2;
