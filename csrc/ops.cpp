@@ -229,6 +229,8 @@ TORCH_LIBRARY(ember_C, m) {
 namespace ember::cpu {
 const char* isa();              // csrc/cpu/dispatch.cpp
 double int8_peak_macs();        // csrc/cpu/int8_peak.cpp
+std::string isa_report();       // csrc/cpu/dispatch.cpp
+double amx_peak_macs(bool bf16);  // csrc/cpu/isa_amx.cpp
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -251,4 +253,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Instruction set the CPU kernels dispatch to on this machine");
   m.def("int8_peak_macs", &ember::cpu::int8_peak_macs,
         "Measured int8 multiply-accumulates per second (AVX512-VNNI vpdpbusd, all torch threads); 0 without VNNI");
+  // AMX (issue #12): which int8 kernels run and why AMX is off if it is; the tile unit's measured rate.
+  m.def("cpu_isa_report", []() { return ember::cpu::isa_report(); },
+        "The CPU kernel table, the int8 kernels it runs, and why AMX is off if it is (one 'key: value' a line)");
+  m.def("amx_peak_macs", &ember::cpu::amx_peak_macs, pybind11::arg("bf16") = false,
+        "Measured AMX multiply-accumulates per second (TDPBUSD int8, or TDPBF16PS when bf16), all torch "
+        "threads; 0 when AMX is not in use");
 }

@@ -4,7 +4,8 @@
 //   int8_linear_w8a8(x, w, w_scale, bias?, mul?, act)   dynamic W8A8: fused quantize, ATen's int8
 //       GEMM (torch._int_mm: oneDNN with VNNI / AMX), fused dequant + bias + activation epilogue
 //   int8_linear_w8a16(x, w, w_scale, bias?, act)         weight-only: fused GEMV for M <= 16, else
-//       one dequantised copy of the weight in x's dtype and ATen's GEMM (compute bound there)
+//       ember's AMX bf16 tile GEMM where AMX runs (int8_kernels().w8a16_gemm), else one dequantised
+//       copy of the weight in x's dtype and ATen's GEMM (compute bound there)
 //   int8_prepack(w, w_scale)     the packed weight int8_linear_w8a8's VNNI GEMM reads (`w_packed`), or
 //       an empty tensor for shapes it cannot take; also a Meta kernel (the size only), which the
 //       fake kernel of ember::int8_prepack (ops/int8.py) calls so the rule lives here alone
@@ -94,6 +95,8 @@ at::Tensor w8a8_grouped_fallback(const at::Tensor& x, const at::Tensor& w, const
 //   tiles  [N / 16][K / 4][16][4] int8, tiles[b][k4][j][t] = w[16 b + j][4 k4 + t]: each 64-byte line
 //          holds 4 k of 16 output channels, what AVX512-VNNI's vpdpbusd multiplies against 4 activation
 //          bytes broadcast to all 16 lanes, so each lane accumulates one output channel's dot product;
+//          it is also AMX's TDPBUSD B-tile row (16 columns x 4 k), so 16 consecutive lines are one B
+//          tile of 64 k and the AMX kernel (isa_amx.cpp) reads this same pack: one layout for both ISAs;
 //   corr   [G][N] int32 from byte N * K on (a multiple of 64, so aligned), corr[g][n] = 128 * the sum of
 //          w[n, k] over group g's k. The GEMM's activations are u8 = q + 128 (vpdpbusd multiplies u8 by
 //          s8), which adds 128 * sum_k w[n, k] to each dot; corr takes it off again, once per group
@@ -220,6 +223,17 @@ at::Tensor int8_linear_w8a16(const at::Tensor& x, const at::Tensor& w, const at:
   const int64_t group = sw.dim() == 1 ? K : K / sw.size(1);
   const DType dtype = to_dtype(x.scalar_type(), "int8_linear_w8a16", "x");
   check_act_code(act, "int8_linear_w8a16");
+  // Decode rows from 5 up go to the AMX tile GEMM where it runs (measured here: the GEMV's fp32 FMAs
+  // cost ~3x bf16 nn.Linear at M = 16, the tile GEMM widens each weight once for all rows); 1-4 rows
+  // stay on the GEMV, which streams the int8 weight once.
+  if (M > 4 && M <= 16 && N > 0) {
+    at::Tensor out = at::empty({M, N}, x.options());
+    const at::Tensor b = float_or_null(bias);
+    if (int8_kernels().w8a16_gemm(x.const_data_ptr(), x.stride(0), w.const_data_ptr<int8_t>(),
+                                  sw.const_data_ptr<float>(), b.defined() ? b.const_data_ptr<float>() : nullptr,
+                                  out.mutable_data_ptr(), M, N, K, group, dtype, static_cast<int32_t>(act)))
+      return out;
+  }
   if (M <= 16 && (group == K || group % 16 == 0)) {
     at::Tensor out = at::empty({M, N}, x.options());
     if (M == 0 || N == 0) return out;
@@ -229,8 +243,17 @@ at::Tensor int8_linear_w8a16(const at::Tensor& x, const at::Tensor& w, const at:
                               dtype, static_cast<int32_t>(act));
     return out;
   }
-  // Prefill: the GEMM costs 2*M*N*K flops against N*K for one dequantised weight copy, so for M > 16
-  // the copy is a few percent of the time and ATen's GEMM does the rest.
+  // Prefill on AMX: ember's tile GEMM widens the int8 weight to bf16 one panel at a time (isa_amx.cpp).
+  if (M > 16 && N > 0) {
+    at::Tensor out = at::empty({M, N}, x.options());
+    const at::Tensor b = float_or_null(bias);
+    if (int8_kernels().w8a16_gemm(x.const_data_ptr(), x.stride(0), w.const_data_ptr<int8_t>(),
+                                  sw.const_data_ptr<float>(), b.defined() ? b.const_data_ptr<float>() : nullptr,
+                                  out.mutable_data_ptr(), M, N, K, group, dtype, static_cast<int32_t>(act)))
+      return out;
+  }
+  // Prefill elsewhere: the GEMM costs 2*M*N*K flops against N*K for one dequantised weight copy, so for
+  // M > 16 the copy is a few percent of the time and ATen's GEMM does the rest.
   const at::Tensor wd = (w.to(at::kFloat).view({N, -1, group}) * sw.view({N, -1, 1})).view({N, K}).to(x.scalar_type());
   at::Tensor out = at::linear(x, wd, bias ? c10::optional<at::Tensor>(bias->to(x.scalar_type())) : c10::nullopt);
   if (act >= 0 && out.numel() > 0)

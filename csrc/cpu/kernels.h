@@ -3,6 +3,7 @@
 // types.
 #pragma once
 #include <cstdint>
+#include <string>
 
 #include "activation.h"
 #include "optim.h"
@@ -121,6 +122,11 @@ struct Int8Kernels {
   // CPU / build has no VNNI kernel or !w8a8_packable(N, K, groups).
   bool (*w8a8_gemm_packed)(const uint8_t* qu, const float* sx, const int8_t* wp, const float* sw, const float* bias,
                            void* out, int64_t M, int64_t N, int64_t K, int64_t groups, DType dtype, int32_t act);
+  // Weight-only int8 GEMM for the larger M (prefill), the same contract as w8a16_gemv without its
+  // M <= 16 limit. Returns false (nothing done) where the table has no such kernel (only the AMX one
+  // has: cpu/isa_amx.cpp) or the shape is not one it takes; the caller then runs its fallback.
+  bool (*w8a16_gemm)(const void* x, int64_t ldx, const int8_t* w, const float* sw, const float* bias, void* out,
+                     int64_t M, int64_t N, int64_t K, int64_t group, DType dtype, int32_t act);
 };
 
 // The shapes the packed W8A8 weight exists for: whole 16-channel blocks (N % 16), whole 4-k steps
@@ -145,6 +151,10 @@ struct IsaKernels {
 
 const IsaKernels& kernels_default();
 const IsaKernels& kernels_avx512();
+// The AVX-512 table with the int8 GEMMs on AMX tiles (cpu/isa_amx.cpp; the AVX-512 table itself in a
+// build whose compiler has no AMX support, where kernels_amx_built() is false).
+const IsaKernels& kernels_amx();
+bool kernels_amx_built();
 
 // The tables for this machine's CPU (AVX-512 when the CPU has it; see dispatch.cpp).
 const ActivationKernels& activation_kernels();
@@ -152,5 +162,12 @@ const LinearKernels& linear_kernels();
 const OptimKernels& optim_kernels();
 const Int8Kernels& int8_kernels();
 const char* isa();
+// Whether the int8 GEMMs run on AMX (the CPU has it, Linux granted the tile state, EMBER_CPU_ISA did
+// not turn it off), and a few lines naming the table, the int8 kernels and why AMX is off if it is.
+bool amx_in_use();
+std::string isa_report();
+// Measured AMX multiply-accumulates per second (TDPBUSD int8, or TDPBF16PS with bf16), all torch
+// threads; 0 when AMX is not in use.
+double amx_peak_macs(bool bf16);
 
 }  // namespace ember::cpu

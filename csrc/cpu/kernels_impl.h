@@ -155,7 +155,8 @@ inline const IsaKernels& table() {
                .dequant_epilogue = &dequant_epilogue,
                .w8a16_gemv = &w8a16_gemv,
                .w8a8_gemv = &w8a8_gemv,
-               .w8a8_gemm_packed = &w8a8_gemm_packed},
+               .w8a8_gemm_packed = &w8a8_gemm_packed,
+               .w8a16_gemm = &w8a16_gemm_none},
   };
   return k;
 }

@@ -19,6 +19,18 @@ def _cpu_flags() -> str:
     return " ".join(w for w in wanted if w in flags) or platform.machine()
 
 
+def _int8_isa(ext) -> list[str]:
+    """Which kernels the CPU int8 ops run on (AMX tiles, AVX512-VNNI, ...) and why AMX is off if it is."""
+    report = getattr(ext, "cpu_isa_report", None) if ext is not None else None
+    if report is None:
+        return []
+    fields = dict(line.split(": ", 1) for line in report().splitlines() if ": " in line)
+    lines = [f"CPU int8     {fields.get('int8', 'unknown')}"]
+    if "amx off" in fields:
+        lines.append(f"             AMX off: {fields['amx off']}")
+    return lines
+
+
 def _build_archs() -> str:
     try:
         from ._build_info import CUDA_ARCHS
@@ -44,6 +56,7 @@ def describe() -> str:
         ),
         f"CPU          {platform.processor() or platform.machine()}, {os.cpu_count()} cores; ISA: {_cpu_flags()}",
     ]
+    lines += _int8_isa(ext)
     if ext is not None and ext.with_cuda():
         lines.append(f"CUDA archs   {_build_archs()}")
     if torch.cuda.is_available():

@@ -209,7 +209,26 @@ SUITE_CPU = {"small": [("bert.qkv", 1024, 768, 2304), ("bert.ffn_up", 1024, 768,
 SUITE_GPU = {"small": [s for s in GPU_SHAPES if s[1] in (1, 16, 2048)], "large": GPU_SHAPES}
 
 
+def _amx_in_use() -> bool:
+    """Whether ember's CPU int8 GEMMs run on AMX tiles in this process (cpu_isa_report, csrc/cpu/dispatch.cpp)."""
+    from ember import _backend
+
+    ext = _backend.extension()
+    report = getattr(ext, "cpu_isa_report", None) if ext is not None else None
+    return report is not None and "\nint8: amx" in report()
+
+
+# Issue #12's targets on an AMX CPU (2 cores): W8A8 >= 1.5x bf16 nn.Linear at M >= 128; W8A16 >= 1.0x
+# bf16 at every M and >= 1.7x at decode (M 1 and 16).
+AMX_W8A8_VS_BF16, AMX_W8A16_VS_BF16, AMX_W8A16_DECODE_VS_BF16 = 1.5, 1.0, 1.7
+
+
 def _suite_target(kind: str, provider: str, M: int):
+    if kind == "cpu" and _amx_in_use():
+        if provider == "ember-w8a8" and M >= 128:
+            return Target("speedup", AMX_W8A8_VS_BF16, ("torch-bf16",))
+        if provider == "ember-w8a16":
+            return Target("speedup", AMX_W8A16_DECODE_VS_BF16 if M <= 16 else AMX_W8A16_VS_BF16, ("torch-bf16",))
     if kind == "cpu" and provider == "ember-w8a8":
         return Target("speedup", 1.5, ("torch.ao-dynamic",))
     if kind == "cuda" and provider == "ember-triton-w8a16" and M <= 16:
@@ -246,15 +265,22 @@ def int8_compute_floor(cfg) -> list[str]:
     ext = _backend.extension()
     if ext is None:
         return []
+    shapes = SUITE_CPU[cfg.sizes][:1] if cfg.quick else SUITE_CPU[cfg.sizes]
+    if _amx_in_use():
+        # The floor of the ISA the kernels actually run on: AMX tiles (TDPBUSD), and TDPBF16PS for W8A16.
+        macs_per_s, bf16_per_s = ext.amx_peak_macs(False), ext.amx_peak_macs(True)
+        floors = ", ".join(f"{M}x{K}x{N} >= {M * K * N / macs_per_s * 1e6:.0f} us (w8a8), "
+                           f"{M * K * N / bf16_per_s * 1e6:.0f} us (w8a16)" for _, M, K, N in shapes)
+        return [f"int8 compute limit measured here: {macs_per_s / 1e9:.0f} G int8 MAC/s and {bf16_per_s / 1e9:.0f} "
+                f"G bf16 MAC/s (AMX TDPBUSD / TDPBF16PS on resident tiles, {torch.get_num_threads()} threads; "
+                f"ember's int8 GEMMs run on AMX, VNNI for decode rows). A GEMM cannot beat M*K*N / that rate: "
+                f"{floors}."]
     macs_per_s = ext.int8_peak_macs()
     if not macs_per_s:
         return ["int8 compute limit: this CPU has no AVX512-VNNI (ember's W8A8 falls back to ATen's int8 GEMM)."]
-    try:
-        with open("/proc/cpuinfo") as f:
-            amx = "AMX present: oneDNN's int8 GEMM can use it" if " amx_int8" in f.read() else "no AMX on this CPU"
-    except OSError:
-        amx = "AMX unknown"
-    shapes = SUITE_CPU[cfg.sizes][:1] if cfg.quick else SUITE_CPU[cfg.sizes]
+    report = getattr(ext, "cpu_isa_report", None)
+    off = dict(line.split(": ", 1) for line in report().splitlines()).get("amx off") if report else None
+    amx = f"ember's AMX kernels off: {off}" if off else "AMX unknown"
     floors = ", ".join(f"{M}x{K}x{N} >= {M * K * N / macs_per_s * 1e6:.0f} us" for _, M, K, N in shapes)
     return [f"int8 compute limit measured here: {macs_per_s / 1e9:.0f} G int8 MAC/s (AVX512-VNNI vpdpbusd in a "
             f"register-only loop on {torch.get_num_threads()} threads; {amx}). An int8 GEMM cannot beat "
@@ -263,10 +289,65 @@ def int8_compute_floor(cfg) -> list[str]:
 
 def describe_targets(cfg) -> list[str]:
     if cfg.kind == "cpu":
-        return ["int8: ember w8a8 Linear >= 1.5x torch.ao quantize_dynamic on BERT-like shapes (issue #5)."] + \
+        amx = ([f"int8 on AMX (issue #12): ember w8a8 >= {AMX_W8A8_VS_BF16}x bf16 nn.Linear at M >= 128; w8a16 >= "
+                f"{AMX_W8A16_VS_BF16}x bf16 at every M and >= {AMX_W8A16_DECODE_VS_BF16}x at M 1 and 16 (2 cores)."]
+               if _amx_in_use() else [])
+        return ["int8: ember w8a8 Linear >= 1.5x torch.ao quantize_dynamic on BERT-like shapes (issue #5)."] + amx + \
             int8_compute_floor(cfg)
     return ["int8: ember w8a16 >= 1.6x bf16 cuBLAS at decode (M <= 16); w8a8 incl. activation quantization "
             ">= 1.5x bf16 at M >= 2048 (issue #5)."]
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue #12's table (python -m ember.bench.int8 --amx): BERT-base and Llama-7B layers at decode and
+# prefill rows against bf16 / fp32 nn.Linear and torch._int_mm, with the AMX targets. Run it once as
+# is and once with EMBER_CPU_ISA=avx512 for the VNNI numbers of the same build.
+# ---------------------------------------------------------------------------------------------
+AMX_LAYERS = [("bert.qkv", 768, 2304), ("bert.ffn_up", 768, 3072), ("bert.ffn_down", 3072, 768),
+              ("llama7b.qkv_o", 4096, 4096), ("llama7b.mlp_up", 4096, 11008), ("llama7b.mlp_down", 11008, 4096)]
+AMX_ROWS = (1, 16, 128, 512)
+AMX_COLUMNS = ["shape", "M", "K", "N", "torch-bf16", "torch-fp32", "w8a8-fp32x", "w8a8-bf16x", "w8a16-fp32x",
+               "w8a16-bf16x", "torch._int_mm", "x_w8a8_vs_bf16", "x_w8a16_vs_bf16", "target_met"]
+
+
+def amx_rows(layers=AMX_LAYERS, ms=AMX_ROWS, budget_s: float = 0.3):
+    """One dict per (layer, M): median us of every provider (each interleaved over 3 rounds, best round
+    kept) and the speedups the issue #12 targets are stated in (vs bf16 nn.Linear)."""
+    for name, K, N in layers:
+        torch.manual_seed(0)
+        lin = nn.Linear(K, N).requires_grad_(False)
+        lb = _torch_bf16(lin)[0]
+        q8 = ember.nn.Int8Linear.from_linear(lin, "w8a8")
+        q16 = ember.nn.Int8Linear.from_linear(lin, "w8a16")
+        wt = q8.weight.t()
+        for M in ms:
+            x = torch.randn(M, K)
+            xb = x.bfloat16()
+            qx = torch.randint(-127, 128, (M, K), dtype=torch.int8)
+            provs = {"torch-bf16": lambda: lb(xb), "torch-fp32": lambda: lin(x), "w8a8-fp32x": lambda: q8(x),
+                     "w8a8-bf16x": lambda: q8(xb), "w8a16-fp32x": lambda: q16(x), "w8a16-bf16x": lambda: q16(xb)}
+            if M >= 17:  # torch._int_mm takes M > 16 only
+                provs["torch._int_mm"] = lambda: torch._int_mm(qx, wt)
+            ref = lin(x)
+            for p in ("w8a8-fp32x", "w8a16-fp32x", "w8a16-bf16x"):
+                with torch.inference_mode():
+                    cos = min_cosine(ref, provs[p]().float())
+                if not cos >= 0.99:
+                    raise WrongResult(f"{name} M={M} {p}: min row cosine {cos:.4f}")
+            best = {}
+            with torch.inference_mode():
+                for _ in range(3):
+                    for p, fn in provs.items():
+                        fn()
+                        t = time_fn(fn, "cpu", budget_s=budget_s / 3).median_s * 1e6
+                        best[p] = min(best.get(p, t), t)
+            bf = best["torch-bf16"]
+            w8a8 = bf / min(best["w8a8-fp32x"], best["w8a8-bf16x"])
+            w8a16 = bf / min(best["w8a16-fp32x"], best["w8a16-bf16x"])
+            met = (w8a8 >= AMX_W8A8_VS_BF16 if M >= 128 else True) and \
+                w8a16 >= (AMX_W8A16_DECODE_VS_BF16 if M <= 16 else AMX_W8A16_VS_BF16)
+            yield {"shape": name, "M": M, "K": K, "N": N, **{p: round(best.get(p, float("nan")), 1) for p in AMX_COLUMNS[4:11]},
+                   "x_w8a8_vs_bf16": round(w8a8, 2), "x_w8a16_vs_bf16": round(w8a16, 2), "target_met": met}
 
 
 def _table_markdown_head(device: str) -> list[str]:
@@ -287,9 +368,27 @@ def main(argv=None) -> int:
     p.add_argument("--csv", default=None, help="write the rows to this CSV, and the markdown next to it (.md)")
     p.add_argument("--decoder", action="store_true", help="also time greedy decoding of a Llama-style model")
     p.add_argument("--threads", type=int, default=None, help="torch threads (CPU); default: torch's")
+    p.add_argument("--amx", action="store_true", help="issue #12's AMX table (BERT-base / Llama-7B layers, M 1..512)")
     a = p.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.amx:
+        report = getattr(ember._backend.extension(), "cpu_isa_report", lambda: "unknown")()
+        print(f"# {_report.cpu_name()}, {torch.get_num_threads()} threads; {report.replace(chr(10), '; ')}")
+        print("# median us (best of 3 interleaved rounds); x_*_vs_bf16 = bf16 nn.Linear / the faster of fp32-x, bf16-x")
+        print("\n".join(_report.markdown_table(AMX_COLUMNS, [])), flush=True)
+        recs = []
+        for r in amx_rows():
+            recs.append(r)
+            print(_report.markdown_row([r[c] for c in AMX_COLUMNS]), flush=True)
+        if a.csv:
+            import csv
+
+            with open(a.csv, "w", newline="") as f:
+                wr = csv.DictWriter(f, fieldnames=AMX_COLUMNS)
+                wr.writeheader()
+                wr.writerows(recs)
+        return 0
     lines = _table_markdown_head(a.device)
     print("\n".join(lines), flush=True)
     timed, broken = [], []

@@ -1,0 +1,492 @@
+// AMX build of the int8 kernels: the AVX-512 table (cpu/isa_avx512.cpp) with its W8A8 and W8A16 GEMMs
+// run on the AMX tile unit (TMUL: one 16 x 16 x 64 int8 or 16 x 16 x 32 bf16 tile product per
+// instruction, 8x the int8 MACs per cycle of AVX512-VNNI). dispatch.cpp picks this table only after
+// the CPU reported AMX and Linux granted the tile state (arch_prctl), so nothing here runs elsewhere.
+//
+// The target pragma is the AVX-512 unit's plus the three AMX features and nothing else: the compiler
+// never emits tile instructions on its own, so ATen's inline vector code compiled here is the same as
+// in isa_avx512.cpp. It also lives in its own inline namespace (CPU_CAPABILITY=AMX below), so the
+// linker cannot swap one unit's copy of an ATen inline function for the other's.
+//
+// Both GEMMs use one tile shape for everything (16 rows x 64 bytes: the palette's largest) and a
+// 32 x 32 output block in four accumulator tiles (tmm0-3: rows 0-15 / 16-31 x columns 0-15 / 16-31),
+// with two A tiles (tmm4-5, the block's two 16-row halves) and two B tiles (tmm6-7, its two 16-column
+// halves): every A and B tile loaded is used twice, the most the 8 tile registers allow.
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c,bmi,bmi2,amx-tile,amx-int8,amx-bf16")
+// As in isa_avx512.cpp: GCC's C++ front end does not define the ISA macros for a target pragma.
+#define __AVX512F__ 1
+#define __AVX512BW__ 1
+#define __AVX512VL__ 1
+#define __AVX512DQ__ 1
+#define __AVX2__ 1
+#define __FMA__ 1
+#define __F16C__ 1
+#define CPU_CAPABILITY AMX
+#define CPU_CAPABILITY_AVX512
+#define EMBER_ISA amx
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "cpu/kernels.h"
+#include "cpu/vec_activation.h"
+#include "cpu/int8_impl.h"
+
+namespace ember::cpu {
+namespace amx {
+namespace {
+
+// LDTILECFG's 64-byte operand (palette 1): bytes per row and rows of each of the 16 tile slots.
+struct alignas(64) TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+// Every tile this unit uses is 16 x 64 bytes: int8 A (16 rows x 64 k), int8 B (16 k-quads x 16
+// columns x 4), int32 / fp32 C (16 x 16), bf16 A (16 x 32 k) and bf16 B (16 k-pairs x 16 x 2). The
+// configuration is per thread: each parallel task loads it and releases the tiles when done.
+struct TileScope {
+  TileScope() {
+    TileConfig cfg{};
+    cfg.palette_id = 1;
+    for (int t = 0; t < 8; ++t) {
+      cfg.colsb[t] = 64;
+      cfg.rows[t] = 16;
+    }
+    _tile_loadconfig(&cfg);
+  }
+  ~TileScope() { _tile_release(); }
+  TileScope(const TileScope&) = delete;
+  TileScope& operator=(const TileScope&) = delete;
+};
+
+constexpr int64_t kBlockM = 32, kBlockN = 32;
+
+// ---------------------------------------------------------------------------------------------
+// W8A8: u8 activations (q + 128, the operand the VNNI kernel takes too) x s8 weights by TDPBUSD.
+// The packed weight is int8_prepack's (cpu/int8.cpp): each 16-channel block is K / 4 lines of 64
+// bytes, line k4 = [16 channels][4 k]. That is exactly the B-tile row format of TDPBUSD (row r: for
+// each of 16 columns the 4 bytes k = 4r..4r+3), so one 64-k step of a block is 16 consecutive lines,
+// a 1 KiB B tile at stride 64: AMX reads the VNNI pack as it is, and the pack needs no second layout.
+// corr (128 * the weight sums per group) removes the +128 of the u8 activations as in the VNNI kernel.
+// ---------------------------------------------------------------------------------------------
+
+// c[32][32] int32 (row stride 128 bytes) = the dots of A rows a[0..31] (stride lda) with the NB
+// 16-column blocks at wb (block stride bstride bytes) over the 64-k steps [s0, s1).
+template <int NB>
+inline void dots_u8s8(const uint8_t* a, int64_t lda, const int8_t* wb, int64_t bstride, int64_t s0, int64_t s1,
+                      int32_t* c) {
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (NB == 2) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t s = s0; s < s1; ++s) {
+    _tile_loadd(4, a + 64 * s, lda);
+    _tile_loadd(5, a + 16 * lda + 64 * s, lda);
+    _tile_loadd(6, wb + s * 1024, 64);
+    _tile_dpbusd(0, 4, 6);
+    _tile_dpbusd(1, 5, 6);
+    if constexpr (NB == 2) {
+      _tile_loadd(7, wb + bstride + s * 1024, 64);
+      _tile_dpbusd(2, 4, 7);
+      _tile_dpbusd(3, 5, 7);
+    }
+  }
+  constexpr int64_t ldc = kBlockN * 4;
+  _tile_stored(0, c, ldc);
+  _tile_stored(1, c + 16 * kBlockN, ldc);
+  if constexpr (NB == 2) {
+    _tile_stored(2, c + 16, ldc);
+    _tile_stored(3, c + 16 * kBlockN + 16, ldc);
+  }
+}
+
+// Where the AMX W8A8 kernel takes a call: 64-k steps (whole B tiles; K % 64 and the group size % 64),
+// and M > 16 (decode rows are bound by weight bytes, where the VNNI GEMM does as well and keeps its
+// register tiles exactly sized). Everything else goes to the VNNI kernel on the same pack.
+bool amx_w8a8_takes(int64_t M, int64_t N, int64_t K, int64_t groups) {
+  return M > kMaxGemvRows && w8a8_packable(N, K, groups) && K % 64 == 0 && (K / groups) % 64 == 0;
+}
+
+bool w8a8_gemm_packed_amx(const uint8_t* qu, const float* sx, const int8_t* wp, const float* sw, const float* bias,
+                          void* out, int64_t M, int64_t N, int64_t K, int64_t groups, DType dtype, int32_t act) {
+  if (!amx_w8a8_takes(M, N, K, groups)) return w8a8_gemm_packed(qu, sx, wp, sw, bias, out, M, N, K, groups, dtype, act);
+  const int32_t* corr = reinterpret_cast<const int32_t*>(wp + N * K);
+  const int64_t K4 = K / 4, steps = K / 64, group_steps = steps / groups;
+  const int64_t blocks = N / 16, panels = (blocks + 1) / 2, mblocks = (M + kBlockM - 1) / kBlockM;
+  // Rows in chunks of whole 32-row blocks whose activations (chunk x K bytes) fit in ~half of L2 next
+  // to the weight panel; one task = one (chunk, 32-column panel), chunk-major, so a thread walks the
+  // panels of its chunk with the chunk's activations staying in L2 and each panel's weights (32 x K
+  // bytes) reused by every 32-row block of the chunk.
+  const int64_t chunk_blocks = std::max<int64_t>(1, (int64_t(768) * 1024 / K) / kBlockM);
+  const int64_t chunks = (mblocks + chunk_blocks - 1) / chunk_blocks;
+  dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    dispatch_act(act, [&]<Act A, bool HAS_ACT>() {
+      at::parallel_for(0, chunks * panels, 1, [&](int64_t t0, int64_t t1) {
+        TileScope tiles;
+        alignas(64) int32_t c[kBlockM * kBlockN];
+        alignas(64) float y[kBlockM * kBlockN];
+        // The last, partial row block is copied into 32 zero-padded rows: a tile load always reads 16
+        // rows, and rows past M would be past the end of qu.
+        std::vector<uint8_t> tail;
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t ch = t / panels, p = t % panels;
+          const int64_t nb = std::min<int64_t>(2, blocks - 2 * p), n0 = 32 * p, ncols = 16 * nb;
+          const int8_t* wb = wp + 2 * p * K4 * 64;
+          const int64_t mb_end = std::min(mblocks, (ch + 1) * chunk_blocks);
+          for (int64_t mb = ch * chunk_blocks; mb < mb_end; ++mb) {
+            const int64_t m0 = mb * kBlockM, rows = std::min(kBlockM, M - m0);
+            const uint8_t* a = qu + m0 * K;
+            if (rows < kBlockM) {
+              if (tail.empty()) {
+                tail.assign(kBlockM * K, 128);  // u8 128 = q 0
+                std::memcpy(tail.data(), a, rows * K);
+              }
+              a = tail.data();
+            }
+            auto run = [&]<int NB>() {
+              if (groups == 1) {
+                dots_u8s8<NB>(a, K, wb, K4 * 64, 0, steps, c);
+                for (int64_t i = 0; i < rows; ++i) {
+                  const __m512 sxi = _mm512_set1_ps(sx[m0 + i]);
+                  for (int j = 0; j < NB; ++j) {
+                    const int64_t n = n0 + 16 * j;
+                    const __m512i d =
+                        _mm512_sub_epi32(_mm512_load_si512(c + i * kBlockN + 16 * j), _mm512_loadu_si512(corr + n));
+                    __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(sw + n)), sxi);
+                    if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + n));
+                    _mm512_store_ps(y + i * kBlockN + 16 * j, v);
+                  }
+                }
+              } else {
+                // One int32 tile product per group, scaled by the group's weight scales into fp32:
+                // the same per-group sum as the VNNI kernel and the reference.
+                for (int64_t i = 0; i < rows * kBlockN; i += 16) _mm512_store_ps(y + i, _mm512_setzero_ps());
+                for (int64_t g = 0; g < groups; ++g) {
+                  dots_u8s8<NB>(a, K, wb, K4 * 64, g * group_steps, (g + 1) * group_steps, c);
+                  for (int j = 0; j < NB; ++j) {
+                    const int64_t n = n0 + 16 * j;
+                    const __m512i cg = _mm512_loadu_si512(corr + g * N + n);
+                    const __m512 sg = _mm512_loadu_ps(sw + g * N + n);
+                    for (int64_t i = 0; i < rows; ++i) {
+                      float* yr = y + i * kBlockN + 16 * j;
+                      const __m512 d = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_load_si512(c + i * kBlockN + 16 * j), cg));
+                      _mm512_store_ps(yr, _mm512_fmadd_ps(d, sg, _mm512_load_ps(yr)));
+                    }
+                  }
+                }
+                for (int64_t i = 0; i < rows; ++i) {
+                  const __m512 sxi = _mm512_set1_ps(sx[m0 + i]);
+                  for (int j = 0; j < NB; ++j) {
+                    float* yr = y + i * kBlockN + 16 * j;
+                    __m512 v = _mm512_mul_ps(_mm512_load_ps(yr), sxi);
+                    if (bias) v = _mm512_add_ps(v, _mm512_loadu_ps(bias + n0 + 16 * j));
+                    _mm512_store_ps(yr, v);
+                  }
+                }
+              }
+            };
+            if (nb == 2)
+              run.template operator()<2>();
+            else
+              run.template operator()<1>();
+            for (int64_t i = 0; i < rows; ++i) {
+              float* yr = y + i * kBlockN;
+              finish_row<A, HAS_ACT>(yr, ncols, nullptr);
+              at::vec::convert<float, T>(yr, static_cast<T*>(out) + (m0 + i) * N + n0, ncols);
+            }
+          }
+        }
+      });
+    });
+  });
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// W8A16: x in bf16 (used as it is when bf16; fp32 / fp16 split once per call into three / two bf16
+// parts, see below) times the int8 weight widened to bf16 by TDPBF16PS. An int8 value is exact in bf16 (8 significant bits),
+// so the widened weight carries no rounding: the weight scales are applied in fp32 in the epilogue,
+// per channel or per group (one fp32 tile product per group, scaled and summed). The weight is read
+// from the plain (N, K) int8 tensor and widened a few 32-column panels (~1 MiB) at a time into a
+// per-thread buffer in the B-tile layout (K / 2 rows of [16 columns][2 k] bf16 per 16-column block:
+// 64 KiB per 1024 k), which every 32-row block of x then reuses; no whole dequantized weight is made.
+// ---------------------------------------------------------------------------------------------
+
+// Widens w[0..15][k0 .. k0 + 31] (rows every K bytes) into one bf16 B tile (16 rows of 64 bytes):
+// tile row r = [column n: bf16(w[n][k0 + 2r]), bf16(w[n][k0 + 2r + 1])].
+inline void widen_b_tile(const int8_t* w, int64_t K, uint16_t* tile) {
+  __m512i v[16];
+  for (int n = 0; n < 16; ++n) {
+    const int8_t* r = w + n * K;
+    // int8 -> fp32 is exact and so is fp32 -> bf16 by truncation (the low 16 bits are zero).
+    const __m512i lo = _mm512_srli_epi32(
+        _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r))))), 16);
+    const __m512i hi = _mm512_srli_epi32(
+        _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 16))))), 16);
+    // packus works per 128-bit lane: dword d of v[n] (lane l = d / 4, m = d % 4) holds the k pair
+    // 2l + m (m < 2, from lo) or 8 + 2l + m - 2 (m >= 2, from hi). The order is undone below by
+    // storing each transposed row at its pair's tile row.
+    v[n] = _mm512_packus_epi32(lo, hi);
+  }
+  // 16 x 16 dword transpose: 32-bit and 64-bit interleaves within lanes, then a 4 x 4 lane transpose.
+  __m512i t[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+  }
+  for (int q = 0; q < 4; ++q) {  // u[4q + c] lane l = rows 4q..4q+3 of dword column 4l + c
+    u[4 * q + 0] = _mm512_unpacklo_epi64(t[4 * q], t[4 * q + 2]);
+    u[4 * q + 1] = _mm512_unpackhi_epi64(t[4 * q], t[4 * q + 2]);
+    u[4 * q + 2] = _mm512_unpacklo_epi64(t[4 * q + 1], t[4 * q + 3]);
+    u[4 * q + 3] = _mm512_unpackhi_epi64(t[4 * q + 1], t[4 * q + 3]);
+  }
+  constexpr int kPair[16] = {0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15};  // dword column -> k pair
+  for (int c = 0; c < 4; ++c) {
+    const __m512i x0 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0x44), x1 = _mm512_shuffle_i32x4(u[c], u[4 + c], 0xEE);
+    const __m512i y0 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0x44),
+                  y1 = _mm512_shuffle_i32x4(u[8 + c], u[12 + c], 0xEE);
+    const __m512i col[4] = {_mm512_shuffle_i32x4(x0, y0, 0x88), _mm512_shuffle_i32x4(x0, y0, 0xDD),
+                            _mm512_shuffle_i32x4(x1, y1, 0x88), _mm512_shuffle_i32x4(x1, y1, 0xDD)};
+    for (int l = 0; l < 4; ++l) _mm512_store_si512(tile + kPair[4 * l + c] * 32, col[l]);
+  }
+}
+
+// c[32][32] fp32 = bf16 rows a[0..31] (stride lda bytes) x the NB widened 16-column blocks at wb
+// (block stride bstride bytes, 1 KiB per 32-k step) over the 32-k steps [s0, s1).
+// a[0..parts-1]: x as a sum of bf16 parts (one for a bf16 x, see w8a16_gemm_amx), rows every lda
+// bytes; each B tile loaded is used by every part, so the parts cost tile products, not weight traffic.
+template <int NB>
+inline void dots_bf16(const uint16_t* const* a, int parts, int64_t lda, const uint16_t* wb, int64_t bstride,
+                      int64_t s0, int64_t s1, float* c) {
+  const char* bb = reinterpret_cast<const char*>(wb);
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (NB == 2) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  for (int64_t s = s0; s < s1; ++s) {
+    _tile_loadd(6, bb + s * 1024, 64);
+    if constexpr (NB == 2) _tile_loadd(7, bb + bstride + s * 1024, 64);
+    for (int p = 0; p < parts; ++p) {
+      const char* ab = reinterpret_cast<const char*>(a[p]);
+      _tile_loadd(4, ab + 64 * s, lda);
+      _tile_loadd(5, ab + 16 * lda + 64 * s, lda);
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 5, 6);
+      if constexpr (NB == 2) {
+        _tile_dpbf16ps(2, 4, 7);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+    }
+  }
+  constexpr int64_t ldc = kBlockN * 4;
+  _tile_stored(0, c, ldc);
+  _tile_stored(1, c + 16 * kBlockN, ldc);
+  if constexpr (NB == 2) {
+    _tile_stored(2, c + 16, ldc);
+    _tile_stored(3, c + 16 * kBlockN + 16, ldc);
+  }
+}
+
+bool w8a16_gemm_amx(const void* x, int64_t ldx, const int8_t* w, const float* sw, const float* bias, void* out,
+                    int64_t M, int64_t N, int64_t K, int64_t group, DType dtype, int32_t act) {
+  // Whole 32-k steps and groups, whole 16-column blocks; 1-4 rows stay on the GEMV (1 byte per weight,
+  // int8.cpp decides). fp64 x keeps its float64 GEMM (the bf16 parts would stop at fp32 precision).
+  if (M <= 4 || K % 32 != 0 || group % 32 != 0 || N % 16 != 0 || dtype == DType::kFloat64) return false;
+  const int64_t G = K / group, steps = K / 32, group_steps = group / 32;
+  const int64_t mblocks = (M + kBlockM - 1) / kBlockM, Mp = mblocks * kBlockM;
+  const int64_t blocks = N / 16, panels = (blocks + 1) / 2;
+  dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    // x as bf16 rows, padded with zero rows to whole 32-row blocks (tile loads read 16 rows). A bf16 x
+    // is used as it is. A wider x is split into bf16 parts, x = p0 + p1 (+ p2), each part the bf16
+    // rounding of what the earlier ones left: two parts hold an fp16 x exactly (11 significant bits),
+    // three an fp32 x to within ~2^-24 (bf16x3), so W8A16 keeps x's precision as on every other path
+    // (the op's contract; the tests hold fp32 to 1e-4) instead of silently computing an fp32 model in
+    // bf16. Each extra part costs one more tile product per B tile; the weight traffic stays the same.
+    constexpr int parts = std::is_same_v<T, c10::BFloat16> ? 1 : std::is_same_v<T, c10::Half> ? 2 : 3;
+    std::vector<c10::BFloat16> xb(parts * Mp * K);
+    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
+      std::vector<float> rest(K), part(K);
+      for (int64_t m = m0; m < m1; ++m) {
+        const T* xr = static_cast<const T*>(x) + m * ldx;
+        if constexpr (parts == 1) {
+          std::memcpy(xb.data() + m * K, xr, K * sizeof(T));
+        } else {
+          row_to_float(xr, K, nullptr, rest.data());
+          for (int p = 0; p < parts; ++p) {
+            c10::BFloat16* dst = xb.data() + (p * Mp + m) * K;
+            at::vec::convert<float, c10::BFloat16>(rest.data(), dst, K);  // to nearest even
+            if (p + 1 == parts) break;
+            at::vec::convert<c10::BFloat16, float>(dst, part.data(), K);
+            int64_t i = 0;  // rest -= part: exact, the bits of rest below part's 8
+            for (; i + kVF <= K; i += kVF) (VF::loadu(rest.data() + i) - VF::loadu(part.data() + i)).store(rest.data() + i);
+            for (; i < K; ++i) rest[i] -= part[i];
+          }
+        }
+      }
+    });
+    for (int p = 0; p < parts; ++p)
+      std::memset(static_cast<void*>(xb.data() + (p * Mp + M) * K), 0, (Mp - M) * K * sizeof(c10::BFloat16));
+    const uint16_t* xa = reinterpret_cast<const uint16_t*>(xb.data());
+    dispatch_act(act, [&]<Act A, bool HAS_ACT>() {
+      at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+        TileScope tiles;
+        alignas(64) float c[kBlockM * kBlockN];
+        alignas(64) float y[kBlockM * kBlockN];
+        // A thread widens `span` of its 32-column pairs at a time into one buffer of ~1 MiB (in L2;
+        // [pair][2 blocks][K / 2 k pairs][16 columns][2] bf16) and runs every 32-row block of x against
+        // all of them: each x block is read from L3 once per span rather than once per pair (x blocks
+        // are K * 2 bytes a row, the weight panel is re-read from L2). Which pairs share a span does
+        // not change any output's arithmetic, so results do not depend on the thread count.
+        const int64_t bstride = K * 32;  // bytes per widened 16-column block
+        const int64_t span = std::clamp<int64_t>((int64_t(1) << 20) / (2 * bstride), 1, 8);
+        uint16_t* panel = static_cast<uint16_t*>(std::aligned_alloc(64, span * 2 * bstride));
+        std::vector<float> swp(span * G * kBlockN);  // each pair's scales as (G, 32)
+        for (int64_t q0 = p0; q0 < p1; q0 += span) {
+          const int64_t q1 = std::min(p1, q0 + span);
+          for (int64_t p = q0; p < q1; ++p) {
+            const int64_t nb = std::min<int64_t>(2, blocks - 2 * p), n0 = 32 * p, ncols = 16 * nb;
+            uint16_t* pp = panel + (p - q0) * bstride;  // 2 blocks of bstride bytes = bstride uint16
+            for (int64_t j = 0; j < nb; ++j)
+              for (int64_t st = 0; st < steps; ++st)
+                widen_b_tile(w + (n0 + 16 * j) * K + 32 * st, K, pp + (j * bstride + st * 1024) / 2);
+            float* sp = swp.data() + (p - q0) * G * kBlockN;
+            for (int64_t g = 0; g < G; ++g)
+              for (int64_t n = 0; n < ncols; ++n) sp[g * kBlockN + n] = sw[(n0 + n) * G + g];
+          }
+          for (int64_t mb = 0; mb < mblocks; ++mb) {
+            const int64_t m0 = mb * kBlockM, rows = std::min(kBlockM, M - m0);
+            const uint16_t* a[3] = {xa + m0 * K, xa + (Mp + m0) * K, xa + (2 * Mp + m0) * K};
+            for (int64_t p = q0; p < q1; ++p) {
+              const int64_t nb = std::min<int64_t>(2, blocks - 2 * p), n0 = 32 * p, ncols = 16 * nb;
+              const uint16_t* pp = panel + (p - q0) * bstride;
+              const float* sp = swp.data() + (p - q0) * G * kBlockN;
+              auto run = [&]<int NB>() {
+                for (int64_t i = 0; i < rows * kBlockN; i += 16) _mm512_store_ps(y + i, _mm512_setzero_ps());
+                for (int64_t g = 0; g < G; ++g) {
+                  dots_bf16<NB>(a, parts, 2 * K, pp, bstride, g * group_steps, (g + 1) * group_steps, c);
+                  for (int j = 0; j < NB; ++j) {
+                    const __m512 sg = _mm512_loadu_ps(sp + g * kBlockN + 16 * j);
+                    for (int64_t i = 0; i < rows; ++i) {
+                      float* yr = y + i * kBlockN + 16 * j;
+                      _mm512_store_ps(yr, _mm512_fmadd_ps(_mm512_load_ps(c + i * kBlockN + 16 * j), sg, _mm512_load_ps(yr)));
+                    }
+                  }
+                }
+              };
+              if (nb == 2)
+                run.template operator()<2>();
+              else
+                run.template operator()<1>();
+              for (int64_t i = 0; i < rows; ++i) {
+                float* yr = y + i * kBlockN;
+                finish_row<A, HAS_ACT>(yr, ncols, bias ? bias + n0 : nullptr);
+                at::vec::convert<float, T>(yr, static_cast<T*>(out) + (m0 + i) * N + n0, ncols);
+              }
+            }
+          }
+        }
+        std::free(panel);
+      });
+    });
+  });
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Peak rate: TDPBUSD / TDPBF16PS back to back on the four accumulators from tiles loaded once,
+// on every torch thread; the AMX counterpart of int8_peak.cpp's VNNI loop for the int8 benchmark.
+// ---------------------------------------------------------------------------------------------
+__attribute__((noinline)) int32_t tile_loop(int64_t iters, bool bf16, int32_t seed) {
+  TileScope tiles;
+  alignas(64) int8_t src[1024];
+  for (int i = 0; i < 1024; ++i) src[i] = static_cast<int8_t>((i + seed) % 7);
+  _tile_loadd(4, src, 64);
+  _tile_loadd(5, src, 64);
+  _tile_loadd(6, src, 64);
+  _tile_loadd(7, src, 64);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  if (bf16) {
+    for (int64_t i = 0; i < iters; ++i) {
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 5, 6);
+      _tile_dpbf16ps(2, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  } else {
+    for (int64_t i = 0; i < iters; ++i) {
+      _tile_dpbusd(0, 4, 6);
+      _tile_dpbusd(1, 5, 6);
+      _tile_dpbusd(2, 4, 7);
+      _tile_dpbusd(3, 5, 7);
+    }
+  }
+  alignas(64) int32_t out[256];
+  _tile_stored(0, out, 64);
+  return out[0] + out[255];  // returned so the loop cannot be optimised away
+}
+
+}  // namespace
+
+double peak_macs(bool bf16) {
+  const int64_t threads = at::get_num_threads();
+  constexpr int64_t kIters = 1 << 16;  // 4 x 65k tile products a thread: a few ms
+  const double macs_per_iter = 4.0 * 16 * 16 * (bf16 ? 32 : 64);
+  std::atomic<int64_t> sink{0};
+  double best = 0.0;
+  for (int run = 0; run < 6; ++run) {  // run 0 warms the tile unit and the clocks up
+    const auto t0 = std::chrono::steady_clock::now();
+    at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) sink += tile_loop(kIters, bf16, static_cast<int32_t>(t + run));
+    });
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (run > 0) best = std::max(best, double(threads) * kIters * macs_per_iter / s);
+  }
+  return sink.load() == 42 ? best + 0.0 : best;  // reads the sink: the loops stay live
+}
+
+}  // namespace amx
+
+bool kernels_amx_built() { return true; }
+
+const IsaKernels& kernels_amx() {
+  // The AVX-512 table with the two GEMMs replaced; each falls back to the AVX-512 kernel (or returns
+  // false, for the caller's fallback) for the shapes it does not take.
+  static const IsaKernels k = [] {
+    IsaKernels t = kernels_avx512();
+    t.int8.w8a8_gemm_packed = &amx::w8a8_gemm_packed_amx;
+    t.int8.w8a16_gemm = &amx::w8a16_gemm_amx;
+    return t;
+  }();
+  return k;
+}
+
+double amx_peak_macs(bool bf16) { return amx_in_use() ? amx::peak_macs(bf16) : 0.0; }
+
+}  // namespace ember::cpu
+#else
+#include "cpu/kernels.h"
+namespace ember::cpu {
+bool kernels_amx_built() { return false; }
+const IsaKernels& kernels_amx() { return kernels_avx512(); }
+double amx_peak_macs(bool) { return 0.0; }
+}  // namespace ember::cpu
+#endif
