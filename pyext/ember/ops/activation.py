@@ -1,8 +1,9 @@
 """The unary activations: the ``ember::unary_act`` op and its backward.
 
-One custom op covers every activation of the table in ember/activations.py (``act`` names which), so
-the schema, fake kernel, autograd and backend dispatch are written once, and every backend computes
-the table's formulas. Backward keeps only the input (as torch does) and recomputes what it needs.
+One op covers every activation of the table in ember/activations.py (``act`` names which), so the
+schema and fake kernel (_schemas.py), the autograd (csrc/autograd.cpp) and the backend dispatch below are
+written once, and every backend computes the table's formulas. Backward keeps only the input (as torch
+does) and recomputes what it needs.
 """
 from __future__ import annotations
 
