@@ -415,7 +415,10 @@ CSV_COLUMNS = ["timestamp", "device", "git_sha", "torch", "transformers", "model
 def _device_name(device: str) -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{_report.cpu_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    name = f"{_report.cpu_name()} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    if hasattr(os, "getloadavg"):  # other work on the machine skews every row; say how much there was
+        name += f", load average {os.getloadavg()[0]:.1f} at the end"
+    return name + ")"
 
 
 def _status(r: Result, skipped: dict[str, str]) -> str:
@@ -517,6 +520,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="bench/results")
     a = p.parse_args(argv)
     spec = SPECS[(torch.device(a.device).type, a.quick)]
+    known = [name for name, _, _ in providers(torch.device(a.device).type)]
+    unknown = [name for name in a.providers or () if name not in known]
+    if unknown:
+        p.error(f"--providers {unknown}: expected some of {known}")
     print(f"ember decoder: {spec.describe()} on {a.device}", file=sys.stderr)
     results, skipped = measure(spec, a.device, compile=not a.no_compile, only=a.providers)
     written, text = write(spec, a.device, results, skipped, a.out)
