@@ -29,8 +29,9 @@ position where any prompt's tokens differ.
 
 This is a report suite (``report(cfg, out_dir)``): one ``generate`` per prompt takes seconds, so the
 harness's repeated-call timer does not fit; each phase is timed by forward hooks, summed over the prompts,
-and the best of ``Spec.rounds`` passes over the prompt set is kept. It is opt-in (``OPT_IN``): on 2 CPU cores it takes a few minutes, most of it
-the fp32 and bf16 models' decode and torch.compile's compiles.
+and the best of ``Spec.rounds`` passes over the prompt set is kept. It is opt-in (``OPT_IN``): on 2 CPU
+cores it takes several minutes (more under load), most of it the fp32 and bf16 models' decode and
+torch.compile's compiles.
 """
 from __future__ import annotations
 
