@@ -95,7 +95,7 @@ def _build() -> dict[Any, Callable]:
 
     def empty_like(x):
         # The (0,) tensor the fake kernels return for an unsaved preact, in x's dtype.
-        return op.CastLike(op.ConstantOfShape(ints(0)), x)
+        return op.ConstantOfShape(ints(0), value=ir.tensor([0], dtype=x.dtype))
 
     def rows(t, n: int | None = None):
         # (..., C) -> (rows, C); C from the last dim, read at run time unless given.
