@@ -19,6 +19,15 @@ from .quant import quantize  # noqa: E402
 __version__ = "0.1.0"
 
 
+def __getattr__(name):
+    # ember.onnx on first use, not at import: it needs onnxscript, which plain ember does not.
+    if name == "onnx":
+        import importlib
+
+        return importlib.import_module(".onnx", __name__)
+    raise AttributeError(f"module 'ember' has no attribute {name!r}")
+
+
 def available_backends(device="cpu") -> dict:
     """{backend: None if usable on ``device`` else the reason it is not}."""
     import torch
