@@ -288,10 +288,10 @@ inline void widen_b_tile(const int8_t* w, int64_t K, uint16_t* tile) {
 
 // c[32][32] fp32 = bf16 rows a[0..31] (stride lda bytes) x the NB widened 16-column blocks at wb
 // (block stride bstride bytes, 1 KiB per 32-k step) over the 32-k steps [s0, s1).
-// a[0..parts-1]: x as a sum of bf16 parts (one for a bf16 x, see w8a16_gemm_amx), rows every lda
-// bytes; each B tile loaded is used by every part, so the parts cost tile products, not weight traffic.
+// a[0..parts-1]: x as a sum of bf16 parts (one for a bf16 x, see w8a16_gemm_amx), each a 32-row block
+// in pack_a's tile order (2 KiB per 32-k step); each B tile loaded is used by every part, so the parts cost tile products, not weight traffic.
 template <int NB>
-inline void dots_bf16(const uint16_t* const* a, int parts, int64_t lda, const uint16_t* wb, int64_t bstride,
+inline void dots_bf16(const uint16_t* const* a, int parts, const uint16_t* wb, int64_t bstride,
                       int64_t s0, int64_t s1, float* c) {
   const char* bb = reinterpret_cast<const char*>(wb);
   _tile_zero(0);
@@ -305,8 +305,8 @@ inline void dots_bf16(const uint16_t* const* a, int parts, int64_t lda, const ui
     if constexpr (NB == 2) _tile_loadd(7, bb + bstride + s * 1024, 64);
     for (int p = 0; p < parts; ++p) {
       const char* ab = reinterpret_cast<const char*>(a[p]);
-      _tile_loadd(4, ab + 64 * s, lda);
-      _tile_loadd(5, ab + 16 * lda + 64 * s, lda);
+      _tile_loadd(4, ab + 2048 * s, 64);
+      _tile_loadd(5, ab + 2048 * s + 1024, 64);
       _tile_dpbf16ps(0, 4, 6);
       _tile_dpbf16ps(1, 5, 6);
       if constexpr (NB == 2) {
@@ -341,17 +341,20 @@ bool w8a16_gemm_amx(const void* x, int64_t ldx, const int8_t* w, const float* sw
     // (the op's contract; the tests hold fp32 to 1e-4) instead of silently computing an fp32 model in
     // bf16. Each extra part costs one more tile product per B tile; the weight traffic stays the same.
     constexpr int parts = std::is_same_v<T, c10::BFloat16> ? 1 : std::is_same_v<T, c10::Half> ? 2 : 3;
-    std::vector<c10::BFloat16> xb(parts * Mp * K);
-    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
-      std::vector<float> rest(K), part(K);
-      for (int64_t m = m0; m < m1; ++m) {
-        const T* xr = static_cast<const T*>(x) + m * ldx;
-        if constexpr (parts == 1) {
-          std::memcpy(xb.data() + m * K, xr, K * sizeof(T));
-        } else {
+    // Each part is then repacked in tile order (pack_a, as W8A8's activations): row-major tiles of x
+    // read rows 2K bytes apart, all in one or two L1 sets at K = 3072 / 4096.
+    std::unique_ptr<uint8_t, FreeDeleter> packed(static_cast<uint8_t*>(std::aligned_alloc(64, parts * Mp * K * 2)));
+    if constexpr (parts == 1) {
+      pack_a(static_cast<const uint8_t*>(x), 2 * ldx, M, 2 * K, 0, packed.get());
+    } else {
+      std::vector<c10::BFloat16> xb(parts * M * K);
+      at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
+        std::vector<float> rest(K), part(K);
+        for (int64_t m = m0; m < m1; ++m) {
+          const T* xr = static_cast<const T*>(x) + m * ldx;
           row_to_float(xr, K, nullptr, rest.data());
           for (int p = 0; p < parts; ++p) {
-            c10::BFloat16* dst = xb.data() + (p * Mp + m) * K;
+            c10::BFloat16* dst = xb.data() + (p * M + m) * K;
             at::vec::convert<float, c10::BFloat16>(rest.data(), dst, K);  // to nearest even
             if (p + 1 == parts) break;
             at::vec::convert<c10::BFloat16, float>(dst, part.data(), K);
@@ -360,11 +363,11 @@ bool w8a16_gemm_amx(const void* x, int64_t ldx, const int8_t* w, const float* sw
             for (; i < K; ++i) rest[i] -= part[i];
           }
         }
-      }
-    });
-    for (int p = 0; p < parts; ++p)
-      std::memset(static_cast<void*>(xb.data() + (p * Mp + M) * K), 0, (Mp - M) * K * sizeof(c10::BFloat16));
-    const uint16_t* xa = reinterpret_cast<const uint16_t*>(xb.data());
+      });
+      for (int p = 0; p < parts; ++p)
+        pack_a(reinterpret_cast<const uint8_t*>(xb.data() + p * M * K), 2 * K, M, 2 * K, 0, packed.get() + p * Mp * K * 2);
+    }
+    const uint16_t* xa = reinterpret_cast<const uint16_t*>(packed.get());
     dispatch_act(act, [&]<Act A, bool HAS_ACT>() {
       at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
         TileScope tiles;
@@ -401,7 +404,7 @@ bool w8a16_gemm_amx(const void* x, int64_t ldx, const int8_t* w, const float* sw
               auto run = [&]<int NB>() {
                 for (int64_t i = 0; i < rows * kBlockN; i += 16) _mm512_store_ps(y + i, _mm512_setzero_ps());
                 for (int64_t g = 0; g < G; ++g) {
-                  dots_bf16<NB>(a, parts, 2 * K, pp, bstride, g * group_steps, (g + 1) * group_steps, c);
+                  dots_bf16<NB>(a, parts, pp, bstride, g * group_steps, (g + 1) * group_steps, c);
                   for (int j = 0; j < NB; ++j) {
                     const __m512 sg = _mm512_loadu_ps(sp + g * kBlockN + 16 * j);
                     for (int64_t i = 0; i < rows; ++i) {
