@@ -32,6 +32,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #include "cpu/kernels.h"
@@ -80,11 +81,11 @@ constexpr int64_t kBlockM = 32, kBlockN = 32;
 // corr (128 * the weight sums per group) removes the +128 of the u8 activations as in the VNNI kernel.
 // ---------------------------------------------------------------------------------------------
 
-// c[32][32] int32 (row stride 128 bytes) = the dots of A rows a[0..31] (stride lda) with the NB
-// 16-column blocks at wb (block stride bstride bytes) over the 64-k steps [s0, s1).
+// c[32][32] int32 (row stride 128 bytes) = the dots of the 32 packed A rows at a (pack_a's layout: per
+// 64-k step one 2 KiB piece, rows 0-15 then 16-31, 64 bytes a row) with the NB 16-column blocks at wb
+// (block stride bstride bytes) over the 64-k steps [s0, s1).
 template <int NB>
-inline void dots_u8s8(const uint8_t* a, int64_t lda, const int8_t* wb, int64_t bstride, int64_t s0, int64_t s1,
-                      int32_t* c) {
+inline void dots_u8s8(const uint8_t* a, const int8_t* wb, int64_t bstride, int64_t s0, int64_t s1, int32_t* c) {
   _tile_zero(0);
   _tile_zero(1);
   if constexpr (NB == 2) {
@@ -92,8 +93,8 @@ inline void dots_u8s8(const uint8_t* a, int64_t lda, const int8_t* wb, int64_t b
     _tile_zero(3);
   }
   for (int64_t s = s0; s < s1; ++s) {
-    _tile_loadd(4, a + 64 * s, lda);
-    _tile_loadd(5, a + 16 * lda + 64 * s, lda);
+    _tile_loadd(4, a + 2048 * s, 64);
+    _tile_loadd(5, a + 2048 * s + 1024, 64);
     _tile_loadd(6, wb + s * 1024, 64);
     _tile_dpbusd(0, 4, 6);
     _tile_dpbusd(1, 5, 6);
@@ -111,6 +112,34 @@ inline void dots_u8s8(const uint8_t* a, int64_t lda, const int8_t* wb, int64_t b
     _tile_stored(3, c + 16 * kBlockN + 16, ldc);
   }
 }
+
+// Activations (M rows of `bytes` bytes, row stride ld) repacked as A tiles: 32-row block mb, 64-byte
+// step s at dst + mb * 32 * bytes + s * 2048 + r * 64 (r = row in the block), rows past M filled with
+// `fill` bytes. A tile load of a row-major x reads 16 rows `bytes` apart, and at K = 2^n * 64 bytes
+// those rows all fall in a few L1 sets (K = 4096: one set), so every step re-fetched them from L2;
+// packed, a tile is 1 KiB of consecutive lines, which the prefetchers stream. Pure data movement: it
+// does not change any product or the order of any sum.
+inline void pack_a(const uint8_t* src, int64_t ld, int64_t M, int64_t bytes, uint8_t fill, uint8_t* dst) {
+  const int64_t mblocks = (M + kBlockM - 1) / kBlockM, steps = bytes / 64;
+  at::parallel_for(0, mblocks, std::max<int64_t>(1, 65536 / (kBlockM * bytes)), [&](int64_t b0, int64_t b1) {
+    const __m512i f = _mm512_set1_epi8(static_cast<char>(fill));
+    for (int64_t mb = b0; mb < b1; ++mb)
+      for (int64_t r = 0; r < kBlockM; ++r) {
+        const int64_t m = mb * kBlockM + r;
+        uint8_t* d = dst + mb * kBlockM * bytes + r * 64;
+        if (m < M) {
+          const uint8_t* s = src + m * ld;
+          for (int64_t st = 0; st < steps; ++st) _mm512_store_si512(d + st * 2048, _mm512_loadu_si512(s + 64 * st));
+        } else {
+          for (int64_t st = 0; st < steps; ++st) _mm512_store_si512(d + st * 2048, f);
+        }
+      }
+  });
+}
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
 
 // Where the AMX W8A8 kernel takes a call: 64-k steps (whole B tiles; K % 64 and the group size % 64),
 // and M > 16 (decode rows are bound by weight bytes, where the VNNI GEMM does as well and keeps its
@@ -131,6 +160,9 @@ bool w8a8_gemm_packed_amx(const uint8_t* qu, const float* sx, const int8_t* wp, 
   // bytes) reused by every 32-row block of the chunk.
   const int64_t chunk_blocks = std::max<int64_t>(1, (int64_t(768) * 1024 / K) / kBlockM);
   const int64_t chunks = (mblocks + chunk_blocks - 1) / chunk_blocks;
+  const int64_t Mp = mblocks * kBlockM;
+  std::unique_ptr<uint8_t, FreeDeleter> packed(static_cast<uint8_t*>(std::aligned_alloc(64, Mp * K)));
+  pack_a(qu, K, M, K, 128, packed.get());  // u8 128 = q 0 in the padding rows
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     dispatch_act(act, [&]<Act A, bool HAS_ACT>() {
@@ -138,9 +170,6 @@ bool w8a8_gemm_packed_amx(const uint8_t* qu, const float* sx, const int8_t* wp, 
         TileScope tiles;
         alignas(64) int32_t c[kBlockM * kBlockN];
         alignas(64) float y[kBlockM * kBlockN];
-        // The last, partial row block is copied into 32 zero-padded rows: a tile load always reads 16
-        // rows, and rows past M would be past the end of qu.
-        std::vector<uint8_t> tail;
         for (int64_t t = t0; t < t1; ++t) {
           const int64_t ch = t / panels, p = t % panels;
           const int64_t nb = std::min<int64_t>(2, blocks - 2 * p), n0 = 32 * p, ncols = 16 * nb;
@@ -148,17 +177,10 @@ bool w8a8_gemm_packed_amx(const uint8_t* qu, const float* sx, const int8_t* wp, 
           const int64_t mb_end = std::min(mblocks, (ch + 1) * chunk_blocks);
           for (int64_t mb = ch * chunk_blocks; mb < mb_end; ++mb) {
             const int64_t m0 = mb * kBlockM, rows = std::min(kBlockM, M - m0);
-            const uint8_t* a = qu + m0 * K;
-            if (rows < kBlockM) {
-              if (tail.empty()) {
-                tail.assign(kBlockM * K, 128);  // u8 128 = q 0
-                std::memcpy(tail.data(), a, rows * K);
-              }
-              a = tail.data();
-            }
+            const uint8_t* a = packed.get() + m0 * K;
             auto run = [&]<int NB>() {
               if (groups == 1) {
-                dots_u8s8<NB>(a, K, wb, K4 * 64, 0, steps, c);
+                dots_u8s8<NB>(a, wb, K4 * 64, 0, steps, c);
                 for (int64_t i = 0; i < rows; ++i) {
                   const __m512 sxi = _mm512_set1_ps(sx[m0 + i]);
                   for (int j = 0; j < NB; ++j) {
@@ -175,7 +197,7 @@ bool w8a8_gemm_packed_amx(const uint8_t* qu, const float* sx, const int8_t* wp, 
                 // the same per-group sum as the VNNI kernel and the reference.
                 for (int64_t i = 0; i < rows * kBlockN; i += 16) _mm512_store_ps(y + i, _mm512_setzero_ps());
                 for (int64_t g = 0; g < groups; ++g) {
-                  dots_u8s8<NB>(a, K, wb, K4 * 64, g * group_steps, (g + 1) * group_steps, c);
+                  dots_u8s8<NB>(a, wb, K4 * 64, g * group_steps, (g + 1) * group_steps, c);
                   for (int j = 0; j < NB; ++j) {
                     const int64_t n = n0 + 16 * j;
                     const __m512i cg = _mm512_loadu_si512(corr + g * N + n);
@@ -266,10 +288,10 @@ inline void widen_b_tile(const int8_t* w, int64_t K, uint16_t* tile) {
 
 // c[32][32] fp32 = bf16 rows a[0..31] (stride lda bytes) x the NB widened 16-column blocks at wb
 // (block stride bstride bytes, 1 KiB per 32-k step) over the 32-k steps [s0, s1).
-// a[0..parts-1]: x as a sum of bf16 parts (one for a bf16 x, see w8a16_gemm_amx), rows every lda
-// bytes; each B tile loaded is used by every part, so the parts cost tile products, not weight traffic.
+// a[0..parts-1]: x as a sum of bf16 parts (one for a bf16 x, see w8a16_gemm_amx), each a 32-row block
+// in pack_a's tile order (2 KiB per 32-k step); each B tile loaded is used by every part, so the parts cost tile products, not weight traffic.
 template <int NB>
-inline void dots_bf16(const uint16_t* const* a, int parts, int64_t lda, const uint16_t* wb, int64_t bstride,
+inline void dots_bf16(const uint16_t* const* a, int parts, const uint16_t* wb, int64_t bstride,
                       int64_t s0, int64_t s1, float* c) {
   const char* bb = reinterpret_cast<const char*>(wb);
   _tile_zero(0);
@@ -283,8 +305,8 @@ inline void dots_bf16(const uint16_t* const* a, int parts, int64_t lda, const ui
     if constexpr (NB == 2) _tile_loadd(7, bb + bstride + s * 1024, 64);
     for (int p = 0; p < parts; ++p) {
       const char* ab = reinterpret_cast<const char*>(a[p]);
-      _tile_loadd(4, ab + 64 * s, lda);
-      _tile_loadd(5, ab + 16 * lda + 64 * s, lda);
+      _tile_loadd(4, ab + 2048 * s, 64);
+      _tile_loadd(5, ab + 2048 * s + 1024, 64);
       _tile_dpbf16ps(0, 4, 6);
       _tile_dpbf16ps(1, 5, 6);
       if constexpr (NB == 2) {
@@ -319,17 +341,20 @@ bool w8a16_gemm_amx(const void* x, int64_t ldx, const int8_t* w, const float* sw
     // (the op's contract; the tests hold fp32 to 1e-4) instead of silently computing an fp32 model in
     // bf16. Each extra part costs one more tile product per B tile; the weight traffic stays the same.
     constexpr int parts = std::is_same_v<T, c10::BFloat16> ? 1 : std::is_same_v<T, c10::Half> ? 2 : 3;
-    std::vector<c10::BFloat16> xb(parts * Mp * K);
-    at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
-      std::vector<float> rest(K), part(K);
-      for (int64_t m = m0; m < m1; ++m) {
-        const T* xr = static_cast<const T*>(x) + m * ldx;
-        if constexpr (parts == 1) {
-          std::memcpy(xb.data() + m * K, xr, K * sizeof(T));
-        } else {
+    // Each part is then repacked in tile order (pack_a, as W8A8's activations): row-major tiles of x
+    // read rows 2K bytes apart, all in one or two L1 sets at K = 3072 / 4096.
+    std::unique_ptr<uint8_t, FreeDeleter> packed(static_cast<uint8_t*>(std::aligned_alloc(64, parts * Mp * K * 2)));
+    if constexpr (parts == 1) {
+      pack_a(static_cast<const uint8_t*>(x), 2 * ldx, M, 2 * K, 0, packed.get());
+    } else {
+      std::vector<c10::BFloat16> xb(parts * M * K);
+      at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
+        std::vector<float> rest(K), part(K);
+        for (int64_t m = m0; m < m1; ++m) {
+          const T* xr = static_cast<const T*>(x) + m * ldx;
           row_to_float(xr, K, nullptr, rest.data());
           for (int p = 0; p < parts; ++p) {
-            c10::BFloat16* dst = xb.data() + (p * Mp + m) * K;
+            c10::BFloat16* dst = xb.data() + (p * M + m) * K;
             at::vec::convert<float, c10::BFloat16>(rest.data(), dst, K);  // to nearest even
             if (p + 1 == parts) break;
             at::vec::convert<c10::BFloat16, float>(dst, part.data(), K);
@@ -338,11 +363,11 @@ bool w8a16_gemm_amx(const void* x, int64_t ldx, const int8_t* w, const float* sw
             for (; i < K; ++i) rest[i] -= part[i];
           }
         }
-      }
-    });
-    for (int p = 0; p < parts; ++p)
-      std::memset(static_cast<void*>(xb.data() + (p * Mp + M) * K), 0, (Mp - M) * K * sizeof(c10::BFloat16));
-    const uint16_t* xa = reinterpret_cast<const uint16_t*>(xb.data());
+      });
+      for (int p = 0; p < parts; ++p)
+        pack_a(reinterpret_cast<const uint8_t*>(xb.data() + p * M * K), 2 * K, M, 2 * K, 0, packed.get() + p * Mp * K * 2);
+    }
+    const uint16_t* xa = reinterpret_cast<const uint16_t*>(packed.get());
     dispatch_act(act, [&]<Act A, bool HAS_ACT>() {
       at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
         TileScope tiles;
@@ -379,7 +404,7 @@ bool w8a16_gemm_amx(const void* x, int64_t ldx, const int8_t* w, const float* sw
               auto run = [&]<int NB>() {
                 for (int64_t i = 0; i < rows * kBlockN; i += 16) _mm512_store_ps(y + i, _mm512_setzero_ps());
                 for (int64_t g = 0; g < G; ++g) {
-                  dots_bf16<NB>(a, parts, 2 * K, pp, bstride, g * group_steps, (g + 1) * group_steps, c);
+                  dots_bf16<NB>(a, parts, pp, bstride, g * group_steps, (g + 1) * group_steps, c);
                   for (int j = 0; j < NB; ++j) {
                     const __m512 sg = _mm512_loadu_ps(sp + g * kBlockN + 16 * j);
                     for (int64_t i = 0; i < rows; ++i) {
