@@ -239,7 +239,7 @@ def int8_linear(
     """``activation((x * smooth) @ dequant(w, w_scale).T + bias)`` with int8 weights; see the module docstring.
 
     ``w_packed`` (optional, CPU W8A8): ``int8_prepack(w, w_scale)``; with it the CPU runs ember's own
-    VNNI GEMM (quantize, GEMM and epilogue fused; per-group scales applied per group in registers) instead
+    AMX or VNNI GEMM (quantize, GEMM and epilogue fused; per-group scales applied per group in registers) instead
     of ATen's int8 GEMM (one per group). An empty ``w_packed`` (no packed form) is the same as None.
     Int8Linear holds it as its ``weight_packed`` buffer."""
     op = "int8_linear"
