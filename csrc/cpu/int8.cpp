@@ -223,10 +223,10 @@ at::Tensor int8_linear_w8a16(const at::Tensor& x, const at::Tensor& w, const at:
   const int64_t group = sw.dim() == 1 ? K : K / sw.size(1);
   const DType dtype = to_dtype(x.scalar_type(), "int8_linear_w8a16", "x");
   check_act_code(act, "int8_linear_w8a16");
-  // Decode rows from 5 up go to the AMX tile GEMM where it runs (measured here: the GEMV's fp32 FMAs
-  // cost ~3x bf16 nn.Linear at M = 16, the tile GEMM widens each weight once for all rows); 1-4 rows
-  // stay on the GEMV, which streams the int8 weight once.
-  if (M > 4 && M <= 16 && N > 0) {
+  // From 5 rows up the AMX tile GEMM runs where the CPU has it (isa_amx.cpp: it widens the int8 weight
+  // to bf16 one panel at a time, once for all rows; measured here the GEMV's fp32 FMAs cost ~3x bf16
+  // nn.Linear at M = 16). 1-4 rows stay on the GEMV, which streams the int8 weight once.
+  if (M > 4 && N > 0) {
     at::Tensor out = at::empty({M, N}, x.options());
     const at::Tensor b = float_or_null(bias);
     if (int8_kernels().w8a16_gemm(x.const_data_ptr(), x.stride(0), w.const_data_ptr<int8_t>(),
@@ -242,15 +242,6 @@ at::Tensor int8_linear_w8a16(const at::Tensor& x, const at::Tensor& w, const at:
                               b.defined() ? b.const_data_ptr<float>() : nullptr, out.mutable_data_ptr(), M, N, K, group,
                               dtype, static_cast<int32_t>(act));
     return out;
-  }
-  // Prefill on AMX: ember's tile GEMM widens the int8 weight to bf16 one panel at a time (isa_amx.cpp).
-  if (M > 16 && N > 0) {
-    at::Tensor out = at::empty({M, N}, x.options());
-    const at::Tensor b = float_or_null(bias);
-    if (int8_kernels().w8a16_gemm(x.const_data_ptr(), x.stride(0), w.const_data_ptr<int8_t>(),
-                                  sw.const_data_ptr<float>(), b.defined() ? b.const_data_ptr<float>() : nullptr,
-                                  out.mutable_data_ptr(), M, N, K, group, dtype, static_cast<int32_t>(act)))
-      return out;
   }
   // Prefill elsewhere: the GEMM costs 2*M*N*K flops against N*K for one dequantised weight copy, so for
   // M > 16 the copy is a few percent of the time and ATen's GEMM does the rest.

@@ -81,6 +81,20 @@ constexpr int64_t kBlockM = 32, kBlockN = 32;
 // corr (128 * the weight sums per group) removes the +128 of the u8 activations as in the VNNI kernel.
 // ---------------------------------------------------------------------------------------------
 
+// The accumulator tiles 0-3 (a 32 x 16 * NB block of 4-byte int32 or fp32 sums) into the row-major
+// kBlockM x kBlockN buffer c: rows 0-15 in tiles 0 / 2, rows 16-31 in tiles 1 / 3.
+template <int NB, typename Acc>
+inline void store_c_tiles(Acc* c) {
+  static_assert(sizeof(Acc) == 4, "tile accumulators are 4-byte int32 or fp32");
+  constexpr int64_t ldc = kBlockN * 4;
+  _tile_stored(0, c, ldc);
+  _tile_stored(1, c + 16 * kBlockN, ldc);
+  if constexpr (NB == 2) {
+    _tile_stored(2, c + 16, ldc);
+    _tile_stored(3, c + 16 * kBlockN + 16, ldc);
+  }
+}
+
 // c[32][32] int32 (row stride 128 bytes) = the dots of the 32 packed A rows at a (pack_a's layout: per
 // 64-k step one 2 KiB piece, rows 0-15 then 16-31, 64 bytes a row) with the NB 16-column blocks at wb
 // (block stride bstride bytes) over the 64-k steps [s0, s1).
@@ -104,13 +118,7 @@ inline void dots_u8s8(const uint8_t* a, const int8_t* wb, int64_t bstride, int64
       _tile_dpbusd(3, 5, 7);
     }
   }
-  constexpr int64_t ldc = kBlockN * 4;
-  _tile_stored(0, c, ldc);
-  _tile_stored(1, c + 16 * kBlockN, ldc);
-  if constexpr (NB == 2) {
-    _tile_stored(2, c + 16, ldc);
-    _tile_stored(3, c + 16 * kBlockN + 16, ldc);
-  }
+  store_c_tiles<NB>(c);
 }
 
 // Activations (M rows of `bytes` bytes, row stride ld) repacked as A tiles: 32-row block mb, 64-byte
@@ -315,13 +323,7 @@ inline void dots_bf16(const uint16_t* const* a, int parts, const uint16_t* wb, i
       }
     }
   }
-  constexpr int64_t ldc = kBlockN * 4;
-  _tile_stored(0, c, ldc);
-  _tile_stored(1, c + 16 * kBlockN, ldc);
-  if constexpr (NB == 2) {
-    _tile_stored(2, c + 16, ldc);
-    _tile_stored(3, c + 16 * kBlockN + 16, ldc);
-  }
+  store_c_tiles<NB>(c);
 }
 
 bool w8a16_gemm_amx(const void* x, int64_t ldx, const int8_t* w, const float* sw, const float* bias, void* out,
