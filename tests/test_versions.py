@@ -60,6 +60,6 @@ def test_constraints_pin_every_test_dependency():
     assert "torch" not in pins  # the machine's own torch is kept
     setup = (ROOT / "scripts" / "setup.sh").read_text()
     for name in ("pytest", "pytest-benchmark", "transformers", "safetensors", "expecttest", "numpy", "triton",
-                 "onnx", "onnxscript", "onnxruntime", "torchao"):
+                 "onnx", "onnxscript", "onnxruntime", "torchao", "scikit-learn", "matplotlib"):
         assert name in pins, name
         assert name in setup, name

@@ -32,6 +32,7 @@ SUITES: dict[str, str] = {
     "int8": "int8",
     "int8_accuracy": "int8_accuracy",
     "decoder": "decoder",
+    "cnn": "cnn",
 }
 # Suites run only when named with --suites: the matmul suite's GPU shapes compile torch.compile
 # (max-autotune) per shape and take tens of minutes; its own entry point is python -m ember.bench.matmul.

@@ -36,12 +36,9 @@ torch.compile's compiles.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import gc
 import math
 import os
-import resource
 import sys
 import time
 import warnings
@@ -53,6 +50,7 @@ import torch
 from torch import nn
 
 from . import report as _report
+from .harness import peak_memory_bytes, release_cpu_memory, reset_peak_memory
 
 SUITE = "decoder"
 REFERENCE = "torch-fp32"
@@ -181,45 +179,6 @@ def providers(kind: str, compile: bool = True) -> list[tuple[str, Callable | Non
 
 
 # ---------------------------------------------------------------------------------------------
-# Memory.
-# ---------------------------------------------------------------------------------------------
-def _release_cpu_memory() -> None:
-    """Hand freed heap back to the OS so that the previous provider's model does not stay resident
-    and count in the next one's peak (glibc keeps freed small blocks otherwise)."""
-    gc.collect()
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def _reset_peak(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    _release_cpu_memory()
-    try:  # Linux: writing 5 resets VmHWM (the RSS high-water mark) to the current RSS
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass  # elsewhere the peak is the whole process's (ru_maxrss), which only grows
-
-
-def _peak_bytes(device: str) -> int:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
-
-
-# ---------------------------------------------------------------------------------------------
 # Timing one generate.
 # ---------------------------------------------------------------------------------------------
 class PhaseTimer:
@@ -281,13 +240,13 @@ def run_provider(name: str, build: Callable, spec: Spec, device: str, prompts: l
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
     else:
-        _release_cpu_memory()  # the previous provider's model must not stay resident under this one
+        release_cpu_memory()  # the previous provider's model must not stay resident under this one
     try:
         with torch.inference_mode():
             model = build(spec, device)
             # The peak counts from here: what serving holds (weights, KV cache, activations), not the fp32
             # copy every provider is built from (that would make a bf16 or int8 model look as big as fp32).
-            _reset_peak(device)
+            reset_peak_memory(device)
             # warm-up on the first prompt with a few new tokens: compiles (torch.compile's prefill and
             # decode graphs), packs weights lazily and touches the KV cache paths before timing
             generate(model, prompts[0], min(4, spec.new_tokens))
@@ -318,7 +277,7 @@ def run_provider(name: str, build: Callable, spec: Spec, device: str, prompts: l
         res.prefill_tok_s = n * spec.prompt_len / prefill_s
         # the prefill's forward yields the first new token; the decode steps yield the rest
         res.decode_tok_s = n * (spec.new_tokens - 1) / decode_s if spec.new_tokens > 1 else None
-        res.peak_bytes = _peak_bytes(device)
+        res.peak_bytes = peak_memory_bytes(device)
     except Exception as err:  # noqa: BLE001 - one broken provider must not sink the others
         res.error = f"{type(err).__name__}: {err}".splitlines()[0][:300]
     finally:

@@ -21,8 +21,11 @@ Energy (GPU only)
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import gc
 import math
+import resource
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -234,9 +237,6 @@ def steady_cpu_allocator() -> str | None:
     every provider reuse its memory, as a caching allocator (jemalloc, tcmalloc: what torch's CPU tuning
     guide recommends) would. Returns what was set, for the report, or None off glibc.
     """
-    import ctypes
-    import ctypes.util
-
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         mallopt = libc.mallopt
@@ -247,6 +247,46 @@ def steady_cpu_allocator() -> str | None:
     if not (mallopt(M_TRIM_THRESHOLD, trim) and mallopt(M_MMAP_THRESHOLD, mmap)):
         return None
     return "glibc malloc with fixed thresholds (trim 1 GiB, mmap 32 MiB): freed memory is reused, not re-faulted"
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory of one phase (the decoder and training suites): CPU RSS high-water mark or CUDA's
+# max_memory_allocated, reset at the phase's start.
+# ---------------------------------------------------------------------------------------------
+def release_cpu_memory() -> None:
+    """Hand freed heap back to the OS so that the previous provider's model does not stay resident
+    and count in the next one's peak (glibc keeps freed small blocks otherwise)."""
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_peak_memory(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    release_cpu_memory()
+    try:  # Linux: writing 5 resets VmHWM (the RSS high-water mark) to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # elsewhere the peak is the whole process's (ru_maxrss), which only grows
+
+
+def peak_memory_bytes(device: str) -> int:
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kB on Linux
 
 
 class EnergyMeter:
