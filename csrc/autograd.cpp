@@ -61,6 +61,19 @@ EMBER_OP(gated_act_op, "ember::gated_act", Tensor(const Tensor&, const Tensor&, 
 EMBER_OP(gated_act_backward_op, "ember::gated_act_backward",
          std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, Str, Str))
 EMBER_OP(int8_linear_op, "ember::int8_linear", Int8LinearSig)
+using LceSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
+                                                          int64_t, Str, double, bool, bool, bool, int64_t, Str);
+using LceBackwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                                          const Tensor&, int64_t, double, bool, bool, bool, int64_t,
+                                                          Str);
+EMBER_OP(lce_op, "ember::linear_cross_entropy", LceSig)
+EMBER_OP(lce_backward_op, "ember::linear_cross_entropy_backward", LceBackwardSig)
+EMBER_OP(c_lce, "ember_C::linear_cross_entropy",
+         std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const Tensor&,
+                                                    int64_t, Str, double, bool, bool, bool, int64_t))
+EMBER_OP(c_lce_backward, "ember_C::linear_cross_entropy_backward",
+         std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                                            const Tensor&, int64_t, double, bool, bool, bool, int64_t))
 
 EMBER_OP(c_linear_act, "ember_C::linear_act",
          std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, Str, bool))
@@ -438,6 +451,96 @@ Tensor int8_linear_autograd(const Tensor& x, const Tensor& w, const Tensor& w_sc
                              w_packed);
 }
 
+// ==== linear_cross_entropy: cross_entropy(x @ W^T + b, target) without the logits ====================
+// Reduction mean / sum: the forward computes the gradients too (the upstream gradient of a scalar is one
+// number, known only here in backward, which scales them): what is kept is dx, dW, db, not x or the
+// logits. Reduction none: x, W, b and target are kept and the backward recomputes the logits per chunk.
+std::tuple<Tensor, Tensor, Tensor, Tensor> lce_below(const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                                                     const Tensor& target, int64_t ignore_index, Str reduction,
+                                                     double smoothing, bool need_dx, bool need_dw, bool need_db,
+                                                     int64_t chunk_rows, Str backend) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  if (native(backend) && plain({&x, &weight, &or_undefined(bias), &target}))
+    return c_lce().call(x, weight, bias, target, ignore_index, reduction, smoothing, need_dx, need_dw, need_db,
+                        chunk_rows);
+  return lce_op().call(x, weight, bias, target, ignore_index, reduction, smoothing, need_dx, need_dw, need_db,
+                       chunk_rows, backend);
+}
+
+struct LinearCrossEntropyFn : public torch::autograd::Function<LinearCrossEntropyFn> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                               const Tensor& target, int64_t ignore_index, const std::string& reduction,
+                               double smoothing, int64_t chunk_rows, const std::string& backend) {
+    const bool need_dx = x.requires_grad(), need_dw = weight.requires_grad();
+    const bool need_db = bias.has_value() && bias->requires_grad();
+    const bool per_row = reduction == "none";
+    auto [loss, dx, dw, db] = lce_below(x, weight, bias, target, ignore_index, reduction, smoothing,
+                                        !per_row && need_dx, !per_row && need_dw, !per_row && need_db, chunk_rows,
+                                        backend);
+    if (per_row)
+      ctx->save_for_backward({x, weight, or_undefined(bias), target});
+    else
+      ctx->save_for_backward({dx, dw, db});
+    ctx->saved_data["per_row"] = per_row;
+    ctx->saved_data["has_bias"] = bias.has_value();
+    ctx->saved_data["need"] = c10::List<bool>({need_dx, need_dw, need_db});
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["smoothing"] = smoothing;
+    ctx->saved_data["chunk_rows"] = chunk_rows;
+    ctx->saved_data["backend"] = backend;
+    const Tensor e = empty_like_none(x);
+    Tensor e1 = e.clone(), e2 = e.clone(), e3 = e.clone();
+    ctx->mark_non_differentiable({e1, e2, e3});
+    return {loss, e1, e2, e3};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const auto need = ctx->saved_data["need"].toBoolList();
+    const bool need_dx = need[0], need_dw = need[1], need_db = need[2];
+    const Tensor& g = grads[0];
+    Tensor dx, dw, db;
+    {
+      at::NoGradGuard no_grad;
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      if (!ctx->saved_data["per_row"].toBool()) {
+        // the gradients of the loss itself, times the upstream gradient (a 0-d tensor)
+        if (need_dx) dx = at::mul(saved[0], g.to(saved[0].scalar_type()));
+        if (need_dw) dw = at::mul(saved[1], g.to(saved[1].scalar_type()));
+        if (need_db) db = at::mul(saved[2], g.to(saved[2].scalar_type()));
+      } else {
+        const Tensor &x = saved[0], &weight = saved[1], &target = saved[3];
+        const OptTensor bias = saved[2].defined() ? OptTensor(saved[2]) : std::nullopt;
+        const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
+        const double smoothing = ctx->saved_data["smoothing"].toDouble();
+        const int64_t chunk_rows = ctx->saved_data["chunk_rows"].toInt();
+        const std::string backend = ctx->saved_data["backend"].toStringRef();
+        if (native(backend) && plain({&g, &x, &weight, &saved[2]}))
+          std::tie(dx, dw, db) = c_lce_backward().call(g.contiguous(), x, weight, bias, target, ignore_index,
+                                                       smoothing, need_dx, need_dw, need_db, chunk_rows);
+        else
+          std::tie(dx, dw, db) = lce_backward_op().call(g.contiguous(), x, weight, bias, target, ignore_index,
+                                                        smoothing, need_dx, need_dw, need_db, chunk_rows, backend);
+      }
+    }
+    variable_list out = {need_dx ? dx : Tensor(), need_dw ? dw : Tensor(), need_db ? db : Tensor(), Tensor(),
+                         Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    return once_differentiable(std::move(out), {g});
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> lce_autograd(const Tensor& x, const Tensor& weight, const OptTensor& bias,
+                                                        const Tensor& target, int64_t ignore_index, Str reduction,
+                                                        double smoothing, bool need_dx, bool need_dw, bool need_db,
+                                                        int64_t chunk_rows, Str backend) {
+  if (!grad_wanted({&x, &weight, &or_undefined(bias)}))
+    return lce_below(x, weight, bias, target, ignore_index, reduction, smoothing, need_dx, need_dw, need_db,
+                     chunk_rows, backend);
+  auto outs = LinearCrossEntropyFn::apply(x, weight, bias, target, ignore_index, std::string(reduction), smoothing,
+                                          chunk_rows, std::string(backend));
+  return {outs[0], outs[1], outs[2], outs[3]};
+}
+
 }  // namespace
 }  // namespace ember::autograd
 
@@ -448,4 +551,5 @@ TORCH_LIBRARY_IMPL(ember, Autograd, m) {
   m.impl("unary_act", &unary_act_autograd);
   m.impl("gated_act", &gated_act_autograd);
   m.impl("int8_linear", &int8_linear_autograd);
+  m.impl("linear_cross_entropy", &lce_autograd);
 }

@@ -204,6 +204,16 @@ TORCH_LIBRARY(ember_C, m) {
         "-> (Tensor, Tensor)");
   m.def("gated_linear_backward(Tensor grad_out, Tensor x, Tensor w_gate, Tensor w_up, Tensor preact, str act, "
         "bool need_dx, bool need_dw, bool need_db) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Fused linear + cross-entropy (csrc/linear_cross_entropy.h): the loss of
+  // cross_entropy(x @ weight^T + bias, target) without the logits; with need_* (reduction mean / sum)
+  // also the gradients of that loss. chunk_rows: token rows per chunk, 0 for ~32 MB of logits.
+  m.def("linear_cross_entropy(Tensor x, Tensor weight, Tensor? bias, Tensor target, int ignore_index, str reduction, "
+        "float label_smoothing, bool need_dx, bool need_dw, bool need_db, int chunk_rows) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  // reduction "none": dx, dW, db for the per-row upstream gradient grad_loss (rows,), recomputing the logits.
+  m.def("linear_cross_entropy_backward(Tensor grad_loss, Tensor x, Tensor weight, Tensor? bias, Tensor target, "
+        "int ignore_index, float label_smoothing, bool need_dx, bool need_dw, bool need_db, int chunk_rows) "
+        "-> (Tensor, Tensor, Tensor)");
   // One optimizer step over a (device, dtype) group; see csrc/optim.h for kinds, slots and hyper.
   m.def(
       "optim_step(str kind, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] s1, Tensor(c!)[] s2, "

@@ -90,6 +90,15 @@ struct LinearKernels {
   // accumulated in the same pass that writes dpre, so dpre is not read again for it.
   void (*act_backward)(const void* grad, const void* pre, void* dpre, void* col_partials, int64_t rows,
                        int64_t cols, int64_t grad_row_stride, int64_t rows_per_chunk, DType dtype, Act act);
+  // Cross-entropy epilogue of the fused linear + cross-entropy (cpu/linear_cross_entropy.cpp), over
+  // `rows` contiguous rows of `cols` logits, fp32 or fp64 (dtype) only. Per row r with target t:
+  //   loss[r] = lse - (1 - eps) * l[t] - eps / cols * sum(l)     (0 for t == ignore_index)
+  // With write_grad, the row is then overwritten by the loss's gradient times the row's scale
+  // (row_scale[r], or `scale` when row_scale is null): (softmax - eps / cols - (1 - eps) onehot(t)),
+  // zeros for an ignored row. Targets must already be checked to be in [0, cols) or ignore_index.
+  void (*cross_entropy_rows)(void* logits, int64_t rows, int64_t cols, const int64_t* target, int64_t ignore_index,
+                             double eps, bool write_grad, double scale, const void* row_scale, void* loss,
+                             DType dtype);
 };
 
 struct OptimKernels {

@@ -1,6 +1,9 @@
 // The bodies of ember's CPU kernels, compiled once per instruction set: isa_default.cpp and
 // isa_avx512.cpp each define EMBER_ISA (and the matching CPU_CAPABILITY) and include this file.
 #pragma once
+#include <cmath>
+#include <limits>
+
 #include "cpu/kernels.h"
 #include "cpu/vec_activation.h"
 #include "cpu/optim_impl.h"
@@ -139,6 +142,77 @@ inline void linear_act_backward(const void* grad, const void* pre, void* dpre, v
   });
 }
 
+// ---- cross-entropy rows (the epilogue of the fused linear + cross-entropy) ----------------------
+// Three passes over a row that stays in L1/L2 (32000 fp32 logits are 125 KB): max and sum of the
+// logits; exp(l - max), summed (and stored in place when the gradient is wanted, so the third pass
+// does not compute exp again); the gradient from those. NaN anywhere in a row makes its loss NaN.
+template <typename T>
+inline void cross_entropy_rows_t(T* logits, int64_t rows, int64_t cols, const int64_t* target,
+                                 int64_t ignore_index, T eps, bool write_grad, T scale, const T* row_scale, T* loss) {
+  using V = Vectorized<T>;
+  constexpr int64_t W = V::size();
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      T* l = logits + r * cols;
+      const int64_t t = target[r];
+      if (t == ignore_index) {
+        loss[r] = T(0);
+        if (write_grad) std::fill(l, l + cols, T(0));
+        continue;
+      }
+      const T target_logit = l[t];
+      V vmax(-std::numeric_limits<T>::infinity()), vsum(T(0));
+      int64_t j = 0;
+      for (; j + W <= cols; j += W) {
+        const V v = V::loadu(l + j);
+        vmax = at::vec::maximum(vmax, v);
+        vsum = vsum + v;
+      }
+      T mx = at::vec::vec_reduce_all<T>([](V& a, V& b) { return at::vec::maximum(a, b); }, vmax);
+      T sum_l = at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, vsum);
+      for (; j < cols; ++j) {
+        mx = std::isnan(l[j]) ? l[j] : std::max(mx, l[j]);
+        sum_l += l[j];
+      }
+      const V vm(mx);
+      V vexps(T(0));
+      j = 0;
+      for (; j + W <= cols; j += W) {
+        const V e = vexp(V::loadu(l + j) - vm);
+        if (write_grad) e.store(l + j);
+        vexps = vexps + e;
+      }
+      T sum_e = at::vec::vec_reduce_all<T>([](V& a, V& b) { return a + b; }, vexps);
+      for (; j < cols; ++j) {
+        const T e = std::exp(l[j] - mx);
+        if (write_grad) l[j] = e;
+        sum_e += e;
+      }
+      const T lse = mx + std::log(sum_e);
+      loss[r] = lse - (T(1) - eps) * target_logit - eps / T(cols) * sum_l;
+      if (!write_grad) continue;
+      const T s = row_scale ? row_scale[r] : scale;
+      const V va(s / sum_e), vb(s * eps / T(cols));
+      j = 0;
+      for (; j + W <= cols; j += W) (V::loadu(l + j) * va - vb).store(l + j);
+      for (; j < cols; ++j) l[j] = l[j] * (s / sum_e) - s * eps / T(cols);
+      l[t] -= s * (T(1) - eps);
+    }
+  });
+}
+
+inline void cross_entropy_rows(void* logits, int64_t rows, int64_t cols, const int64_t* target, int64_t ignore_index,
+                               double eps, bool write_grad, double scale, const void* row_scale, void* loss,
+                               DType dtype) {
+  if (dtype == DType::kFloat64)
+    cross_entropy_rows_t<double>(static_cast<double*>(logits), rows, cols, target, ignore_index, eps, write_grad,
+                                 scale, static_cast<const double*>(row_scale), static_cast<double*>(loss));
+  else
+    cross_entropy_rows_t<float>(static_cast<float*>(logits), rows, cols, target, ignore_index, float(eps),
+                                write_grad, float(scale), static_cast<const float*>(row_scale),
+                                static_cast<float*>(loss));
+}
+
 // A designated initialiser leaves an entry it does not name null, which would only fail when that
 // kernel is first called; the pragma turns a forgotten entry into a compile error instead.
 #pragma GCC diagnostic push
@@ -149,7 +223,9 @@ inline const IsaKernels& table() {
                      .unary_backward = &unary_act_backward,
                      .gated = &gated_act,
                      .gated_backward = &gated_act_backward},
-      .linear = {.epilogue = &linear_epilogue, .act_backward = &linear_act_backward},
+      .linear = {.epilogue = &linear_epilogue,
+                 .act_backward = &linear_act_backward,
+                 .cross_entropy_rows = &cross_entropy_rows},
       .optim = {.step = &optim_step, .adamw8bit_step = &adamw8bit_step},
       .int8 = {.quantize_rows = &quantize_rows,
                .dequant_epilogue = &dequant_epilogue,

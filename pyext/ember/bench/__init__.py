@@ -33,13 +33,15 @@ SUITES: dict[str, str] = {
     "int8_accuracy": "int8_accuracy",
     "decoder": "decoder",
     "cnn": "cnn",
+    "train": "train",
 }
 # Suites run only when named with --suites: the matmul suite's GPU shapes compile torch.compile
 # (max-autotune) per shape and take tens of minutes; its own entry point is python -m ember.bench.matmul.
 # int8_accuracy loads transformers and a real checkpoint (~30 s on CPU, not a timing). decoder serves a
 # ~200M-param Llama through generate for 7 providers (a few minutes on 2 cores, torch.compile's compiles
-# included); scripts/main.sh runs it after the default suites.
-OPT_IN = {"matmul", "int8_accuracy", "decoder"}
+# included); train trains a ~46M-param Llama 20 steps per provider (minutes on 2 cores). scripts/main.sh
+# runs both after the default suites.
+OPT_IN = {"matmul", "int8_accuracy", "decoder", "train"}
 
 
 def suite_module(name: str):

@@ -316,6 +316,12 @@ class EnergyMeter:
     def available(self) -> bool:
         return self._handle is not None
 
+    def read_mj(self) -> float | None:
+        """The board's energy counter now (mJ since driver load), or None without NVML."""
+        if self._handle is None:
+            return None
+        return float(self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._handle))
+
     def per_call_mj(self, fn: Callable[[], Any], seconds_per_call: float, seconds: float) -> float | None:
         if self._handle is None:
             return None

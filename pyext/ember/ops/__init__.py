@@ -11,5 +11,6 @@ from .activation import gelu, relu, relu2, silu  # noqa: E402
 from .gated import geglu, swiglu  # noqa: E402
 from .int8 import dequantize_weight, int8_linear, int8_prepack, quantize_per_token, quantize_weight  # noqa: E402
 from .linear import gated_linear, linear  # noqa: E402
-__all__ = ["gelu", "silu", "relu", "relu2", "swiglu", "geglu", "linear", "gated_linear", "int8_linear", "int8_prepack",
+from .linear_cross_entropy import linear_cross_entropy  # noqa: E402
+__all__ = ["gelu", "silu", "relu", "relu2", "swiglu", "geglu", "linear", "gated_linear", "linear_cross_entropy", "int8_linear", "int8_prepack",
            "quantize_per_token", "quantize_weight", "dequantize_weight"]

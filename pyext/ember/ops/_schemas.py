@@ -47,6 +47,18 @@ _define("gated_linear_backward(Tensor grad_out, Tensor x, Tensor w_gate, Tensor 
         "Tensor? b_up, Tensor preact, str act, bool need_dx, bool need_dw, bool need_db, str backend) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 
+# ---- fused linear + cross-entropy (ops/linear_cross_entropy.py) ------------------------------------
+# (loss, dx, dw, db): the loss of cross_entropy(x @ weight^T + bias, target) (x 2-D; fp32, or fp64 for
+# fp64 x; (rows,) for reduction "none", else 0-d) and, when need_* (reduction mean / sum only), the
+# gradients of that loss, computed in the same pass; unneeded ones are empty. chunk_rows: 0 = auto.
+_define("linear_cross_entropy(Tensor x, Tensor weight, Tensor? bias, Tensor target, int ignore_index, str reduction, "
+        "float label_smoothing, bool need_dx, bool need_dw, bool need_db, int chunk_rows, str backend) "
+        "-> (Tensor, Tensor, Tensor, Tensor)")
+# reduction "none": the gradients for the per-row upstream gradient grad_loss, logits recomputed.
+_define("linear_cross_entropy_backward(Tensor grad_loss, Tensor x, Tensor weight, Tensor? bias, Tensor target, "
+        "int ignore_index, float label_smoothing, bool need_dx, bool need_dw, bool need_db, int chunk_rows, "
+        "str backend) -> (Tensor, Tensor, Tensor)")
+
 # ---- int8 inference -----------------------------------------------------------------------------
 _define("quantize_per_token(Tensor x, Tensor? smooth, str backend) -> (Tensor, Tensor)")
 _define("int8_linear(Tensor x, Tensor w, Tensor w_scale, Tensor? bias, Tensor? smooth, str act, str mode, "
@@ -133,6 +145,29 @@ def _(grad_out, x, w_gate, w_up, b_gate, b_up, preact, act, need_dx, need_dw, ne
     )
 
 
+@_fake("linear_cross_entropy")
+def _(x, weight, bias, target, ignore_index, reduction, label_smoothing, need_dx, need_dw, need_db, chunk_rows,
+      backend):
+    wide = torch.float64 if x.dtype == torch.float64 else torch.float32
+    loss = x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=wide)
+    return (
+        loss,
+        x.new_empty(x.shape) if need_dx else _empty(x),
+        x.new_empty(weight.shape) if need_dw else _empty(x),
+        x.new_empty((weight.shape[0],)) if need_db and bias is not None else _empty(x),
+    )
+
+
+@_fake("linear_cross_entropy_backward")
+def _(grad_loss, x, weight, bias, target, ignore_index, label_smoothing, need_dx, need_dw, need_db, chunk_rows,
+      backend):
+    return (
+        x.new_empty(x.shape) if need_dx else _empty(x),
+        x.new_empty(weight.shape) if need_dw else _empty(x),
+        x.new_empty((weight.shape[0],)) if need_db and bias is not None else _empty(x),
+    )
+
+
 @_fake("quantize_per_token")
 def _(x, smooth, backend):
     K = x.shape[-1]
@@ -172,7 +207,7 @@ def impl(name: str):
     return torch.library.impl(f"ember::{name}", ("cpu", "cuda"), lib=_lib)
 
 
-_DIFFERENTIABLE = ("linear_act", "gated_linear", "unary_act", "gated_act", "int8_linear")
+_DIFFERENTIABLE = ("linear_act", "gated_linear", "unary_act", "gated_act", "int8_linear", "linear_cross_entropy")
 
 
 def guard_without_extension() -> None:

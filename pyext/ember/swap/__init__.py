@@ -13,6 +13,7 @@ A swap is driven by a registry of ``SwapRule``s (pattern -> replacement). The pa
     activations.py  activation_kind, the kind -> ember module table, torch / transformers activations
     linear.py       Linear -> activation fusions (nn.Sequential, BERT intermediates, GPT-2 MLP)
     gated.py        gated MLPs (Llama, Mistral, Qwen, Gemma, ...) -> ember.nn.GatedMLP
+    causal_lm.py    transformers' causal LMs: the training loss through the fused linear + cross-entropy
 
 The rules build ember.nn modules; ember.nn never imports this package at import time.
 
@@ -28,7 +29,7 @@ What a swap keeps:
 ``ember.swap`` is the function: once ember is imported the name no longer refers to this package, so
 reach its modules with ``from ember.swap.<module> import ...``, not ``import ember.swap.<module>``.
 """
-from . import activations, gated, linear
+from . import activations, causal_lm, gated, linear
 from .activations import activation_kind
 from .apply import original_of, swap, unswap
 from .registry import SwapRule, register_rule, registered_rules, unregister_rule

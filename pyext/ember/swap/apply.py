@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 
 from torch import nn
 
+from . import causal_lm
 from .registry import SwapRule, select
 from .report import Replaced, Skipped, SwapReport
 
@@ -42,12 +43,16 @@ def swap(
     *,
     rules: Iterable[SwapRule | str] | None = None,
     filter: Callable[[str, nn.Module], bool] | None = None,  # noqa: A002  (the public name)
+    fused_loss: bool = True,
 ) -> SwapReport:
     """Replace ``model``'s submodules in place with ember's; return a ``SwapReport``.
 
     rules   which rules to apply (SwapRule objects or registered names); default: all registered
     filter  ``(qualified_name, module) -> bool``; a matching module is swapped only when it returns
             True (others are reported as skipped), e.g. ``lambda name, m: ".layers.0." not in name``
+    fused_loss  also give transformers' causal LMs (``*ForCausalLM``, GPT-2) the fused linear +
+            cross-entropy training loss (``swap/causal_lm.py``: the logits are never stored); the
+            model itself may be one, as it usually is
 
     Modules swapped earlier are skipped, so swapping twice changes nothing. ``model`` itself is never
     replaced (there is no parent to put the replacement in); swap its parent instead.
@@ -115,6 +120,8 @@ def swap(
             report.skipped.append(Skipped("", type(model), "the root module cannot be replaced in place; swap its parent"))
             return report
     walk(model, "")
+    if fused_loss:
+        causal_lm.patch(model, report, filter)
     return report
 
 
@@ -154,6 +161,7 @@ def unswap(model: nn.Module) -> SwapReport:
             report.replaced.append(Replaced(name, type(child), type(original), child.__dict__.get(_RULE, "")))
 
     walk(model, "")
+    causal_lm.unpatch(model, report)
     return report
 
 

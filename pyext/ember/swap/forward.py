@@ -55,6 +55,38 @@ def _matches(fn, templates: tuple[str, ...]) -> bool:
     return any(got == _canonical(ast.parse(textwrap.dedent(t).replace("{x}", x)).body) for t in templates)
 
 
+def body_matches(fn, *templates: str) -> bool:
+    """The body of ``fn`` (any signature; unwrapped through its decorators) is exactly one of
+    ``templates`` (bodies written as the function's own source, docstrings dropped). For methods whose
+    signature a caller checks separately, e.g. a ``*ForCausalLM.forward``."""
+    fn = inspect.unwrap(getattr(fn, "__func__", fn))
+    if not inspect.isfunction(fn):
+        return False
+    return _body_matches(fn, templates)
+
+
+@functools.lru_cache(maxsize=None)
+def _body_matches(fn, templates: tuple[str, ...]) -> bool:
+    try:
+        node = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0]
+    except (OSError, TypeError, SyntaxError, IndexError):
+        return False
+    if not isinstance(node, ast.FunctionDef):
+        return False
+    got = _canonical(node.body)
+    return any(got == _canonical(ast.parse(textwrap.dedent(t)).body) for t in templates)
+
+
+def decorator_sources(fn) -> frozenset[str] | None:
+    """The decorators written above ``fn``'s definition (as source text), or None without source."""
+    fn = inspect.unwrap(getattr(fn, "__func__", fn))
+    try:
+        node = ast.parse(textwrap.dedent(inspect.getsource(fn))).body[0]
+    except (OSError, TypeError, SyntaxError, IndexError):
+        return None
+    return frozenset(ast.unparse(d) for d in getattr(node, "decorator_list", ()))
+
+
 def _canonical(body: list[ast.stmt]) -> list[str]:
     """The body as comparable text: docstrings dropped, a trailing ``v = e; return v`` as ``return e``."""
     body = [s for s in body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
