@@ -28,3 +28,10 @@ def _int8(*, mode: str, group: int | None, in_features: int) -> str | None:
 
 supports("triton", "optim_step", "adamw8bit_step", summary="dense float16, bfloat16, float32 parameters")(
     dense_update_rule("the Triton optimizer kernels", _UPDATE_DTYPES, "contiguous, gap-free"))
+
+
+@supports("triton", "linear_cross_entropy", summary="float16, bfloat16, float32 (fp32 logits; no float64)")
+def _linear_cross_entropy(*, dtype: torch.dtype) -> str | None:
+    if dtype not in _TL_DOT_DTYPES:
+        return f"the Triton cross-entropy kernel takes float16, bfloat16 or float32 inputs (fp32 logits), got {dtype}"
+    return None

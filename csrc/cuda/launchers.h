@@ -32,6 +32,14 @@ cudaError_t gated_act_backward(const void* grad, const void* gate, const void* u
                                int64_t rows, int64_t cols, int64_t gate_row_stride, int64_t up_row_stride,
                                DType dtype, Act act, cudaStream_t stream);
 
+// Cross-entropy rows of the fused linear + cross-entropy (csrc/linear_cross_entropy.h), fp32 or fp64
+// logits (rows, cols) contiguous, as the CPU table's cross_entropy_rows (csrc/cpu/kernels.h): per-row
+// loss, and with write_grad the gradient in place times row_scale[r] (or scale when null). Targets
+// must be in [0, cols) or ignore_index (the glue checks).
+cudaError_t cross_entropy_rows(void* logits, int64_t rows, int64_t cols, const int64_t* target, int64_t ignore_index,
+                               double eps, bool write_grad, double scale, const void* row_scale, void* loss,
+                               DType dtype, cudaStream_t stream);
+
 }  // namespace ember::cuda
 
 namespace ember::cuda {

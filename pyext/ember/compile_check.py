@@ -420,6 +420,17 @@ def _c_optim8bit(dt):
                       torch.tensor(2.0), torch.tensor(0.0))
 
 
+def _c_cross_entropy(V):
+    import torch
+
+    from ember.kernels import linear_cross_entropy as kce
+
+    logits, target, loss = torch.randn(7, V), torch.randint(0, V, (7,)), torch.empty(7)
+    kce.cross_entropy_rows(logits, target, loss, -100, 0.0, False, 1.0, None)  # no grad (eval)
+    kce.cross_entropy_rows(logits, target, loss, -100, 0.1, True, 0.25, None)  # mean / sum: one scale
+    kce.cross_entropy_rows(logits, target, loss, -100, 0.0, True, 1.0, torch.rand(7))  # "none": per row
+
+
 def triton_cases(arch: int, quick: bool) -> list:
     """[(family, label, fn, args)]: the launcher calls for one arch, most expensive first."""
     P = functools.partial
@@ -463,6 +474,10 @@ def triton_cases(arch: int, quick: bool) -> list:
     for dt in floats:
         for K in ((4096,) if quick else (768, 4096)):
             cases.append(("int8", f"quantize {dt} K={K}", _c_quantize, (dt, K)))
+    # The fused linear + cross-entropy's row kernel (fp32 logits whatever the inputs): a vocabulary
+    # below one block and one of many blocks.
+    for V in ((32000,) if quick else (1000, 32000, 128256)):
+        cases.append(("linear_cross_entropy", f"cross-entropy rows V={V}", _c_cross_entropy, (V,)))
     # Elementwise.
     for dt in floats:
         for act in ACTS:

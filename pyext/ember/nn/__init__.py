@@ -3,5 +3,6 @@ from .activation import GELU, GeGLU, ReLU, ReLU2, SiLU, SwiGLU
 from .gated_mlp import GatedMLP
 from .int8_linear import Int8Linear
 from .linear import FusedConv1DMLP, FusedIntermediate, Linear
+from .linear_cross_entropy import LinearCrossEntropy
 
-__all__ = ["GELU", "SiLU", "ReLU", "ReLU2", "SwiGLU", "GeGLU", "GatedMLP", "Linear", "FusedIntermediate", "FusedConv1DMLP", "Int8Linear"]
+__all__ = ["GELU", "SiLU", "ReLU", "ReLU2", "SwiGLU", "GeGLU", "GatedMLP", "Linear", "FusedIntermediate", "FusedConv1DMLP", "Int8Linear", "LinearCrossEntropy"]
