@@ -504,10 +504,19 @@ struct LinearCrossEntropyFn : public torch::autograd::Function<LinearCrossEntrop
       at::NoGradGuard no_grad;
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       if (!ctx->saved_data["per_row"].toBool()) {
-        // the gradients of the loss itself, times the upstream gradient (a 0-d tensor)
-        if (need_dx) dx = at::mul(saved[0], g.to(saved[0].scalar_type()));
-        if (need_dw) dw = at::mul(saved[1], g.to(saved[1].scalar_type()));
-        if (need_db) db = at::mul(saved[2], g.to(saved[2].scalar_type()));
+        // The gradients of the loss itself, times the upstream gradient (a 0-d tensor). loss.backward()
+        // gives 1: then they are handed on as they are, not copied (a copy of dW, the weight's size,
+        // would double the op's peak memory). Reading g on the CPU is free; on a GPU it would stall the
+        // stream, so there they are always multiplied, and so they are under tracing (torch.compile's
+        // fake and functional tensors, vmap), where g has no value to read.
+        const c10::DispatchKeySet traced({c10::DispatchKey::Python, c10::DispatchKey::Functionalize,
+                                          c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::FuncTorchGradWrapper});
+        const bool one = g.device().is_cpu() && g.layout() == at::kStrided && !g.key_set().has_any(traced) &&
+                         g.numel() == 1 && g.item<double>() == 1.0;
+        auto times_g = [&](const Tensor& t) { return one ? t : at::mul(t, g.to(t.scalar_type())); };
+        if (need_dx) dx = times_g(saved[0]);
+        if (need_dw) dw = times_g(saved[1]);
+        if (need_db) db = times_g(saved[2]);
       } else {
         const Tensor &x = saved[0], &weight = saved[1], &target = saved[3];
         const OptTensor bias = saved[2].defined() ? OptTensor(saved[2]) : std::nullopt;

@@ -29,7 +29,7 @@ namespace ember {
 using CrossEntropyEpilogue = std::function<void(at::Tensor& logits, const at::Tensor& target, at::Tensor& loss,
                                                 bool write_grad, double scale, const at::Tensor& row_scale)>;
 
-constexpr int64_t kChunkBytes = 32 << 20;  // one chunk of logits: 1/4 of 1024 tokens x 32k vocab in fp32
+constexpr int64_t kChunkBytes = 16 << 20;  // one chunk of logits: 128 tokens of a 32k vocabulary in fp32
 
 inline int64_t lce_chunk_rows(int64_t rows, int64_t vocab, int64_t elem_size, int64_t requested) {
   if (requested > 0) return std::min(requested, std::max<int64_t>(rows, 1));

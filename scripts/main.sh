@@ -10,5 +10,5 @@ python3 -m ember bench "$@"
 # the decoder served end to end (opt-in in the CLI: minutes, not seconds); its own model size per device
 python3 -m ember bench --suites decoder
 # a Llama-style decoder trained end to end per provider (issue #13): step time, memory, loss curves
-python3 -m ember bench --suites train
+python3 -m ember bench --suites linear_cross_entropy train
 python3 -m ember demo

@@ -184,6 +184,26 @@ def test_no_grad_computes_the_loss_only_and_keeps_nothing():
     torch.testing.assert_close(loss, reference(x, w, t, b))
 
 
+@pytest.mark.parametrize("scale", [1.0, 2.5])
+def test_upstream_gradient_scales_and_retained_graphs_stay_correct(scale):
+    # an upstream gradient of 1 hands the saved gradients on uncopied: a second backward through a
+    # retained graph, and gradients accumulated over both, must still be exact
+    x, w, b, t = _data(20, 8, 50, torch.float32, "cpu")
+    runs = []
+    for fn in (reference, ember.ops.linear_cross_entropy):
+        leaves = [a.detach().requires_grad_(True) for a in (x, w, b)]
+        loss = fn(leaves[0], leaves[1], t, leaves[2]) * scale
+        loss.backward(retain_graph=True)
+        first = [a.grad.clone() for a in leaves]
+        loss.backward()
+        runs.append((first, [a.grad for a in leaves]))
+    (ref_first, ref_both), (first, both) = runs
+    for got, want in zip(first + both, ref_first + ref_both):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for one, two in zip(first, both):
+        torch.testing.assert_close(two, 2 * one, rtol=1e-5, atol=1e-6)
+
+
 def test_weight_tied_with_an_embedding_accumulates_both_gradients():
     emb = torch.nn.Embedding(40, 8)
     ids = torch.randint(0, 40, (3, 6))

@@ -409,13 +409,18 @@ def _tiny(kind: str):
     raise ValueError(kind)
 
 
-HF_MODELS = {
+HF_MODELS = {  # causal LMs also get the fused linear + cross-entropy training loss (swap/causal_lm.py)
     "bert": {("transformers.GELUActivation", "ember.nn.GELU"): 2},
-    "gpt2": {("transformers.NewGELUActivation", "ember.nn.GELU"): 2},
-    "llama": {("transformers.LlamaMLP", "ember.nn.GatedMLP"): 2},
-    "mistral": {("transformers.MistralMLP", "ember.nn.GatedMLP"): 2},
-    "qwen2": {("transformers.Qwen2MLP", "ember.nn.GatedMLP"): 2},
-    "gemma": {("transformers.GemmaMLP", "ember.nn.GatedMLP"): 2},
+    "gpt2": {("transformers.NewGELUActivation", "ember.nn.GELU"): 2,
+             ("transformers.GPT2LMHeadModel", "transformers.GPT2LMHeadModel"): 1},
+    "llama": {("transformers.LlamaMLP", "ember.nn.GatedMLP"): 2,
+              ("transformers.LlamaForCausalLM", "transformers.LlamaForCausalLM"): 1},
+    "mistral": {("transformers.MistralMLP", "ember.nn.GatedMLP"): 2,
+                ("transformers.MistralForCausalLM", "transformers.MistralForCausalLM"): 1},
+    "qwen2": {("transformers.Qwen2MLP", "ember.nn.GatedMLP"): 2,
+              ("transformers.Qwen2ForCausalLM", "transformers.Qwen2ForCausalLM"): 1},
+    "gemma": {("transformers.GemmaMLP", "ember.nn.GatedMLP"): 2,
+              ("transformers.GemmaForCausalLM", "transformers.GemmaForCausalLM"): 1},
 }
 
 

@@ -34,14 +34,16 @@ SUITES: dict[str, str] = {
     "decoder": "decoder",
     "cnn": "cnn",
     "train": "train",
+    "linear_cross_entropy": "linear_cross_entropy",
 }
 # Suites run only when named with --suites: the matmul suite's GPU shapes compile torch.compile
 # (max-autotune) per shape and take tens of minutes; its own entry point is python -m ember.bench.matmul.
 # int8_accuracy loads transformers and a real checkpoint (~30 s on CPU, not a timing). decoder serves a
 # ~200M-param Llama through generate for 7 providers (a few minutes on 2 cores, torch.compile's compiles
 # included); train trains a ~46M-param Llama 20 steps per provider (minutes on 2 cores). scripts/main.sh
-# runs both after the default suites.
-OPT_IN = {"matmul", "int8_accuracy", "decoder", "train"}
+# runs both after the default suites. linear_cross_entropy times LM-head shapes (seconds per call on
+# CPU) with separate memory runs.
+OPT_IN = {"matmul", "int8_accuracy", "decoder", "train", "linear_cross_entropy"}
 
 
 def suite_module(name: str):

@@ -4,7 +4,7 @@
 The LM head of a language model multiplies every token's hidden state by a (vocab, hidden) weight and
 feeds the logits to cross-entropy. Those logits are the largest tensor of training: tokens x vocab in
 fp32 (8k tokens x 128k vocab = 4 GB), written by the GEMM, read by log-softmax, saved for backward and
-matched by a gradient of the same size. This op processes the tokens in chunks of about 32 MB of
+matched by a gradient of the same size. This op processes the tokens in chunks of about 16 MB of
 logits: each chunk's GEMM, then one pass per row computing the log-sum-exp, the loss and (when a
 gradient is needed) the logits' gradient in place, then that chunk's share of dX, dW and db. So the
 extra memory is one chunk, not four tokens x vocab tensors.
@@ -44,7 +44,7 @@ from ._common import check_float, plain_reference
 from ._schemas import impl
 
 REDUCTIONS = ("mean", "sum", "none")
-CHUNK_BYTES = 32 << 20  # csrc/linear_cross_entropy.h's kChunkBytes
+CHUNK_BYTES = 16 << 20  # csrc/linear_cross_entropy.h's kChunkBytes
 
 
 def chunk_rows(rows: int, vocab: int, elem_size: int, requested: int) -> int:
@@ -253,7 +253,7 @@ def linear_cross_entropy(
 
     x (..., hidden); weight (vocab, hidden) as ``nn.Linear.weight``; target (...) class indices
     (int64); the loss is 0-d for "mean" / "sum" and has target's shape for "none", in fp32 (fp64 for
-    fp64 inputs). chunk_size: token rows per chunk (default: about 32 MB of fp32 logits).
+    fp64 inputs). chunk_size: token rows per chunk (default: about 16 MB of fp32 logits).
     """
     _check(x, weight, target, bias, ignore_index, reduction, label_smoothing, chunk_size)
     name = _backend.for_call(backend, x.device, "linear_cross_entropy", dtype=x.dtype)
