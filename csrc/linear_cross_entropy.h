@@ -29,11 +29,19 @@ namespace ember {
 using CrossEntropyEpilogue = std::function<void(at::Tensor& logits, const at::Tensor& target, at::Tensor& loss,
                                                 bool write_grad, double scale, const at::Tensor& row_scale)>;
 
-constexpr int64_t kChunkBytes = 16 << 20;  // one chunk of logits: 128 tokens of a 32k vocabulary in fp32
+// Token rows per chunk. Each chunk streams the weight twice (the logits and dX GEMMs) and dW twice (its
+// accumulation), so the GEMMs' work per byte moved grows with the rows: up to 256 of them, measured
+// ~10% faster than 128 at hidden 1024 on a 2-core Xeon. The chunk of logits is capped at the larger of
+// 16 MB and 0.4x the weight's size (dW, which training needs anyway, is one weight), so the op's extra
+// memory stays within ~1.5 weights.
+constexpr int64_t kChunkMinBytes = 16 << 20;
+constexpr int64_t kChunkMaxRows = 256;
 
-inline int64_t lce_chunk_rows(int64_t rows, int64_t vocab, int64_t elem_size, int64_t requested) {
+inline int64_t lce_chunk_rows(int64_t rows, int64_t hidden, int64_t vocab, int64_t elem_size, int64_t requested) {
   if (requested > 0) return std::min(requested, std::max<int64_t>(rows, 1));
-  int64_t c = std::max<int64_t>(1, kChunkBytes / std::max<int64_t>(1, vocab * elem_size));
+  const int64_t row_bytes = std::max<int64_t>(1, vocab * elem_size);
+  const int64_t cap = std::max<int64_t>(kChunkMinBytes, vocab * hidden * elem_size * 2 / 5);
+  int64_t c = std::max<int64_t>(1, std::min<int64_t>(kChunkMaxRows, cap / row_bytes));
   if (c >= 16) c -= c % 16;  // whole GEMM blocks
   return std::min(c, std::max<int64_t>(rows, 1));
 }
@@ -61,7 +69,7 @@ inline LceGrads lce_chunked(const at::Tensor& x, const at::Tensor& weight, const
   if (need_dw) dw_acc = at::zeros({vocab, hidden}, x.options().dtype(wide));
   if (need_db) db_acc = at::zeros({vocab}, x.options().dtype(wide));
   if (rows > 0 && vocab > 0) {
-    const int64_t c = lce_chunk_rows(rows, vocab, at::elementSize(wide), chunk_rows);
+    const int64_t c = lce_chunk_rows(rows, hidden, vocab, at::elementSize(wide), chunk_rows);
     at::Tensor buf = at::empty({c, vocab}, x.options().dtype(wide));
     const at::Tensor wt = weight.t();
     for (int64_t r0 = 0; r0 < rows; r0 += c) {

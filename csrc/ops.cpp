@@ -206,7 +206,7 @@ TORCH_LIBRARY(ember_C, m) {
         "bool need_dx, bool need_dw, bool need_db) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Fused linear + cross-entropy (csrc/linear_cross_entropy.h): the loss of
   // cross_entropy(x @ weight^T + bias, target) without the logits; with need_* (reduction mean / sum)
-  // also the gradients of that loss. chunk_rows: token rows per chunk, 0 for ~16 MB of logits.
+  // also the gradients of that loss. chunk_rows: token rows per chunk, 0 for lce_chunk_rows' choice.
   m.def("linear_cross_entropy(Tensor x, Tensor weight, Tensor? bias, Tensor target, int ignore_index, str reduction, "
         "float label_smoothing, bool need_dx, bool need_dw, bool need_db, int chunk_rows) "
         "-> (Tensor, Tensor, Tensor, Tensor)");

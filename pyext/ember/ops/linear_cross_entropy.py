@@ -4,10 +4,11 @@
 The LM head of a language model multiplies every token's hidden state by a (vocab, hidden) weight and
 feeds the logits to cross-entropy. Those logits are the largest tensor of training: tokens x vocab in
 fp32 (8k tokens x 128k vocab = 4 GB), written by the GEMM, read by log-softmax, saved for backward and
-matched by a gradient of the same size. This op processes the tokens in chunks of about 16 MB of
-logits: each chunk's GEMM, then one pass per row computing the log-sum-exp, the loss and (when a
-gradient is needed) the logits' gradient in place, then that chunk's share of dX, dW and db. So the
-extra memory is one chunk, not four tokens x vocab tensors.
+matched by a gradient of the same size. This op processes the tokens in chunks of up to 256 rows
+of logits (at most 16 MB or 0.4x the weight's size, whichever is larger): each chunk's GEMM, then one
+pass per row computing the log-sum-exp, the loss and (when a gradient is needed) the logits' gradient
+in place, then that chunk's share of dX, dW and db. So the extra memory is one chunk, not four
+tokens x vocab tensors.
 
 Where the gradient is computed: with reduction "mean" or "sum" the loss is a scalar, so its upstream
 gradient is one number; the forward computes dX, dW, db of the loss itself while each chunk's
@@ -44,14 +45,16 @@ from ._common import check_float, plain_reference
 from ._schemas import impl
 
 REDUCTIONS = ("mean", "sum", "none")
-CHUNK_BYTES = 16 << 20  # csrc/linear_cross_entropy.h's kChunkBytes
+CHUNK_MIN_BYTES, CHUNK_MAX_ROWS = 16 << 20, 256  # csrc/linear_cross_entropy.h's kChunkMinBytes, kChunkMaxRows
 
 
-def chunk_rows(rows: int, vocab: int, elem_size: int, requested: int) -> int:
-    """Token rows per chunk: ``requested`` when > 0, else ~CHUNK_BYTES of logits (as the C++ loop)."""
+def chunk_rows(rows: int, hidden: int, vocab: int, elem_size: int, requested: int) -> int:
+    """Token rows per chunk: ``requested`` when > 0, else as the C++ loop (csrc/linear_cross_entropy.h):
+    up to CHUNK_MAX_ROWS, the logits capped at the larger of CHUNK_MIN_BYTES and 0.4x the weight."""
     if requested > 0:
         return min(requested, max(rows, 1))
-    c = max(1, CHUNK_BYTES // max(1, vocab * elem_size))
+    cap = max(CHUNK_MIN_BYTES, vocab * hidden * elem_size * 2 // 5)
+    c = max(1, min(CHUNK_MAX_ROWS, cap // max(1, vocab * elem_size)))
     if c >= 16:
         c -= c % 16
     return min(c, max(rows, 1))
@@ -95,7 +98,7 @@ def chunked(x, weight, bias, target, need_dx, need_dw, need_db, scale, row_scale
     dx = x.new_zeros(x.shape) if need_dx else None
     dw = x.new_zeros(weight.shape, dtype=wide) if need_dw else None
     db = x.new_zeros(vocab, dtype=wide) if need_db else None
-    c = chunk_rows(rows, vocab, torch.finfo(wide).bits // 8, rows_per_chunk)
+    c = chunk_rows(rows, x.shape[1], vocab, torch.finfo(wide).bits // 8, rows_per_chunk)
     for r0 in range(0, rows, c):
         xc = x[r0:r0 + c]
         logits = F.linear(xc, weight, bias).to(wide)
@@ -253,7 +256,8 @@ def linear_cross_entropy(
 
     x (..., hidden); weight (vocab, hidden) as ``nn.Linear.weight``; target (...) class indices
     (int64); the loss is 0-d for "mean" / "sum" and has target's shape for "none", in fp32 (fp64 for
-    fp64 inputs). chunk_size: token rows per chunk (default: about 16 MB of fp32 logits).
+    fp64 inputs). chunk_size: token rows per chunk (default: up to 256, at most the larger of 16 MB and
+    0.4x the weight's size of fp32 logits).
     """
     _check(x, weight, target, bias, ignore_index, reduction, label_smoothing, chunk_size)
     name = _backend.for_call(backend, x.device, "linear_cross_entropy", dtype=x.dtype)
