@@ -88,7 +88,7 @@ def test_only_report_suites_have_a_report():
 
     # the CLI tells a report suite by its report(); a timed suite must not carry that name
     assert [s for s in SUITES if hasattr(suite_module(s), "report")] == [
-        "int8_accuracy", "decoder", "cnn", "train", "linear_cross_entropy"]
+        "int8_accuracy", "decoder", "cnn", "train", "linear_cross_entropy", "swap"]
 
 
 def test_time_fn_budget():

@@ -35,6 +35,7 @@ SUITES: dict[str, str] = {
     "cnn": "cnn",
     "train": "train",
     "linear_cross_entropy": "linear_cross_entropy",
+    "swap": "swap",
 }
 # Suites run only when named with --suites: the matmul suite's GPU shapes compile torch.compile
 # (max-autotune) per shape and take tens of minutes; its own entry point is python -m ember.bench.matmul.
@@ -42,8 +43,9 @@ SUITES: dict[str, str] = {
 # ~200M-param Llama through generate for 7 providers (a few minutes on 2 cores, torch.compile's compiles
 # included); train trains a ~46M-param Llama 20 steps per provider (minutes on 2 cores). scripts/main.sh
 # runs both after the default suites. linear_cross_entropy times LM-head shapes (seconds per call on
-# CPU) with separate memory runs.
-OPT_IN = {"matmul", "int8_accuracy", "decoder", "train", "linear_cross_entropy"}
+# CPU) with separate memory runs. swap builds ~20 transformers architectures and times each whole model
+# (a few minutes).
+OPT_IN = {"matmul", "int8_accuracy", "decoder", "train", "linear_cross_entropy", "swap"}
 
 
 def suite_module(name: str):

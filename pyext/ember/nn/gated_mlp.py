@@ -115,3 +115,28 @@ def _check_activation(activation: str) -> str:
     if activation not in ACTIVATIONS:
         raise ValueError(f"ember.nn.GatedMLP: activation must be one of {ACTIVATIONS}, got {activation!r}")
     return activation
+
+
+class PackedGatedMLP(nn.Module):
+    """``down_proj(act(gate) * up)`` with ``[gate | up] = gate_up_proj(x)``: Phi-3's MLP, whose one
+    Linear holds the gate projection's rows and then the up projection's. It runs as one
+    ``ember.ops.gated_linear`` over the two halves of that weight, read as views (no copy), so the
+    (tokens, 2 x intermediate) product and the activation's output are never stored apart."""
+
+    def __init__(self, gate_up_proj: nn.Linear, down_proj: nn.Module, activation: str = "silu") -> None:
+        super().__init__()
+        if not isinstance(gate_up_proj, nn.Linear) or gate_up_proj.out_features % 2:
+            raise ValueError("ember.nn.PackedGatedMLP: gate_up_proj must be an nn.Linear with an even out_features")
+        self.activation = _check_activation(activation)
+        self.gate_up_proj = gate_up_proj
+        self.down_proj = down_proj
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.gate_up_proj.weight, self.gate_up_proj.bias
+        i = w.shape[0] // 2
+        h = ops.gated_linear(x, w[:i], w[i:], None if b is None else b[:i], None if b is None else b[i:],
+                             activation=self.activation)
+        return self.down_proj(h)

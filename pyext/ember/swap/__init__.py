@@ -12,7 +12,10 @@ A swap is driven by a registry of ``SwapRule``s (pattern -> replacement). The pa
     forward.py      the one source matcher every rule uses to check a class's forward
     activations.py  activation_kind, the kind -> ember module table, torch / transformers activations
     linear.py       Linear -> activation fusions (nn.Sequential, BERT intermediates, GPT-2 MLP)
-    gated.py        gated MLPs (Llama, Mistral, Qwen, Gemma, ...) -> ember.nn.GatedMLP
+    gated.py        gated MLPs (Llama, Mistral, Qwen, Gemma, ...) -> ember.nn.GatedMLP; Phi-3's packed
+                    gate_up_proj and T5's gated feed-forward -> one gated GEMM
+    mlp.py          up-projection -> activation pairs inside transformers' MLPs and layers (GPT-NeoX,
+                    OPT, Falcon, GPT-J, Bloom, CLIP, ViT, DistilBERT, Whisper, T5) -> one fused Linear
     causal_lm.py    transformers' causal LMs: the training loss through the fused linear + cross-entropy
 
 The rules build ember.nn modules; ember.nn never imports this package at import time.
@@ -29,7 +32,7 @@ What a swap keeps:
 ``ember.swap`` is the function: once ember is imported the name no longer refers to this package, so
 reach its modules with ``from ember.swap.<module> import ...``, not ``import ember.swap.<module>``.
 """
-from . import activations, causal_lm, gated, linear
+from . import activations, causal_lm, gated, linear, mlp
 from .activations import activation_kind
 from .apply import original_of, swap, unswap
 from .registry import SwapRule, register_rule, registered_rules, unregister_rule
@@ -39,8 +42,10 @@ from .report import Replaced, Skipped, SwapReport, class_name
 # the activations on their own (the first rule that matches a module wins).
 for _rule in (
     gated.GATED_MLP_RULE,
+    gated.PACKED_GATED_RULE,
     linear.LINEAR_ACT_SEQUENTIAL_RULE,
     linear.HF_LINEAR_ACT_RULE,
+    mlp.HF_UP_ACT_RULE,
     activations.TORCH_ACTIVATIONS,
     activations.HF_ACTIVATIONS,
 ):

@@ -19,7 +19,7 @@ from typing import Callable
 from torch import nn
 
 from ..nn.activation import GELU, ReLU, ReLU2, SiLU
-from .forward import forward_matches, method_matches
+from .forward import body_matches, forward_matches, method_matches
 from .registry import SwapRule
 
 # activation kind -> a new ember module computing it: the one table the activation rules build from.
@@ -117,6 +117,39 @@ _HF_UNSUPPORTED = {
 }
 
 
+# Bloom's own GELU (transformers.models.bloom): a custom autograd Function over the tanh formula with
+# 0.79788456 for sqrt(2/pi) (the same float32, bfloat16 and float16 value) and the formula's exact
+# derivative in backward, so it is gelu_tanh forward and backward. Checked down to both functions.
+_BLOOM_MODULE = "transformers.models.bloom.modeling_bloom"
+_BLOOM_SOURCES = {
+    "bloom_gelu_forward": "return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))",
+    "bloom_gelu_back": """
+x = x[0]
+tanh_out = torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x))
+ff = 0.5 * x * ((1 - tanh_out * tanh_out) * (0.79788456 + 0.1070322243 * x * x)) + 0.5 * (1 + tanh_out)
+return ff * g
+""",
+}
+_BLOOM_FUNCTION = {
+    "forward": "ctx.save_for_backward(input)\nreturn bloom_gelu_forward(input)",
+    "backward": "input = ctx.saved_tensors\ntmp = bloom_gelu_back(grad_output, input)\nreturn tmp",
+}
+
+
+def _bloom_gelu_kind(cls: type) -> str | None:
+    import sys
+
+    mod = sys.modules.get(_BLOOM_MODULE)
+    fn = getattr(mod, "GeLUFunction", None)
+    if mod is None or fn is None or not forward_matches(cls, "return GeLUFunction.apply({x})"):
+        return None
+    if not all(body_matches(getattr(mod, name, None), src) for name, src in _BLOOM_SOURCES.items()):
+        return None
+    if not all(body_matches(fn.__dict__.get(name), src) for name, src in _BLOOM_FUNCTION.items()):
+        return None
+    return "gelu_tanh"
+
+
 def activation_kind(module: nn.Module) -> str | None:
     """The ember activation kind ("relu", "silu", "gelu", "gelu_tanh", ...) ``module`` computes
     exactly, else None.
@@ -127,6 +160,8 @@ def activation_kind(module: nn.Module) -> str | None:
     cls = type(module)
     if cls in _TORCH_ACTS:
         return _TORCH_ACTS[cls](module)
+    if cls.__name__ == "BloomGelu" and cls.__module__ == _BLOOM_MODULE:
+        return _bloom_gelu_kind(cls)
     known = _HF_ACTS.get(cls.__name__) if cls.__module__ == _HF_MODULE else None
     if known is None or not forward_matches(cls, known.forward):
         return None

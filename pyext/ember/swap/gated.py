@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..nn.gated_mlp import ACTIVATIONS, GatedMLP
+from ..nn.gated_mlp import ACTIVATIONS, GatedMLP, PackedGatedMLP
 from .activations import activation_kind
 from .apply import blocker
 from .forward import forward_matches
@@ -59,4 +59,108 @@ GATED_MLP_RULE = SwapRule(
     match=lambda m: _listed(m) and _problem(m) is None,
     replace=_replace,
     why_not=lambda m: _problem(m) if _listed(m) else None,
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Phi-3's packed gate_up_proj, and T5's gated feed-forward (wi_0 / wi_1).
+# ---------------------------------------------------------------------------------------------
+PACKED_GATED_CLASSES = {"Phi3MLP", "Phi4MultimodalMLP"}
+_PACKED = """
+up_states = self.gate_up_proj({x})
+gate, up_states = up_states.chunk(2, dim=-1)
+up_states = up_states * self.activation_fn(gate)
+return self.down_proj(up_states)
+"""
+T5_GATED_CLASSES = {"T5DenseGatedActDense", "MT5DenseGatedActDense", "UMT5DenseGatedActDense"}
+_T5_GATED = """
+hidden_gelu = self.act(self.wi_0({x}))
+hidden_linear = self.wi_1({x})
+{x} = hidden_gelu * hidden_linear
+{x} = self.dropout({x})
+if isinstance(self.wo.weight, torch.Tensor) and {x}.dtype != self.wo.weight.dtype and self.wo.weight.dtype != torch.int8:
+    {x} = {x}.to(self.wo.weight.dtype)
+{x} = self.wo({x})
+return {x}
+"""
+
+
+class T5GatedDense(nn.Module):
+    """T5's gated feed-forward, ``wo(dropout(act(wi_0(x)) * wi_1(x)))`` with T5's cast to wo's dtype,
+    with wi_0 and wi_1 as one gated GEMM. Holds the original wi_0, wi_1, wo and dropout objects."""
+
+    def __init__(self, block: nn.Module, activation: str) -> None:
+        super().__init__()
+        self.activation = activation
+        for name in ("wi_0", "wi_1", "wo", "dropout", "act"):
+            setattr(self, name, getattr(block, name))
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
+
+    def forward(self, x):
+        import torch
+
+        from .. import ops
+
+        h = ops.gated_linear(x, self.wi_0.weight, self.wi_1.weight, self.wi_0.bias, self.wi_1.bias,
+                             activation=self.activation)
+        h = self.dropout(h)
+        if isinstance(self.wo.weight, torch.Tensor) and h.dtype != self.wo.weight.dtype and self.wo.weight.dtype != torch.int8:
+            h = h.to(self.wo.weight.dtype)
+        return self.wo(h)
+
+
+def _plain_linear(m) -> bool:
+    return type(m) is nn.Linear and blocker(m) is None
+
+
+def _packed_problem(m: nn.Module) -> str | None:
+    if set(m._modules) != {"gate_up_proj", "down_proj", "activation_fn"} or m._parameters or m._buffers:
+        return "children are not exactly gate_up_proj, down_proj, activation_fn"
+    if not _plain_linear(m.gate_up_proj) or m.gate_up_proj.out_features % 2:
+        return "gate_up_proj is not a plain nn.Linear with an even out_features"
+    if activation_kind(m.activation_fn) not in ACTIVATIONS or blocker(m.activation_fn) is not None:
+        return f"activation_fn {type(m.activation_fn).__name__} is not one of {', '.join(ACTIVATIONS)}"
+    if not forward_matches(type(m), _PACKED):
+        return "its forward is not exactly down_proj(up * act(gate)) over gate_up_proj(x).chunk(2)"
+    return None
+
+
+def _t5_problem(m: nn.Module) -> str | None:
+    if set(m._modules) != {"wi_0", "wi_1", "wo", "dropout", "act"} or m._parameters or m._buffers:
+        return "children are not exactly wi_0, wi_1, wo, dropout, act"
+    if not (_plain_linear(m.wi_0) and _plain_linear(m.wi_1)) or (m.wi_0.bias is None) != (m.wi_1.bias is None):
+        return "wi_0 and wi_1 are not plain nn.Linear layers alike in bias"
+    if activation_kind(m.act) not in ACTIVATIONS or blocker(m.act) is not None:
+        return f"act {type(m.act).__name__} is not one of {', '.join(ACTIVATIONS)}"
+    if not forward_matches(type(m), _T5_GATED):
+        return "its forward is not exactly wo(dropout(act(wi_0(x)) * wi_1(x)))"
+    return None
+
+
+def _listed_in(m: nn.Module, names) -> bool:
+    cls = type(m)
+    return cls.__name__ in names and cls.__module__.startswith("transformers.")
+
+
+def _packed_or_t5_problem(m: nn.Module) -> str | None:
+    return _packed_problem(m) if _listed_in(m, PACKED_GATED_CLASSES) else _t5_problem(m)
+
+
+def _packed_or_t5_replace(m: nn.Module) -> nn.Module:
+    if _listed_in(m, PACKED_GATED_CLASSES):
+        return PackedGatedMLP(m.gate_up_proj, m.down_proj, activation_kind(m.activation_fn))
+    return T5GatedDense(m, activation_kind(m.act))
+
+
+def _packed_or_t5(m: nn.Module) -> bool:
+    return _listed_in(m, PACKED_GATED_CLASSES | T5_GATED_CLASSES)
+
+
+PACKED_GATED_RULE = SwapRule(
+    "hf-packed-gated",
+    match=lambda m: _packed_or_t5(m) and _packed_or_t5_problem(m) is None,
+    replace=_packed_or_t5_replace,
+    why_not=lambda m: _packed_or_t5_problem(m) if _packed_or_t5(m) else None,
 )

@@ -1,0 +1,347 @@
+"""What ``ember.swap`` fuses in each popular transformers architecture, and what that is worth on this
+machine (issue #14): the coverage table of the README.
+
+    python -m ember bench --suites swap [--quick]
+    python -m ember.bench.swap [--device cpu] [--archs gpt-neox opt ...] [--out bench/results]
+
+Each architecture is built from its transformers config class with seeded random weights (two layers,
+hidden 256 / intermediate 1024 on CPU; ``--quick`` and the tests use a tiny width), then:
+
+  1. swapped: a deep copy goes through ``ember.swap``; the report gives what was fused;
+  2. checked: the swapped copy's output and its parameters' gradients (of a loss with varied
+     weights) match the original's (fp32, within 1e-5 relative), else the row is an error;
+  3. timed: forward (inference, no grad) and forward + backward, the original and the swapped copy in
+     interleaved rounds, each keeping its best round.
+
+Target (issue #14): swapped >= 1.0x eager on every row, forward and forward + backward.
+``ARCHITECTURES`` is also what tests/test_swap_architectures.py checks, at the tiny width.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from . import report as _report
+from .harness import time_fn
+
+SUITE = "swap"
+TARGET = 1.0
+RTOL, ATOL = 1e-5, 1e-5
+
+
+@dataclass(frozen=True)
+class Width:
+    hidden: int
+    intermediate: int
+    heads: int
+    batch: int
+    seq: int
+    vocab: int = 512
+    layers: int = 2
+
+
+WIDTHS = {"tiny": Width(hidden=32, intermediate=64, heads=4, batch=2, seq=11, vocab=64),
+          "quick": Width(hidden=128, intermediate=512, heads=4, batch=2, seq=64),
+          "full": Width(hidden=256, intermediate=1024, heads=4, batch=4, seq=128)}
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str
+    build: Callable[[Width], nn.Module]  # a model in eval mode (no dropout), seeded weights
+    inputs: Callable[[Width, torch.Generator], dict]
+
+
+def _ids(w: Width, g: torch.Generator) -> dict:
+    return {"input_ids": torch.randint(0, w.vocab, (w.batch, w.seq), generator=g)}
+
+
+def _seq2seq_ids(w: Width, g: torch.Generator) -> dict:
+    return {**_ids(w, g), "decoder_input_ids": torch.randint(0, w.vocab, (w.batch, w.seq), generator=g)}
+
+
+def _pixels(w: Width, g: torch.Generator) -> dict:
+    return {"pixel_values": torch.randn(w.batch, 3, 32, 32, generator=g)}
+
+
+def _audio(w: Width, g: torch.Generator) -> dict:
+    return {"input_features": torch.randn(w.batch, 16, 64, generator=g),
+            "decoder_input_ids": torch.randint(0, w.vocab, (w.batch, w.seq), generator=g)}
+
+
+def _tf():
+    import transformers
+
+    return transformers
+
+
+def _common(w: Width) -> dict:
+    return dict(hidden_size=w.hidden, intermediate_size=w.intermediate, num_hidden_layers=w.layers,
+                num_attention_heads=w.heads, vocab_size=w.vocab, max_position_embeddings=max(64, w.seq))
+
+
+def _t5(w: Width, proj: str):
+    tf = _tf()
+    return tf.T5Model(tf.T5Config(d_model=w.hidden, d_ff=w.intermediate, num_layers=w.layers, num_heads=w.heads,
+                                  d_kv=w.hidden // w.heads, vocab_size=w.vocab, feed_forward_proj=proj,
+                                  decoder_start_token_id=0, pad_token_id=0))
+
+
+ARCHITECTURES: list[Arch] = [
+    Arch("bert", lambda w: _tf().BertModel(_tf().BertConfig(**_common(w))), _ids),
+    Arch("distilbert", lambda w: _tf().DistilBertModel(_tf().DistilBertConfig(
+        dim=w.hidden, hidden_dim=w.intermediate, n_layers=w.layers, n_heads=w.heads, vocab_size=w.vocab)), _ids),
+    Arch("gpt2", lambda w: _tf().GPT2LMHeadModel(_tf().GPT2Config(
+        n_embd=w.hidden, n_inner=w.intermediate, n_layer=w.layers, n_head=w.heads, vocab_size=w.vocab,
+        n_positions=max(64, w.seq), bos_token_id=0, eos_token_id=0)), _ids),
+    Arch("gpt-neox", lambda w: _tf().GPTNeoXForCausalLM(_tf().GPTNeoXConfig(**_common(w), bos_token_id=0,
+                                                                            eos_token_id=0)), _ids),
+    Arch("gpt-j", lambda w: _tf().GPTJForCausalLM(_tf().GPTJConfig(
+        n_embd=w.hidden, n_inner=w.intermediate, n_layer=w.layers, n_head=w.heads, vocab_size=w.vocab,
+        n_positions=max(64, w.seq), rotary_dim=8, bos_token_id=0, eos_token_id=0)), _ids),
+    Arch("opt", lambda w: _tf().OPTForCausalLM(_tf().OPTConfig(
+        hidden_size=w.hidden, ffn_dim=w.intermediate, num_hidden_layers=w.layers, num_attention_heads=w.heads,
+        vocab_size=w.vocab, word_embed_proj_dim=w.hidden, max_position_embeddings=max(64, w.seq),
+        pad_token_id=0, bos_token_id=0, eos_token_id=0)), _ids),
+    Arch("falcon", lambda w: _tf().FalconForCausalLM(_tf().FalconConfig(
+        hidden_size=w.hidden, ffn_hidden_size=w.intermediate, num_hidden_layers=w.layers,
+        num_attention_heads=w.heads, vocab_size=w.vocab, bos_token_id=0, eos_token_id=0)), _ids),
+    Arch("bloom", lambda w: _tf().BloomForCausalLM(_tf().BloomConfig(
+        hidden_size=w.hidden, n_layer=w.layers, n_head=w.heads, vocab_size=w.vocab, bos_token_id=0,
+        eos_token_id=0, pad_token_id=0)), _ids),
+    Arch("llama", lambda w: _tf().LlamaForCausalLM(_tf().LlamaConfig(**_common(w), num_key_value_heads=2)), _ids),
+    Arch("mistral", lambda w: _tf().MistralForCausalLM(_tf().MistralConfig(**_common(w), num_key_value_heads=2)),
+         _ids),
+    Arch("qwen2", lambda w: _tf().Qwen2ForCausalLM(_tf().Qwen2Config(**_common(w), num_key_value_heads=2)), _ids),
+    Arch("gemma", lambda w: _tf().GemmaForCausalLM(_tf().GemmaConfig(**_common(w), num_key_value_heads=2,
+                                                                     head_dim=w.hidden // w.heads)), _ids),
+    Arch("phi3", lambda w: _tf().Phi3ForCausalLM(_tf().Phi3Config(**_common(w), pad_token_id=0, bos_token_id=0,
+                                                                  eos_token_id=0)), _ids),
+    Arch("t5", lambda w: _t5(w, "relu"), _seq2seq_ids),
+    Arch("t5-gated-gelu", lambda w: _t5(w, "gated-gelu"), _seq2seq_ids),
+    Arch("vit", lambda w: _tf().ViTModel(_tf().ViTConfig(**{k: v for k, v in _common(w).items() if k not in (
+        "vocab_size", "max_position_embeddings")}, image_size=32, patch_size=8), add_pooling_layer=False), _pixels),
+    Arch("clip-text", lambda w: _tf().CLIPTextModel(_tf().CLIPTextConfig(
+        **_common(w), hidden_act="gelu", bos_token_id=0, eos_token_id=1, pad_token_id=0)), _ids),
+    Arch("whisper", lambda w: _tf().WhisperModel(_tf().WhisperConfig(
+        d_model=w.hidden, encoder_ffn_dim=w.intermediate, decoder_ffn_dim=w.intermediate, encoder_layers=w.layers,
+        decoder_layers=w.layers, encoder_attention_heads=w.heads, decoder_attention_heads=w.heads,
+        vocab_size=w.vocab, num_mel_bins=16, max_source_positions=32, max_target_positions=max(64, w.seq),
+        pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=0)), _audio),
+    Arch("mixtral", lambda w: _tf().MixtralForCausalLM(_tf().MixtralConfig(
+        **_common(w), num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)), _ids),
+]
+BY_NAME = {a.name: a for a in ARCHITECTURES}
+
+
+def build(arch: Arch, width: Width) -> nn.Module:
+    torch.manual_seed(0)
+    return arch.build(width).eval()
+
+
+def output_of(out) -> torch.Tensor:
+    """The tensor a model's output is judged by: logits, else the last hidden state."""
+    for name in ("logits", "last_hidden_state"):
+        t = getattr(out, name, None)
+        if t is not None:
+            return t
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def fused_summary(report) -> str:
+    """What a swap report fused, as the coverage table says it: 'GPTNeoXMLP up+act (2)'."""
+    from ember.swap import class_name
+
+    parts: dict[str, int] = {}
+    for r in report.replaced:
+        before, after = class_name(r.before).split(".")[-1], class_name(r.after).split(".")[-1]
+        what = {"hf-up-act": f"{before}: up-proj + act", "causal-lm-loss": "LM head + loss (training)"}.get(
+            r.rule, f"{before} -> {after}")
+        parts[what] = parts.get(what, 0) + 1
+    return "; ".join(f"{k} (x{v})" if v > 1 else k for k, v in parts.items()) or "nothing"
+
+
+@dataclass
+class Row:
+    arch: str
+    fused: str = ""
+    declined: str = ""
+    max_rel_diff: float | None = None
+    fwd: tuple[float, float] | None = None  # (eager s, swapped s)
+    fwd_bwd: tuple[float, float] | None = None
+    error: str | None = None
+
+    def speed(self, which: str) -> float | None:
+        t = getattr(self, which)
+        return t[0] / t[1] if t else None
+
+
+def _loss_weight(ref: torch.Tensor) -> torch.Tensor:
+    return torch.randn(ref.shape, generator=torch.Generator().manual_seed(2))
+
+
+def compare(arch: Arch, width: Width):
+    """(original model, swapped copy, swap report, inputs, max relative output difference): raises
+    AssertionError when the swapped copy's outputs or gradients differ from the original's."""
+    import ember
+
+    model = build(arch, width)
+    fused = copy.deepcopy(model)
+    report = ember.swap(fused)
+    inputs = arch.inputs(width, torch.Generator().manual_seed(1))
+    outs, grads = [], []
+    for m in (model, fused):
+        m.zero_grad(set_to_none=True)
+        out = output_of(m(**inputs))
+        weight = _loss_weight(out)
+        (out * weight).sum().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
+        m.zero_grad(set_to_none=True)
+    torch.testing.assert_close(outs[1], outs[0], rtol=RTOL, atol=ATOL)
+    assert grads[0].keys() == grads[1].keys() and grads[0], "the swapped model's gradients are other parameters'"
+    for n, want in grads[0].items():
+        # relative to the gradient's scale: elementwise tolerances fail on sums that cancel to ~0,
+        # where two orders of summation legitimately differ in the last bits of the large terms
+        err, scale = (grads[1][n] - want).abs().max().item(), want.abs().max().item()
+        assert err <= RTOL * scale + ATOL, f"gradient of {n}: max |diff| {err:.3g} against a scale of {scale:.3g}"
+    rel = ((outs[1] - outs[0]).abs().max() / outs[0].abs().max().clamp_min(1e-30)).item()
+    return model, fused, report, inputs, rel
+
+
+def _interleaved(fns: list[Callable[[], object]], rounds: int, budget_s: float) -> list[float]:
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            best[i] = min(best[i], time_fn(fn, "cpu", budget_s=budget_s).median_s)
+    return best
+
+
+def measure_one(arch: Arch, width: Width, rounds: int, budget_s: float) -> Row:
+    row = Row(arch.name)
+    try:
+        model, fused, report, inputs, row.max_rel_diff = compare(arch, width)
+        row.fused = fused_summary(report)
+        declined = sorted({s.reason for s in report.skipped if "fused loss" not in s.reason})
+        row.declined = "; ".join(declined)
+
+        def forward(m):
+            def run():
+                with torch.no_grad():
+                    m(**inputs)
+            return run
+
+        def train_step(m):
+            def run():
+                out = output_of(m(**inputs))
+                out.float().pow(2).mean().backward()
+                m.zero_grad(set_to_none=True)
+            return run
+
+        eager_f, swapped_f = _interleaved([forward(model), forward(fused)], rounds, budget_s)
+        row.fwd = (eager_f, swapped_f)
+        eager_b, swapped_b = _interleaved([train_step(model), train_step(fused)], rounds, budget_s)
+        row.fwd_bwd = (eager_b, swapped_b)
+    except Exception as err:  # noqa: BLE001 - one architecture failing must not hide the others
+        row.error = f"{type(err).__name__}: {err}".splitlines()[0][:240]
+    return row
+
+
+def measure(width: Width, archs: list[str] | None = None, rounds: int = 5, budget_s: float = 0.2) -> list[Row]:
+    from tqdm.auto import tqdm
+
+    chosen = [BY_NAME[a] for a in archs] if archs else ARCHITECTURES
+    return [measure_one(a, width, rounds, budget_s) for a in tqdm(chosen, desc="swap", file=sys.stderr)]
+
+
+def verdict(row: Row) -> str:
+    if row.error:
+        return "ERROR"
+    if row.fused == "nothing":
+        return "n/a (nothing swapped)"
+    ok = all(s is not None and s >= TARGET for s in (row.speed("fwd"), row.speed("fwd_bwd")))
+    return "PASS" if ok else "FAIL"
+
+
+def markdown(width: Width, rows: list[Row], when: str) -> str:
+    lines = [f"# ember swap: coverage and whole-model speed per architecture ({when})", "",
+             f"- device: {_report.cpu_name()} (cpu), {torch.get_num_threads()} threads, torch {torch.__version__}, "
+             f"transformers {_tf().__version__}, git {_report.git_sha()}",
+             f"- models: random weights from each config, {width.layers} layers, hidden {width.hidden}, "
+             f"intermediate {width.intermediate}, batch {width.batch} x {width.seq} tokens (ViT: 32x32 images, "
+             f"Whisper: 16 mel bins x 64 frames), fp32, eval mode",
+             "- checked: swapped outputs within 1e-5 relative and each gradient within 1e-5 of its largest element of eager's; timed: best "
+             "of interleaved rounds of eager and swapped", f"- target (issue #14): swapped >= {TARGET}x eager, "
+             "forward and forward+backward", ""]
+    table = []
+    for r in rows:
+        def ms(t, i):
+            return _report._num(None if t is None else t[i] * 1e3)
+        table.append([r.arch, r.fused if not r.error else "", ms(r.fwd, 0), ms(r.fwd, 1),
+                      _report._num(r.speed("fwd")), ms(r.fwd_bwd, 0), ms(r.fwd_bwd, 1), _report._num(r.speed("fwd_bwd")),
+                      verdict(r), r.error or r.declined])
+    lines += _report.markdown_table(
+        ["architecture", "what swap fuses", "fwd eager ms", "fwd swapped ms", "fwd speed", "fwd+bwd eager ms",
+         "fwd+bwd swapped ms", "fwd+bwd speed", "target", "declined / error"], table,
+        ["---", "---", "--:", "--:", "--:", "--:", "--:", "--:", "---", "---"])
+    return "\n".join(lines) + "\n"
+
+
+CSV_COLUMNS = ["timestamp", "device", "git_sha", "torch", "transformers", "arch", "fused", "fwd_eager_ms",
+               "fwd_swapped_ms", "fwd_bwd_eager_ms", "fwd_bwd_swapped_ms", "max_rel_diff", "verdict", "error"]
+
+
+def write(width: Width, rows: list[Row], out_dir) -> tuple[object, str]:
+    import datetime
+
+    now = datetime.datetime.now().astimezone()
+    stem = Path(out_dir) / f"ember-swap_cpu_{now:%Y-%m-%d_%H%M%S}"
+    text = markdown(width, rows, f"{now:%Y-%m-%d %H:%M %Z}")
+    common = {"timestamp": now.isoformat(timespec="seconds"), "device": _report.cpu_name(),
+              "git_sha": _report.git_sha(), "torch": torch.__version__, "transformers": _tf().__version__}
+
+    def ms(t, i):
+        return None if t is None else round(t[i] * 1e3, 3)
+
+    records = [{**common, "arch": r.arch, "fused": r.fused, "fwd_eager_ms": ms(r.fwd, 0), "fwd_swapped_ms": ms(r.fwd, 1),
+                "fwd_bwd_eager_ms": ms(r.fwd_bwd, 0), "fwd_bwd_swapped_ms": ms(r.fwd_bwd, 1),
+                "max_rel_diff": r.max_rel_diff, "verdict": verdict(r), "error": r.error} for r in rows]
+    return _report.write_results(stem.with_suffix(".md"), text, csv_path=stem.with_suffix(".csv"),
+                                 columns=CSV_COLUMNS, records=records), text
+
+
+def report(cfg, out_dir):
+    """The bench CLI's entry point for this report suite (CPU: the GPU rows are not built yet)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if cfg.kind != "cpu":
+        raise RuntimeError("the swap suite times CPU models only for now; run it with --device cpu")
+    width = WIDTHS["quick" if cfg.quick else "full"]
+    rows = measure(width, rounds=2 if cfg.quick else 5, budget_s=0.05 if cfg.quick else 0.2)
+    return write(width, rows, out_dir)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ember.bench.swap", description=__doc__.splitlines()[0])
+    p.add_argument("--archs", nargs="+", choices=sorted(BY_NAME), help="only these architectures")
+    p.add_argument("--quick", action="store_true", help="narrower models, shorter timing")
+    p.add_argument("--out", default="bench/results")
+    a = p.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    width = WIDTHS["quick" if a.quick else "full"]
+    rows = measure(width, a.archs, rounds=2 if a.quick else 5, budget_s=0.05 if a.quick else 0.2)
+    written, text = write(width, rows, a.out)
+    print(text)
+    print(f"wrote {written}", file=sys.stderr)
+    return 1 if any(r.error for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
