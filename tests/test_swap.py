@@ -31,8 +31,13 @@ def _activation_and_gated_rules_only(monkeypatch):
     test_gated_mlp_fused.py and left out here."""
     from ember.swap import registry
 
-    fused = {"linear-act-sequential", "hf-linear-act"}
+    fused = {"linear-act-sequential", "hf-linear-act", "hf-up-act"}
     monkeypatch.setattr(registry, "_RULES", [r for r in registry._RULES if r.name not in fused])
+    # and they cover swapping lone activations on any machine: the "never slower" policy that holds
+    # some kinds back on some CPUs (swap/activations.py) is tested in test_swap_lone_activations.py
+    from ember.swap import activations
+
+    monkeypatch.setitem(activations.LONE_FASTER, activations.cpu_vendor(), activations.ALL_KINDS)
 
 
 def _snapshot(model: nn.Module):

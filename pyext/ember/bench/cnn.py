@@ -10,7 +10,8 @@ ReLU-Linear, with SGD and momentum 0.9. The data are the real 8x8 digit images s
 same initial weights and the same batch order:
 
   torch   eager, ``torch.optim.SGD(momentum=0.9)``
-  ember   ``ember.swap(model)`` (the classifier's Linear+ReLU pairs fused, the convs' ReLUs ember's) and
+  ember   ``ember.swap(model)`` (the classifier's Linear+ReLU pairs fused; the convs' lone ReLUs stay torch's,
+          as swap never replaces a lone activation ember is not faster at) and
           ``ember.optim.SGD(momentum=0.9)``
 
 Reported per provider: test accuracy after the last epoch, the median time of an epoch (the first,

@@ -10,6 +10,7 @@ A new activation ember has a module for is one entry in ``EMBER_MODULES``, plus 
 """
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import math
@@ -168,12 +169,91 @@ def activation_kind(module: nn.Module) -> str | None:
     return known.kind(module) if callable(known.kind) else known.kind
 
 
+# ---------------------------------------------------------------------------------------------
+# Lone activations: never slower. Inside a fused block an activation saves a whole pass over memory;
+# on its own, ember's kernel does what torch's does (one read, one write) and wins only if it computes
+# the function faster, which depends on the device. A lone activation is replaced only where ember's
+# kernel measured faster than torch's, both ways and at every size (fp32, 2-core development machines,
+# 2.8k-8M elements, forward and forward + backward):
+#   Intel Xeon (2026-12-03): gelu_tanh 1.07-3.9x; gelu 0.81-0.93x at 1M-8M; silu 0.61-0.81x below 64k
+#     elements (the ~6 us of a custom op's dispatch); relu 0.53-0.97x (copy speed either way).
+#   AMD EPYC (2026-11-22, bench/results/ember-bench_cpu_2026-11-22_112220.md): gelu 1.17-1.52x and
+#     gelu_tanh 3.0-4.2x at 4M; silu not measured at small sizes, so held back as on Intel.
+#   relu2 everywhere: torch runs relu, then square (two passes), ember one.
+#   GPU: unmeasured (no GPU lent yet), so only relu2.
+# ``ember.swap(model, activations=True)`` replaces every lone activation regardless; False, none.
+# ---------------------------------------------------------------------------------------------
+LONE_FASTER: dict[str, frozenset[str]] = {
+    "GenuineIntel": frozenset({"gelu_tanh", "relu2"}),
+    "AuthenticAMD": frozenset({"gelu", "gelu_tanh", "relu2"}),
+    "cuda": frozenset({"relu2"}),
+    "other": frozenset({"relu2"}),
+}
+ALL_KINDS = frozenset(EMBER_MODULES)
+_lone_policy: contextvars.ContextVar[tuple[frozenset[str], str]] = contextvars.ContextVar(
+    "ember_lone_activations", default=(ALL_KINDS, "every kind"))
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_vendor() -> str:
+    """'GenuineIntel', 'AuthenticAMD' or 'other' (from /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    vendor = line.split(":", 1)[1].strip()
+                    return vendor if vendor in LONE_FASTER else "other"
+    except OSError:
+        pass
+    return "other"
+
+
+def lone_policy(setting, device_type: str) -> tuple[frozenset[str], str]:
+    """The kinds a lone activation may be swapped to under ``swap(activations=setting)`` for a model
+    on ``device_type``, and the device's name for the report."""
+    if setting is True:
+        return ALL_KINDS, "every kind"
+    if setting is False:
+        return frozenset(), "none"
+    if setting != "auto":
+        raise ValueError(f"ember.swap: activations must be 'auto', True or False, got {setting!r}")
+    where = "cuda" if device_type == "cuda" else cpu_vendor() if device_type == "cpu" else "other"
+    return LONE_FASTER[where], ("GPU" if where == "cuda" else f"{where} CPU")
+
+
+def use_lone_policy(policy: tuple[frozenset[str], str]):
+    """Context for one swap: ``with use_lone_policy(lone_policy(...)):``."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def scope():
+        token = _lone_policy.set(policy)
+        try:
+            yield
+        finally:
+            _lone_policy.reset(token)
+    return scope()
+
+
+def _lone_allowed(kind: str | None) -> bool:
+    return kind in _lone_policy.get()[0]
+
+
+def _lone_reason(kind: str) -> str:
+    allowed, where = _lone_policy.get()
+    if where == "none":
+        return "lone activations not swapped (swap(activations=False))"
+    return (f"a lone {kind} is not faster with ember's kernel on this device ({where}; no fusion to gain), so it "
+            "stays with torch; swap(activations=True) replaces it anyway")
+
+
 def _replace(m: nn.Module) -> nn.Module:
     return EMBER_MODULES[activation_kind(m)]()
 
 
 def _torch_match(m: nn.Module) -> bool:
-    return type(m) in _TORCH_ACTS and not getattr(m, "inplace", False) and activation_kind(m) in EMBER_MODULES
+    return (type(m) in _TORCH_ACTS and not getattr(m, "inplace", False) and activation_kind(m) in EMBER_MODULES
+            and _lone_allowed(activation_kind(m)))
 
 
 def _torch_why_not(m: nn.Module) -> str | None:
@@ -182,6 +262,8 @@ def _torch_why_not(m: nn.Module) -> str | None:
         return "inplace=True: ember's kernels write a new tensor, so in-place activations stay with torch"
     if cls in _TORCH_UNSUPPORTED:
         return "no ember kernel for this activation"
+    if cls in _TORCH_ACTS and activation_kind(m) in EMBER_MODULES:
+        return _lone_reason(activation_kind(m))
     if cls not in _TORCH_ACTS and not cls.__module__.startswith("ember."):
         for base in _TORCH_ACTS:
             if isinstance(m, base):
@@ -190,7 +272,7 @@ def _torch_why_not(m: nn.Module) -> str | None:
 
 
 def _hf_match(m: nn.Module) -> bool:
-    return type(m).__module__ == _HF_MODULE and activation_kind(m) in EMBER_MODULES
+    return type(m).__module__ == _HF_MODULE and activation_kind(m) in EMBER_MODULES and _lone_allowed(activation_kind(m))
 
 
 def _hf_why_not(m: nn.Module) -> str | None:
@@ -201,6 +283,8 @@ def _hf_why_not(m: nn.Module) -> str | None:
         return _HF_UNSUPPORTED[cls.__name__]
     if cls.__name__ in _HF_ACTS and activation_kind(m) is None:
         return "its forward or activation function was changed from transformers' own"
+    if activation_kind(m) in EMBER_MODULES:
+        return _lone_reason(activation_kind(m))
     return "no ember kernel for this activation"
 
 

@@ -13,6 +13,7 @@ from typing import Callable, Iterable
 
 from torch import nn
 
+from . import activations as activations_rules
 from . import causal_lm
 from .registry import SwapRule, select
 from .report import Replaced, Skipped, SwapReport
@@ -44,6 +45,7 @@ def swap(
     rules: Iterable[SwapRule | str] | None = None,
     filter: Callable[[str, nn.Module], bool] | None = None,  # noqa: A002  (the public name)
     fused_loss: bool = True,
+    activations: bool | str = "auto",
 ) -> SwapReport:
     """Replace ``model``'s submodules in place with ember's; return a ``SwapReport``.
 
@@ -53,6 +55,9 @@ def swap(
     fused_loss  also give transformers' causal LMs (``*ForCausalLM``, GPT-2) the fused linear +
             cross-entropy training loss (``swap/causal_lm.py``: the logits are never stored); the
             model itself may be one, as it usually is
+    activations  lone activation modules (not part of a fused block): "auto" replaces one only where
+            ember's kernel measured faster than torch's on the model's device (a swap never makes a
+            model slower; swap/activations.py has the table), True always, False never
 
     Modules swapped earlier are skipped, so swapping twice changes nothing. ``model`` itself is never
     replaced (there is no parent to put the replacement in); swap its parent instead.
@@ -60,6 +65,13 @@ def swap(
     if not isinstance(model, nn.Module):
         raise TypeError(f"ember.swap: model must be a torch.nn.Module, got {type(model).__name__}")
     active = select(rules)
+    first = next(iter(model.parameters()), None)
+    policy = activations_rules.lone_policy(activations, first.device.type if first is not None else "cpu")
+    with activations_rules.use_lone_policy(policy):
+        return _swap(model, active, filter, fused_loss)
+
+
+def _swap(model: nn.Module, active: list[SwapRule], filter, fused_loss: bool) -> SwapReport:  # noqa: A002
     report = SwapReport("swap")
     done: dict[int, nn.Module] = {}  # id(original) -> replacement, so a shared module stays shared
     visited: set[int] = set()

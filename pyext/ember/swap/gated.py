@@ -164,3 +164,21 @@ PACKED_GATED_RULE = SwapRule(
     replace=_packed_or_t5_replace,
     why_not=lambda m: _packed_or_t5_problem(m) if _packed_or_t5(m) else None,
 )
+
+
+# ---------------------------------------------------------------------------------------------
+# Mixture-of-experts: recognised and declined, with the reason in the report.
+# ---------------------------------------------------------------------------------------------
+MOE_EXPERTS_CLASSES = {"MixtralExperts", "Qwen2MoeExperts", "Qwen3MoeExperts", "OlmoeExperts", "DeepseekV3NaiveMoe"}
+
+
+def _experts_why_not(m: nn.Module) -> str | None:
+    if not _listed_in(m, MOE_EXPERTS_CLASSES):
+        return None
+    impl = getattr(getattr(m, "config", None), "_experts_implementation", None)
+    return (f"experts run through transformers' experts interface ({impl!r}: all experts' GEMMs in one "
+            "grouped call); ember has no grouped gated GEMM, and one fused call per expert would trade that "
+            "single call for num_experts, so the experts stay with torch")
+
+
+MOE_EXPERTS_RULE = SwapRule("moe-experts", match=lambda m: False, replace=lambda m: m, why_not=_experts_why_not)
