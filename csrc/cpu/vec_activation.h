@@ -59,25 +59,32 @@ inline Vectorized<float> vexp(const Vectorized<float>& v) {
   return _mm512_scalef_ps(p, n);
 }
 
-// erf by Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7), the approximation ATen's Vectorized<float>::erf
-// uses too, with the inline exp above: erf(|x|) = 1 - t (a1 + t (a2 + ... a5 t)) exp(-x^2),
-// t = 1 / (1 + p |x|), and the sign of x copied back (so erf(+-inf) = +-1 and NaN stays NaN).
+// erf as an odd rational function of x clamped to [-4, 4] (beyond which erf is +-1 in fp32): a degree-13
+// odd numerator over a degree-8 even denominator, the minimax fit Eigen and XLA use (max abs error
+// ~2e-7 in fp32, tested against float64 in tests/test_activation_math.py). No exp: about 13 FMAs and
+// one division, where Abramowitz & Stegun 7.1.26 (ATen's formula) costs a division, a polynomial and
+// an exp. That made exact GELU 0.81-0.93x torch's oneDNN kernel on an Intel Xeon; this is what makes it
+// at least as fast. NaN passes through the clamp (min/max return their second operand when either is
+// NaN) and through the arithmetic.
 template <>
 inline Vectorized<float> verf(const Vectorized<float>& v) {
-  const __m512 x = v;
-  const __m512 sign = _mm512_and_ps(x, _mm512_set1_ps(-0.f));
-  const __m512 a = _mm512_abs_ps(x);
-  const __m512 t = _mm512_div_ps(_mm512_set1_ps(1.f), _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), a,
-                                                                        _mm512_set1_ps(1.f)));
-  __m512 poly = _mm512_set1_ps(1.061405429f);
-  poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-1.453152027f));
-  poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(1.421413741f));
-  poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-0.284496736f));
-  poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(0.254829592f));
-  poly = _mm512_mul_ps(poly, t);
-  const __m512 e = vexp(Vectorized<float>(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), a), a)));
-  const __m512 y = _mm512_fnmadd_ps(poly, e, _mm512_set1_ps(1.f));
-  return _mm512_or_ps(y, sign);
+  __m512 x = _mm512_max_ps(_mm512_set1_ps(-4.f), v);
+  x = _mm512_min_ps(_mm512_set1_ps(4.f), x);
+  const __m512 x2 = _mm512_mul_ps(x, x);
+  __m512 p = _mm512_set1_ps(-2.72614225801306e-10f);
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(2.77068142495902e-08f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-2.10102402082508e-06f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-5.69250639462346e-05f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-7.34990630326855e-04f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-2.95459980854025e-03f));
+  p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-1.60960333262415e-02f));
+  p = _mm512_mul_ps(p, x);
+  __m512 q = _mm512_set1_ps(-1.45660718464996e-05f);
+  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(-2.13374055278905e-04f));
+  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(-1.68282697438203e-03f));
+  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(-7.37332916720468e-03f));
+  q = _mm512_fmadd_ps(q, x2, _mm512_set1_ps(-1.42647390514189e-02f));
+  return _mm512_div_ps(p, q);
 }
 #endif
 

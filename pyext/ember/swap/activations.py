@@ -175,8 +175,9 @@ def activation_kind(module: nn.Module) -> str | None:
 # the function faster, which depends on the device. A lone activation is replaced only where ember's
 # kernel measured faster than torch's, both ways and at every size (fp32, 2-core development machines,
 # 2.8k-8M elements, forward and forward + backward):
-#   Intel Xeon (2026-12-03): gelu_tanh 1.07-3.9x; gelu 0.81-0.93x at 1M-8M; silu 0.61-0.81x below 64k
-#     elements (the ~6 us of a custom op's dispatch); relu 0.53-0.97x (copy speed either way).
+#   Intel Xeon (2026-12-03): gelu_tanh 1.07-3.9x; gelu 1.02-2.0x (with the exp-free erf of
+#     csrc/cpu/vec_activation.h; 0.81-0.93x at 1M-8M before it); silu 0.61-0.81x below 64k elements
+#     (the ~6 us of a custom op's dispatch); relu 0.53-0.97x (copy speed either way).
 #   AMD EPYC (2026-11-22, bench/results/ember-bench_cpu_2026-11-22_112220.md): gelu 1.17-1.52x and
 #     gelu_tanh 3.0-4.2x at 4M; silu not measured at small sizes, so held back as on Intel.
 #   relu2 everywhere: torch runs relu, then square (two passes), ember one.
@@ -184,7 +185,7 @@ def activation_kind(module: nn.Module) -> str | None:
 # ``ember.swap(model, activations=True)`` replaces every lone activation regardless; False, none.
 # ---------------------------------------------------------------------------------------------
 LONE_FASTER: dict[str, frozenset[str]] = {
-    "GenuineIntel": frozenset({"gelu_tanh", "relu2"}),
+    "GenuineIntel": frozenset({"gelu", "gelu_tanh", "relu2"}),
     "AuthenticAMD": frozenset({"gelu", "gelu_tanh", "relu2"}),
     "cuda": frozenset({"relu2"}),
     "other": frozenset({"relu2"}),
