@@ -21,7 +21,7 @@ def test_cli_writes_the_coverage_table(tmp_path, capsys, monkeypatch):
         rows = {r["arch"]: r for r in csv.DictReader(f)}
     assert set(rows) == {"gpt-neox", "phi3"}
     for r in rows.values():
-        assert r["error"] == "" and r["verdict"] in ("PASS", "FAIL")
+        assert r["error"] == "" and r["verdict"].startswith(("PASS", "FAIL")) and float(r["aa_spread"]) >= 0
         assert float(r["fwd_eager_ms"]) > 0 and float(r["fwd_bwd_swapped_ms"]) > 0
         assert float(r["max_rel_diff"]) <= swap.RTOL
 
@@ -30,5 +30,7 @@ def test_verdicts():
     ok = swap.Row("a", fused="x", fwd=(2.0, 1.0), fwd_bwd=(1.0, 1.0))
     slow = swap.Row("b", fused="x", fwd=(1.0, 2.0), fwd_bwd=(1.0, 1.0))
     assert swap.verdict(ok) == "PASS" and swap.verdict(slow) == "FAIL"
+    near = swap.Row("e", fused="x", fwd=(1.0, 1.01), fwd_bwd=(1.0, 1.0), noise=0.02)
+    assert swap.verdict(near) == "FAIL within noise (A/A 2.0%)"
     assert swap.verdict(swap.Row("c", fused="nothing")) == "n/a (nothing swapped)"
     assert swap.verdict(swap.Row("d", error="boom")) == "ERROR"

@@ -177,6 +177,7 @@ class Row:
     max_rel_diff: float | None = None
     fwd: tuple[float, float] | None = None  # (eager s, swapped s)
     fwd_bwd: tuple[float, float] | None = None
+    noise: float | None = None  # |1 - eager / an identical eager copy|, the larger of fwd and fwd+bwd
     error: str | None = None
 
     def speed(self, which: str) -> float | None:
@@ -246,10 +247,15 @@ def measure_one(arch: Arch, width: Width, rounds: int, budget_s: float) -> Row:
                 m.zero_grad(set_to_none=True)
             return run
 
-        eager_f, swapped_f = _interleaved([forward(model), forward(fused)], rounds, budget_s)
+        # an untouched copy of the eager model in the same rounds: how far two identical models time
+        # apart here (the A/A spread) says which differences the machine can resolve at all
+        twin = copy.deepcopy(model)
+        eager_f, swapped_f, twin_f = _interleaved([forward(model), forward(fused), forward(twin)], rounds, budget_s)
         row.fwd = (eager_f, swapped_f)
-        eager_b, swapped_b = _interleaved([train_step(model), train_step(fused)], rounds, budget_s)
+        eager_b, swapped_b, twin_b = _interleaved([train_step(model), train_step(fused), train_step(twin)], rounds,
+                                                  budget_s)
         row.fwd_bwd = (eager_b, swapped_b)
+        row.noise = max(abs(1 - eager_f / twin_f), abs(1 - eager_b / twin_b))
     except Exception as err:  # noqa: BLE001 - one architecture failing must not hide the others
         row.error = f"{type(err).__name__}: {err}".splitlines()[0][:240]
     return row
@@ -267,8 +273,14 @@ def verdict(row: Row) -> str:
         return "ERROR"
     if row.fused == "nothing":
         return "n/a (nothing swapped)"
-    ok = all(s is not None and s >= TARGET for s in (row.speed("fwd"), row.speed("fwd_bwd")))
-    return "PASS" if ok else "FAIL"
+    speeds = [row.speed("fwd"), row.speed("fwd_bwd")]
+    if all(s is not None and s >= TARGET for s in speeds):
+        return "PASS"
+    # below 1.0x by no more than two identical models differ here: not resolvable on this machine,
+    # and said so rather than called a pass
+    if row.noise is not None and all(s is not None and s >= TARGET - max(row.noise, 0.005) for s in speeds):
+        return f"FAIL within noise (A/A {row.noise:.1%})"
+    return "FAIL"
 
 
 def markdown(width: Width, rows: list[Row], when: str) -> str:
@@ -280,23 +292,25 @@ def markdown(width: Width, rows: list[Row], when: str) -> str:
              f"Whisper: 16 mel bins x 64 frames), fp32, eval mode",
              "- checked: swapped outputs within 1e-5 relative and each gradient within 1e-5 of its largest element of eager's; timed: best "
              "of interleaved rounds of eager and swapped", f"- target (issue #14): swapped >= {TARGET}x eager, "
-             "forward and forward+backward", ""]
+             "forward and forward+backward; A/A: how far an identical copy of the eager model times from it in the "
+             "same rounds (the larger of fwd and fwd+bwd), the resolution of this machine", ""]
     table = []
     for r in rows:
         def ms(t, i):
             return _report._num(None if t is None else t[i] * 1e3)
         table.append([r.arch, r.fused if not r.error else "", ms(r.fwd, 0), ms(r.fwd, 1),
                       _report._num(r.speed("fwd")), ms(r.fwd_bwd, 0), ms(r.fwd_bwd, 1), _report._num(r.speed("fwd_bwd")),
-                      verdict(r), r.error or r.declined])
+                      "" if r.noise is None else f"{r.noise:.1%}", verdict(r), r.error or r.declined])
     lines += _report.markdown_table(
         ["architecture", "what swap fuses", "fwd eager ms", "fwd swapped ms", "fwd speed", "fwd+bwd eager ms",
-         "fwd+bwd swapped ms", "fwd+bwd speed", "target", "declined / error"], table,
-        ["---", "---", "--:", "--:", "--:", "--:", "--:", "--:", "---", "---"])
+         "fwd+bwd swapped ms", "fwd+bwd speed", "A/A", "target", "declined / error"], table,
+        ["---", "---", "--:", "--:", "--:", "--:", "--:", "--:", "--:", "---", "---"])
     return "\n".join(lines) + "\n"
 
 
 CSV_COLUMNS = ["timestamp", "device", "git_sha", "torch", "transformers", "arch", "fused", "fwd_eager_ms",
-               "fwd_swapped_ms", "fwd_bwd_eager_ms", "fwd_bwd_swapped_ms", "max_rel_diff", "verdict", "error"]
+               "fwd_swapped_ms", "fwd_bwd_eager_ms", "fwd_bwd_swapped_ms", "aa_spread", "max_rel_diff", "verdict",
+               "error"]
 
 
 def write(width: Width, rows: list[Row], out_dir) -> tuple[object, str]:
@@ -313,7 +327,7 @@ def write(width: Width, rows: list[Row], out_dir) -> tuple[object, str]:
 
     records = [{**common, "arch": r.arch, "fused": r.fused, "fwd_eager_ms": ms(r.fwd, 0), "fwd_swapped_ms": ms(r.fwd, 1),
                 "fwd_bwd_eager_ms": ms(r.fwd_bwd, 0), "fwd_bwd_swapped_ms": ms(r.fwd_bwd, 1),
-                "max_rel_diff": r.max_rel_diff, "verdict": verdict(r), "error": r.error} for r in rows]
+                "aa_spread": r.noise, "max_rel_diff": r.max_rel_diff, "verdict": verdict(r), "error": r.error} for r in rows]
     return _report.write_results(stem.with_suffix(".md"), text, csv_path=stem.with_suffix(".csv"),
                                  columns=CSV_COLUMNS, records=records), text
 
