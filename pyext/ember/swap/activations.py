@@ -10,6 +10,7 @@ A new activation ember has a module for is one entry in ``EMBER_MODULES``, plus 
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
@@ -222,18 +223,14 @@ def lone_policy(setting, device_type: str) -> tuple[frozenset[str], str]:
     return LONE_FASTER[where], ("GPU" if where == "cuda" else f"{where} CPU")
 
 
+@contextlib.contextmanager
 def use_lone_policy(policy: tuple[frozenset[str], str]):
-    """Context for one swap: ``with use_lone_policy(lone_policy(...)):``."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def scope():
-        token = _lone_policy.set(policy)
-        try:
-            yield
-        finally:
-            _lone_policy.reset(token)
-    return scope()
+    """The lone-activation policy of one swap: ``with use_lone_policy(lone_policy(...)):``."""
+    token = _lone_policy.set(policy)
+    try:
+        yield
+    finally:
+        _lone_policy.reset(token)
 
 
 def _lone_allowed(kind: str | None) -> bool:
@@ -241,7 +238,7 @@ def _lone_allowed(kind: str | None) -> bool:
 
 
 def _lone_reason(kind: str) -> str:
-    allowed, where = _lone_policy.get()
+    where = _lone_policy.get()[1]
     if where == "none":
         return "lone activations not swapped (swap(activations=False))"
     return (f"a lone {kind} is not faster with ember's kernel on this device ({where}; no fusion to gain), so it "
