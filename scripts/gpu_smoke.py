@@ -33,7 +33,7 @@ import time
 import traceback
 
 GROUPS = ("unary", "gated", "linear", "linear_bwd", "gated_linear", "gated_linear_bwd", "quantize", "int8_gemm",
-          "optim", "adamw8bit")
+          "optim", "adamw8bit", "cross_entropy")
 
 
 def _args(argv=None):
@@ -65,8 +65,9 @@ import torch  # noqa: E402
 
 import ember  # noqa: E402
 # The op modules (their references); by module path, since ember.ops re-exports a function `linear`.
-A, G, I, L, O, O8 = (importlib.import_module(f"ember.ops.{m}")
-                     for m in ("activation", "gated", "int8", "linear", "optim", "optim8bit"))
+A, G, I, L, O, O8, LCE = (importlib.import_module(f"ember.ops.{m}")
+                          for m in ("activation", "gated", "int8", "linear", "optim", "optim8bit",
+                                    "linear_cross_entropy"))
 
 DEV, BACKEND, TINY = ARGS.device, ARGS.backend, ARGS.tiny
 FP32, FP16, BF16, FP64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
@@ -104,7 +105,11 @@ def _kernels(backend: str) -> dict:
                     quantize=ti.quantize_per_token,
                     w8a8=lambda x, w, s, b, sm, act: ti.int8_linear(x, w, s, b, sm, act, "w8a8"),
                     w8a16=lambda x, w, s, b, act: ti.int8_linear(x, w, s, b, None, act, "w8a16"),
-                    optim=to.optim_step, adamw8bit=to8.adamw8bit_step)
+                    optim=to.optim_step, adamw8bit=to8.adamw8bit_step,
+                    # the fused linear + cross-entropy's Triton part is its row epilogue inside the chunk loop
+                    # (the GEMMs are torch's): the op with backend="triton" runs exactly that
+                    lce=lambda *a: LCE.lce_op(*a, "triton"),
+                    lce_bwd=lambda *a: torch.ops.ember.linear_cross_entropy_backward(*a, "triton"))
     why = ember.available_backends(DEV)[backend]
     if why:
         sys.exit(f"SMOKE {DEV}/{backend}: unavailable: {why}")
@@ -114,7 +119,8 @@ def _kernels(backend: str) -> dict:
     k = dict(unary=C.unary_act, unary_bwd=C.unary_act_backward, gated=C.gated_act, gated_bwd=C.gated_act_backward,
              linear=C.linear_act, linear_bwd=C.linear_act_backward, gated_linear=C.gated_linear,
              gated_linear_bwd=C.gated_linear_backward, quantize=C.quantize_per_token, w8a8=C.int8_linear_w8a8,
-             optim=C.optim_step, adamw8bit=C.adamw8bit_step)
+             optim=C.optim_step, adamw8bit=C.adamw8bit_step, lce=C.linear_cross_entropy,
+             lce_bwd=C.linear_cross_entropy_backward)
     if backend == "cpu":  # W8A16 on CUDA is Triton's (csrc/cuda/int8_glue.cpp)
         k["w8a16"] = C.int8_linear_w8a16
     return k
@@ -493,6 +499,41 @@ def adamw8bit_checks():
             check("adamw8bit", f"adamw8bit {tag}", run)
 
 
+def lce_checks():
+    shapes = [(7, 16, 37), (33, 8, 129)] if TINY else [(1, 7, 5), (37, 19, 257), (130, 64, 4097)]
+    dtypes = [FP32] if BACKEND == "triton" and DEV == "cpu" else [FP32, BF16] + ([FP16] if FULL else [])
+    for i, (n, h, v) in enumerate(shapes):
+        for dt in dtypes:
+            for reduction in ("mean", "none"):
+                smoothing = 0.1 if i % 2 else 0.0
+                tag = f"{n}x{h}x{v} {SHORT[dt]} {reduction} ls={smoothing} chunk=16"
+
+                def run():
+                    x = rand(n, h, dtype=dt)
+                    w = rand(v, h, dtype=dt, scale=h ** -0.5)
+                    b = rand(v, dtype=dt)
+                    t = torch.randint(0, v, (n,), device=DEV)
+                    t[1::4] = -100  # ignored rows (never row 0)
+                    leaves = [a.double().requires_grad_(True) for a in (x, w, b)]
+                    want = LCE.reference(leaves[0], leaves[1], t, leaves[2], reduction=reduction,
+                                         label_smoothing=smoothing)
+                    if reduction == "mean":
+                        loss, dx, dw, db = KERN["lce"](x, w, b, t, -100, "mean", smoothing, True, True, True, 16)
+                        want.backward()
+                    else:
+                        loss, *_ = KERN["lce"](x, w, b, t, -100, "none", smoothing, False, False, False, 16)
+                        g = rand(n)
+                        dx, dw, db = KERN["lce_bwd"](g, x, w, b, t, -100, smoothing, True, True, True, 16)
+                        want.backward(g.double())
+                    # the loss is fp32, but low-precision inputs run their GEMM in their dtype (as torch's
+                    # F.linear does), so its error is that dtype's
+                    text = close("cross_entropy.loss " + tag, loss, want.detach(), dtype=dt)
+                    return text + "; grads " + close("cross_entropy.grads " + tag, [dx, dw, db],
+                                                     [a.grad for a in leaves], dtype=dt)
+
+                check("cross_entropy", f"cross_entropy {tag}", run)
+
+
 def main() -> int:
     seed = ARGS.seed if ARGS.seed is not None else random.SystemRandom().randrange(2**31)
     torch.manual_seed(seed)
@@ -503,7 +544,7 @@ def main() -> int:
                                           f"EMBER_TRITON_AUTOTUNE={os.environ.get('EMBER_TRITON_AUTOTUNE', '1')}"
                                           if BACKEND == "triton" else ""), flush=True)
     for fn in (unary_checks, gated_checks, linear_checks, gated_linear_checks, int8_checks, optim_checks,
-               adamw8bit_checks):
+               adamw8bit_checks, lce_checks):
         fn()
     if DEV == "cuda":
         torch.cuda.synchronize()
