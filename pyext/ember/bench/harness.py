@@ -276,6 +276,18 @@ def reset_peak_memory(device: str) -> None:
         pass  # elsewhere the peak is the whole process's (ru_maxrss), which only grows
 
 
+def current_memory_bytes(device: str) -> int:
+    """What is in use now, the baseline a peak is measured above: allocated bytes on a GPU, the
+    resident set (VmRSS) on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def peak_memory_bytes(device: str) -> int:
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated(device)

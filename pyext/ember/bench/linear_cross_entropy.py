@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from . import report as _report
-from .harness import peak_memory_bytes, release_cpu_memory, reset_peak_memory, time_fn
+from .harness import current_memory_bytes, peak_memory_bytes, release_cpu_memory, reset_peak_memory, time_fn
 
 SUITE = "linear_cross_entropy"
 TIME_TARGET, MEMORY_TARGET = 1.0, 0.25
@@ -79,16 +79,6 @@ class Row:
     error: str | None = None
 
 
-def _current(device: str) -> int:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _inputs(shape, dtype, device, grad: bool):
     n, h, v = shape
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -128,7 +118,7 @@ def measure(cfg) -> list[Row]:
             gc.collect()
             release_cpu_memory()
             reset_peak_memory(cfg.device)
-            before = _current(cfg.device)
+            before = current_memory_bytes(cfg.device)
             call()
             if torch.device(cfg.device).type == "cuda":
                 torch.cuda.synchronize()

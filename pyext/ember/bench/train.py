@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from . import report as _report
-from .harness import EnergyMeter, peak_memory_bytes, release_cpu_memory, reset_peak_memory
+from .harness import EnergyMeter, current_memory_bytes, peak_memory_bytes, release_cpu_memory, reset_peak_memory
 
 SUITE = "train"
 REFERENCE = "torch"
@@ -218,16 +218,6 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _current_bytes(device: str) -> int:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def train_step(model, opt, ids: torch.Tensor) -> torch.Tensor:
     opt.zero_grad(set_to_none=True)
     loss = model(input_ids=ids, labels=ids).loss
@@ -264,7 +254,7 @@ def run_provider(name: str, build: Callable, spec: Spec, device: str, batches: l
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()
     reset_peak_memory(device)
-    before = _current_bytes(device)
+    before = current_memory_bytes(device)
     try:
         model, opt = build(spec, device)
         for ids in tqdm(batches, desc=f"train {name}", file=sys.stderr, leave=False):

@@ -39,6 +39,17 @@ def blocker(module: nn.Module) -> str | None:
     return None
 
 
+def is_transformers_class(module: nn.Module, names) -> bool:
+    """``module``'s exact class is one of ``names`` and comes from transformers."""
+    cls = type(module)
+    return cls.__name__ in names and cls.__module__.startswith("transformers.")
+
+
+def is_plain_linear(module: nn.Module) -> bool:
+    """An nn.Linear itself (not a subclass, quantized or LoRA layer) that nothing hooks into."""
+    return type(module) is nn.Linear and blocker(module) is None
+
+
 def swap(
     model: nn.Module,
     *,

@@ -6,7 +6,7 @@ from torch import nn
 
 from ..nn.gated_mlp import ACTIVATIONS, GatedMLP, PackedGatedMLP
 from .activations import activation_kind
-from .apply import blocker
+from .apply import blocker, is_plain_linear, is_transformers_class
 from .forward import forward_matches
 from .registry import SwapRule
 
@@ -46,8 +46,7 @@ def _problem(m: nn.Module) -> str | None:
 
 
 def _listed(m: nn.Module) -> bool:
-    cls = type(m)
-    return cls.__name__ in GATED_MLP_CLASSES and cls.__module__.startswith("transformers.")
+    return is_transformers_class(m, GATED_MLP_CLASSES)
 
 
 def _replace(m: nn.Module) -> GatedMLP:
@@ -111,14 +110,10 @@ class T5GatedDense(nn.Module):
         return self.wo(h)
 
 
-def _plain_linear(m) -> bool:
-    return type(m) is nn.Linear and blocker(m) is None
-
-
 def _packed_problem(m: nn.Module) -> str | None:
     if set(m._modules) != {"gate_up_proj", "down_proj", "activation_fn"} or m._parameters or m._buffers:
         return "children are not exactly gate_up_proj, down_proj, activation_fn"
-    if not _plain_linear(m.gate_up_proj) or m.gate_up_proj.out_features % 2:
+    if not is_plain_linear(m.gate_up_proj) or m.gate_up_proj.out_features % 2:
         return "gate_up_proj is not a plain nn.Linear with an even out_features"
     if activation_kind(m.activation_fn) not in ACTIVATIONS or blocker(m.activation_fn) is not None:
         return f"activation_fn {type(m.activation_fn).__name__} is not one of {', '.join(ACTIVATIONS)}"
@@ -130,7 +125,7 @@ def _packed_problem(m: nn.Module) -> str | None:
 def _t5_problem(m: nn.Module) -> str | None:
     if set(m._modules) != {"wi_0", "wi_1", "wo", "dropout", "act"} or m._parameters or m._buffers:
         return "children are not exactly wi_0, wi_1, wo, dropout, act"
-    if not (_plain_linear(m.wi_0) and _plain_linear(m.wi_1)) or (m.wi_0.bias is None) != (m.wi_1.bias is None):
+    if not (is_plain_linear(m.wi_0) and is_plain_linear(m.wi_1)) or (m.wi_0.bias is None) != (m.wi_1.bias is None):
         return "wi_0 and wi_1 are not plain nn.Linear layers alike in bias"
     if activation_kind(m.act) not in ACTIVATIONS or blocker(m.act) is not None:
         return f"act {type(m.act).__name__} is not one of {', '.join(ACTIVATIONS)}"
@@ -139,23 +134,18 @@ def _t5_problem(m: nn.Module) -> str | None:
     return None
 
 
-def _listed_in(m: nn.Module, names) -> bool:
-    cls = type(m)
-    return cls.__name__ in names and cls.__module__.startswith("transformers.")
-
-
 def _packed_or_t5_problem(m: nn.Module) -> str | None:
-    return _packed_problem(m) if _listed_in(m, PACKED_GATED_CLASSES) else _t5_problem(m)
+    return _packed_problem(m) if is_transformers_class(m, PACKED_GATED_CLASSES) else _t5_problem(m)
 
 
 def _packed_or_t5_replace(m: nn.Module) -> nn.Module:
-    if _listed_in(m, PACKED_GATED_CLASSES):
+    if is_transformers_class(m, PACKED_GATED_CLASSES):
         return PackedGatedMLP(m.gate_up_proj, m.down_proj, activation_kind(m.activation_fn))
     return T5GatedDense(m, activation_kind(m.act))
 
 
 def _packed_or_t5(m: nn.Module) -> bool:
-    return _listed_in(m, PACKED_GATED_CLASSES | T5_GATED_CLASSES)
+    return is_transformers_class(m, PACKED_GATED_CLASSES | T5_GATED_CLASSES)
 
 
 PACKED_GATED_RULE = SwapRule(
@@ -173,7 +163,7 @@ MOE_EXPERTS_CLASSES = {"MixtralExperts", "Qwen2MoeExperts", "Qwen3MoeExperts", "
 
 
 def _experts_why_not(m: nn.Module) -> str | None:
-    if not _listed_in(m, MOE_EXPERTS_CLASSES):
+    if not is_transformers_class(m, MOE_EXPERTS_CLASSES):
         return None
     impl = getattr(getattr(m, "config", None), "_experts_implementation", None)
     return (f"experts run through transformers' experts interface ({impl!r}: all experts' GEMMs in one "

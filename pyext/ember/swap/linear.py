@@ -19,7 +19,7 @@ from torch import nn
 
 from ..nn.linear import ACTIVATIONS, FusedConv1DMLP, FusedIntermediate, Linear
 from .activations import activation_kind
-from .apply import blocker, mark_replaced
+from .apply import blocker, is_plain_linear, is_transformers_class, mark_replaced
 from .forward import forward_matches
 from .registry import SwapRule
 
@@ -90,11 +90,6 @@ return {x}
 """
 
 
-def _is_hf(m: nn.Module, names) -> bool:
-    cls = type(m)
-    return cls.__name__ in names and cls.__module__.startswith("transformers.")
-
-
 def _is_conv1d(m: nn.Module) -> bool:
     cls = type(m)
     return (
@@ -106,17 +101,17 @@ def _is_conv1d(m: nn.Module) -> bool:
 
 
 def _hf_problem(m: nn.Module) -> str | None:
-    if _is_hf(m, INTERMEDIATE_CLASSES):
+    if is_transformers_class(m, INTERMEDIATE_CLASSES):
         if set(m._modules) != {"dense", "intermediate_act_fn"} or m._parameters or m._buffers:
             return "children are not exactly dense and intermediate_act_fn"
-        if type(m.dense) is not nn.Linear or blocker(m.dense) is not None:
+        if not is_plain_linear(m.dense):
             return "dense is not a plain nn.Linear"
         if _fusable_kind(m.intermediate_act_fn) is None:
             return f"no fused kernel for activation {type(m.intermediate_act_fn).__name__}"
         if not forward_matches(type(m), _INTERMEDIATE):
             return "its forward is not exactly intermediate_act_fn(dense(x))"
         return None
-    if _is_hf(m, {"GPT2MLP"}):
+    if is_transformers_class(m, {"GPT2MLP"}):
         if set(m._modules) != {"c_fc", "c_proj", "act", "dropout"} or m._parameters or m._buffers:
             return "children are not exactly c_fc, act, c_proj, dropout"
         if not (_is_conv1d(m.c_fc) and isinstance(m.c_proj, nn.Module)):
@@ -130,14 +125,14 @@ def _hf_problem(m: nn.Module) -> str | None:
 
 
 def _hf_replace(m: nn.Module) -> nn.Module:
-    if _is_hf(m, INTERMEDIATE_CLASSES):
+    if is_transformers_class(m, INTERMEDIATE_CLASSES):
         dense = mark_replaced(Linear.from_linear(m.dense, activation_kind(m.intermediate_act_fn)), m.dense)
         return FusedIntermediate(dense)
     return FusedConv1DMLP(m, activation_kind(m.act))
 
 
 def _is_hf_block(m: nn.Module) -> bool:
-    return _is_hf(m, INTERMEDIATE_CLASSES | {"GPT2MLP"})
+    return is_transformers_class(m, INTERMEDIATE_CLASSES | {"GPT2MLP"})
 
 
 LINEAR_ACT_SEQUENTIAL_RULE = SwapRule(

@@ -35,7 +35,7 @@ import textwrap
 from torch import nn
 
 from ..nn.linear import Linear
-from .apply import blocker, mark_replaced
+from .apply import blocker, is_plain_linear, mark_replaced
 from .forward import forward_matches
 from .linear import _fusable_kind
 from .registry import SwapRule
@@ -70,9 +70,9 @@ return hidden_states + self.bias
 
 
 def _is_linear(m: nn.Module) -> bool:
+    if is_plain_linear(m):
+        return True
     cls = type(m)
-    if cls is nn.Linear:
-        return blocker(m) is None
     return (cls.__name__ == "FalconLinear" and cls.__module__.startswith("transformers.models.falcon")
             and isinstance(m, nn.Linear) and blocker(m) is None and forward_matches(cls, _FALCON_LINEAR))
 
