@@ -197,6 +197,26 @@ def test_amx_w8a16_matches_reference(shape, group_size):
 
 
 @needs_amx
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 7, 16])
+@pytest.mark.parametrize("K,N,group_size", [(256, 48, None), (512, 1040, 128), (96, 16, 32), (320, 80, 64)],
+                         ids=lambda v: str(v))
+def test_amx_w8a16_decode_rows(M, K, N, group_size):
+    # M <= 16: the transposed tile kernel (weight rows as A tiles, x^T as B) from kNarrowMinRows rows up,
+    # the AVX-512 GEMV below it; N 1040 runs a partial 32-row block, N 16 a single 16-row one
+    torch.manual_seed(M)
+    w, sw = I.quantize_weight(torch.randn(N, K), group_size)
+    bias = torch.randn(N)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = torch.randn(M, K + 3)[:, 1:K + 1].to(dtype)  # strided rows with a storage offset
+        y = I.int8_linear(x, w, sw, bias, activation="silu", mode="w8a16", backend="cpu")
+        ref = I.int8_linear_reference(x.double(), w, sw, bias.double(), act="silu", mode="w8a16")
+        assert y.dtype == dtype and y.shape == (M, N)
+        assert metrics.sqnr_db(ref, y.double()) > (40 if dtype == torch.bfloat16 else 60), dtype
+        if dtype == torch.float32:
+            torch.testing.assert_close(y.double(), ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-4)
+
+
+@needs_amx
 def test_amx_w8a16_bf16_input_rounds_only_the_output():
     # bf16 x is used as it is and int8 weights are exact in bf16: only fp32 accumulation order and the
     # final rounding to bf16 separate the kernel from the float64 product of the same bf16 values.

@@ -3,8 +3,8 @@
 //   quantize_per_token(x, mul?)                 -> (q int8 (M, K), scale fp32 (M,))
 //   int8_linear_w8a8(x, w, w_scale, bias?, mul?, act)   dynamic W8A8: fused quantize, ATen's int8
 //       GEMM (torch._int_mm: oneDNN with VNNI / AMX), fused dequant + bias + activation epilogue
-//   int8_linear_w8a16(x, w, w_scale, bias?, act)         weight-only: fused GEMV for M <= 16, else
-//       ember's AMX bf16 tile GEMM where AMX runs (int8_kernels().w8a16_gemm), else one dequantised
+//   int8_linear_w8a16(x, w, w_scale, bias?, act)         weight-only: ember's AMX bf16 tile kernels where
+//       AMX runs (int8_kernels().w8a16_gemm), else a fused GEMV for M <= 16, else one dequantised
 //       copy of the weight in x's dtype and ATen's GEMM (compute bound there)
 //   int8_prepack(w, w_scale)     the packed weight int8_linear_w8a8's VNNI GEMM reads (`w_packed`), or
 //       an empty tensor for shapes it cannot take; also a Meta kernel (the size only), which the
@@ -223,10 +223,10 @@ at::Tensor int8_linear_w8a16(const at::Tensor& x, const at::Tensor& w, const at:
   const int64_t group = sw.dim() == 1 ? K : K / sw.size(1);
   const DType dtype = to_dtype(x.scalar_type(), "int8_linear_w8a16", "x");
   check_act_code(act, "int8_linear_w8a16");
-  // From 5 rows up the AMX tile GEMM runs where the CPU has it (isa_amx.cpp: it widens the int8 weight
-  // to bf16 one panel at a time, once for all rows; measured here the GEMV's fp32 FMAs cost ~3x bf16
-  // nn.Linear at M = 16). 1-4 rows stay on the GEMV, which streams the int8 weight once.
-  if (M > 4 && N > 0) {
+  // The AMX tile kernels take what they can where the CPU has them (isa_amx.cpp: from 3 rows up for a
+  // bf16 x, 5 for fp32 / fp16, widening the int8 weight to bf16 as they go, never a whole copy); the
+  // GEMV takes the rest of the decode rows, streaming the int8 weight once.
+  if (M > 0 && N > 0) {
     at::Tensor out = at::empty({M, N}, x.options());
     const at::Tensor b = float_or_null(bias);
     if (int8_kernels().w8a16_gemm(x.const_data_ptr(), x.stride(0), w.const_data_ptr<int8_t>(),
