@@ -563,60 +563,79 @@ bool w8a16_gemm_amx(const void* x, int64_t ldx, const int8_t* w, const float* sw
       at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
         TileScope tiles;
         alignas(64) float c[kBlockM * kBlockN];
-        alignas(64) float y[kBlockM * kBlockN];
-        // A thread widens `span` of its 32-column pairs at a time into one buffer of ~1 MiB (in L2;
-        // [pair][2 blocks][K / 2 k pairs][16 columns][2] bf16) and runs every 32-row block of x against
-        // all of them: each x block is read from L3 once per span rather than once per pair (x blocks
-        // are K * 2 bytes a row, the weight panel is re-read from L2). Which pairs share a span does
-        // not change any output's arithmetic, so results do not depend on the thread count.
-        const int64_t bstride = K * 32;  // bytes per widened 16-column block
+        // A thread widens `span` of its 32-column pairs at a time, over one chunk of K (2048 k), into
+        // one buffer of ~1 MiB (in L2; [pair][2 blocks][chunk / 2 k pairs][16 columns][2] bf16) and
+        // runs every 32-row block of x against all of them: each x block is read from L3 or memory once
+        // per span rather than once per pair. Chunking K keeps the span at 8 pairs for any K (without
+        // it a K = 11008 panel holds one pair, and x, 3 x 11 MB at M = 512 for an fp32 x, is streamed
+        // once per 32 columns: 0.6x torch fp32 at Llama's mlp_down). The fp32 sums of a span's blocks
+        // live in yacc across chunks. Which pairs share a span does not change any output's arithmetic,
+        // nor do the chunks (fixed by K), so results do not depend on the thread count.
+        const int64_t chunk_steps = std::min<int64_t>(steps, 64), chunks = (steps + chunk_steps - 1) / chunk_steps;
+        const int64_t bstride = chunk_steps * 1024;  // bytes per widened 16-column block of one chunk
         const int64_t span = std::clamp<int64_t>((int64_t(1) << 20) / (2 * bstride), 1, 8);
         uint16_t* panel = static_cast<uint16_t*>(std::aligned_alloc(64, span * 2 * bstride));
+        float* yacc = static_cast<float*>(std::aligned_alloc(64, mblocks * span * kBlockM * kBlockN * sizeof(float)));
         std::vector<float> swp(span * G * kBlockN);  // each pair's scales as (G, 32)
         for (int64_t q0 = p0; q0 < p1; q0 += span) {
           const int64_t q1 = std::min(p1, q0 + span);
           for (int64_t p = q0; p < q1; ++p) {
             const int64_t nb = std::min<int64_t>(2, blocks - 2 * p), n0 = 32 * p, ncols = 16 * nb;
-            uint16_t* pp = panel + (p - q0) * bstride;  // 2 blocks of bstride bytes = bstride uint16
-            for (int64_t j = 0; j < nb; ++j)
-              for (int64_t st = 0; st < steps; ++st)
-                widen_b_tile(w + (n0 + 16 * j) * K + 32 * st, K, pp + (j * bstride + st * 1024) / 2);
             float* sp = swp.data() + (p - q0) * G * kBlockN;
             for (int64_t g = 0; g < G; ++g)
               for (int64_t n = 0; n < ncols; ++n) sp[g * kBlockN + n] = sw[(n0 + n) * G + g];
           }
-          for (int64_t mb = 0; mb < mblocks; ++mb) {
-            const int64_t m0 = mb * kBlockM, rows = std::min(kBlockM, M - m0);
-            const uint16_t* a[3] = {xa + m0 * K, xa + (Mp + m0) * K, xa + (2 * Mp + m0) * K};
+          for (int64_t ch = 0; ch < chunks; ++ch) {
+            const int64_t s_begin = ch * chunk_steps, s_end = std::min(steps, s_begin + chunk_steps);
             for (int64_t p = q0; p < q1; ++p) {
-              const int64_t nb = std::min<int64_t>(2, blocks - 2 * p), n0 = 32 * p, ncols = 16 * nb;
-              const uint16_t* pp = panel + (p - q0) * bstride;
-              const float* sp = swp.data() + (p - q0) * G * kBlockN;
-              auto run = [&]<int NB>() {
-                for (int64_t i = 0; i < rows * kBlockN; i += 16) _mm512_store_ps(y + i, _mm512_setzero_ps());
-                for (int64_t g = 0; g < G; ++g) {
-                  dots_bf16<NB>(a, parts, pp, bstride, g * group_steps, (g + 1) * group_steps, c);
-                  for (int j = 0; j < NB; ++j) {
-                    const __m512 sg = _mm512_loadu_ps(sp + g * kBlockN + 16 * j);
-                    for (int64_t i = 0; i < rows; ++i) {
-                      float* yr = y + i * kBlockN + 16 * j;
-                      _mm512_store_ps(yr, _mm512_fmadd_ps(_mm512_load_ps(c + i * kBlockN + 16 * j), sg, _mm512_load_ps(yr)));
+              const int64_t nb = std::min<int64_t>(2, blocks - 2 * p), n0 = 32 * p;
+              uint16_t* pp = panel + (p - q0) * bstride;  // 2 blocks of bstride bytes = bstride uint16
+              for (int64_t j = 0; j < nb; ++j)
+                for (int64_t st = s_begin; st < s_end; ++st)
+                  widen_b_tile(w + (n0 + 16 * j) * K + 32 * st, K, pp + (j * bstride + (st - s_begin) * 1024) / 2);
+            }
+            for (int64_t mb = 0; mb < mblocks; ++mb) {
+              const int64_t m0 = mb * kBlockM, rows = std::min(kBlockM, M - m0);
+              // each part's 32-row block from this chunk on (2 KiB = 1024 bf16 per 32-k step)
+              const uint16_t* a[3] = {xa + m0 * K + 1024 * s_begin, xa + (Mp + m0) * K + 1024 * s_begin,
+                                      xa + (2 * Mp + m0) * K + 1024 * s_begin};
+              for (int64_t p = q0; p < q1; ++p) {
+                const int64_t nb = std::min<int64_t>(2, blocks - 2 * p), n0 = 32 * p, ncols = 16 * nb;
+                const uint16_t* pp = panel + (p - q0) * bstride;
+                const float* sp = swp.data() + (p - q0) * G * kBlockN;
+                float* y = yacc + (mb * span + (p - q0)) * kBlockM * kBlockN;
+                if (ch == 0)
+                  for (int64_t i = 0; i < rows * kBlockN; i += 16) _mm512_store_ps(y + i, _mm512_setzero_ps());
+                auto run = [&]<int NB>() {
+                  // one fp32 tile product per group (or per chunk for a per-channel scale), scaled and summed
+                  for (int64_t s = s_begin; s < s_end;) {
+                    const int64_t g = s / group_steps, e = std::min(s_end, (g + 1) * group_steps);
+                    dots_bf16<NB>(a, parts, pp, bstride, s - s_begin, e - s_begin, c);
+                    for (int j = 0; j < NB; ++j) {
+                      const __m512 sg = _mm512_loadu_ps(sp + g * kBlockN + 16 * j);
+                      for (int64_t i = 0; i < rows; ++i) {
+                        float* yr = y + i * kBlockN + 16 * j;
+                        _mm512_store_ps(yr, _mm512_fmadd_ps(_mm512_load_ps(c + i * kBlockN + 16 * j), sg, _mm512_load_ps(yr)));
+                      }
                     }
+                    s = e;
                   }
-                }
-              };
-              if (nb == 2)
-                run.template operator()<2>();
-              else
-                run.template operator()<1>();
-              for (int64_t i = 0; i < rows; ++i) {
-                float* yr = y + i * kBlockN;
-                finish_row<A, HAS_ACT>(yr, ncols, bias ? bias + n0 : nullptr);
-                at::vec::convert<float, T>(yr, static_cast<T*>(out) + (m0 + i) * N + n0, ncols);
+                };
+                if (nb == 2)
+                  run.template operator()<2>();
+                else
+                  run.template operator()<1>();
+                if (ch + 1 == chunks)
+                  for (int64_t i = 0; i < rows; ++i) {
+                    float* yr = y + i * kBlockN;
+                    finish_row<A, HAS_ACT>(yr, ncols, bias ? bias + n0 : nullptr);
+                    at::vec::convert<float, T>(yr, static_cast<T*>(out) + (m0 + i) * N + n0, ncols);
+                  }
               }
             }
           }
         }
+        std::free(yacc);
         std::free(panel);
       });
     });
