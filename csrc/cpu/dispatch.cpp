@@ -146,7 +146,7 @@ std::string isa_report() {
   const Choice& c = choice();
   std::string int8;
   switch (c.table) {
-    case Table::kAmx: int8 = "amx (tile int8 / bf16 GEMMs; VNNI for decode and shapes AMX does not take)"; break;
+    case Table::kAmx: int8 = "amx (tile int8 / bf16 GEMMs, W8A16 decode from 3 rows; VNNI or AVX-512 for W8A8 decode and shapes AMX does not take)"; break;
     case Table::kAvx512: int8 = has_vnni() ? "avx512-vnni" : "avx512 (no VNNI: ATen's int8 GEMM)"; break;
     case Table::kPortable: int8 = "portable (ATen's int8 GEMM)"; break;
   }

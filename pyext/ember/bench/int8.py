@@ -273,7 +273,7 @@ def int8_compute_floor(cfg) -> list[str]:
                            f"{M * K * N / bf16_per_s * 1e6:.0f} us (w8a16)" for _, M, K, N in shapes)
         return [f"int8 compute limit measured here: {macs_per_s / 1e9:.0f} G int8 MAC/s and {bf16_per_s / 1e9:.0f} "
                 f"G bf16 MAC/s (AMX TDPBUSD / TDPBF16PS on resident tiles, {torch.get_num_threads()} threads; "
-                f"ember's int8 GEMMs run on AMX, VNNI for decode rows). A GEMM cannot beat M*K*N / that rate: "
+                f"ember's int8 GEMMs run on AMX, VNNI for W8A8 decode rows). A GEMM cannot beat M*K*N / that rate: "
                 f"{floors}."]
     macs_per_s = ext.int8_peak_macs()
     if not macs_per_s:
@@ -374,20 +374,19 @@ def main(argv=None) -> int:
         torch.set_num_threads(a.threads)
     if a.amx:
         report = getattr(ember._backend.extension(), "cpu_isa_report", lambda: "unknown")()
-        print(f"# {_report.cpu_name()}, {torch.get_num_threads()} threads; {report.replace(chr(10), '; ')}")
-        print("# median us (best of 3 interleaved rounds); x_*_vs_bf16 = bf16 nn.Linear / the faster of fp32-x, bf16-x")
-        print("\n".join(_report.markdown_table(AMX_COLUMNS, [])), flush=True)
+        lines = [f"# {_report.cpu_name()}, {torch.get_num_threads()} threads; {report.replace(chr(10), '; ')}",
+                 "# median us (best of 3 interleaved rounds); x_*_vs_bf16 = bf16 nn.Linear / the faster of fp32-x, bf16-x"]
+        lines += _report.markdown_table(AMX_COLUMNS, [])
+        print("\n".join(lines), flush=True)
         recs = []
         for r in amx_rows():
             recs.append(r)
-            print(_report.markdown_row([r[c] for c in AMX_COLUMNS]), flush=True)
+            lines.append(_report.markdown_row([r[c] for c in AMX_COLUMNS]))
+            print(lines[-1], flush=True)
         if a.csv:
-            import csv
-
-            with open(a.csv, "w", newline="") as f:
-                wr = csv.DictWriter(f, fieldnames=AMX_COLUMNS)
-                wr.writeheader()
-                wr.writerows(recs)
+            written = _report.write_results(Path(a.csv).with_suffix(".md"), "\n".join(lines) + "\n", csv_path=a.csv,
+                                           columns=AMX_COLUMNS, records=recs)
+            print(f"wrote {written}", file=sys.stderr)
         return 0
     lines = _table_markdown_head(a.device)
     print("\n".join(lines), flush=True)
