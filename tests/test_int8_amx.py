@@ -217,6 +217,39 @@ def test_amx_w8a16_decode_rows(M, K, N, group_size):
             torch.testing.assert_close(y.double(), ref, atol=1e-4 * ref.abs().max().item(), rtol=1e-4)
 
 
+@pytest.fixture
+def mkldnn_matmul_precision():
+    """Sets torch.backends.mkldnn.matmul.fp32_precision for one test and restores it."""
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    yield lambda value: setattr(torch.backends.mkldnn.matmul, "fp32_precision", value)
+    torch.backends.mkldnn.matmul.fp32_precision = before
+
+
+@needs_amx
+@pytest.mark.parametrize("M", [4, 8, 16, 40])
+def test_amx_w8a16_fp32_x_follows_torchs_matmul_precision(M, mkldnn_matmul_precision):
+    # "bf16" lets torch's fp32 matmuls run in bf16 on this CPU, and W8A16's fp32 x then takes one bf16
+    # part: exactly the bf16-x result, before its final rounding. "tf32": two parts (~16 bits) from 5
+    # rows up (below, the fp32 GEMV); the default keeps three (fp32's precision, the 1e-4 of the others).
+    torch.manual_seed(M)
+    K, N = 512, 96
+    w, sw = I.quantize_weight(torch.randn(N, K), 128)
+    x, bias = torch.randn(M, K), torch.randn(N)
+    ref = I.int8_linear_reference(x.double(), w, sw, bias.double(), mode="w8a16")
+    y_bf16 = I.int8_linear(x.bfloat16(), w, sw, bias, mode="w8a16", backend="cpu")
+    sqnr = {}
+    for precision in ("bf16", "tf32", "ieee"):
+        mkldnn_matmul_precision(precision)
+        y = I.int8_linear(x, w, sw, bias, mode="w8a16", backend="cpu")
+        assert y.dtype == torch.float32
+        sqnr[precision] = metrics.sqnr_db(ref, y.double())
+        if precision == "bf16":
+            assert torch.equal(y.bfloat16(), y_bf16)
+    assert sqnr["bf16"] > 35 and sqnr["tf32"] > 80 and sqnr["ieee"] > 120, sqnr
+    if M >= 5:
+        assert sqnr["ieee"] > sqnr["tf32"] + 10, sqnr
+
+
 @needs_amx
 def test_amx_w8a16_bf16_input_rounds_only_the_output():
     # bf16 x is used as it is and int8 weights are exact in bf16: only fp32 accumulation order and the

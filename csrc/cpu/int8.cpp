@@ -46,6 +46,19 @@ void check_weight(const at::Tensor& x, const at::Tensor& w, const at::Tensor& sw
   TORCH_CHECK(w.device().is_cpu() && sw.device().is_cpu(), "ember_C.", op, ": w and w_scale must be CPU tensors");
 }
 
+// W8A16's fp32 x on AMX is split into bf16 parts (cpu/isa_amx.cpp): three by default, which keeps
+// fp32's precision, fewer where the user allowed torch's own fp32 matmuls less, through
+// torch.backends.mkldnn.matmul.fp32_precision or torch.set_float32_matmul_precision: "tf32" ("high")
+// two parts (~16 bits, more than tf32's 11), "bf16" ("medium") one. The same setting that lets
+// torch's fp32 nn.Linear run in bf16 on this CPU lets ember's W8A16 do so.
+int32_t fp32_x_parts() {
+  switch (at::globalContext().float32Precision(at::Float32Backend::MKLDNN, at::Float32Op::MATMUL)) {
+    case at::Float32Precision::BF16: return 1;
+    case at::Float32Precision::TF32: return 2;
+    default: return 3;
+  }
+}
+
 at::Tensor float_or_null(const c10::optional<at::Tensor>& t) {
   return t ? t->to(at::kFloat).contiguous() : at::Tensor();
 }
@@ -224,14 +237,14 @@ at::Tensor int8_linear_w8a16(const at::Tensor& x, const at::Tensor& w, const at:
   const DType dtype = to_dtype(x.scalar_type(), "int8_linear_w8a16", "x");
   check_act_code(act, "int8_linear_w8a16");
   // The AMX tile kernels take what they can where the CPU has them (isa_amx.cpp: from 3 rows up for a
-  // bf16 x, 5 for fp32 / fp16, widening the int8 weight to bf16 as they go, never a whole copy); the
+  // bf16 x (or an fp32 x allowed bf16), 5 for fp32 / fp16, widening the int8 weight to bf16 as they go, never a whole copy); the
   // GEMV takes the rest of the decode rows, streaming the int8 weight once.
   if (M > 0 && N > 0) {
     at::Tensor out = at::empty({M, N}, x.options());
     const at::Tensor b = float_or_null(bias);
     if (int8_kernels().w8a16_gemm(x.const_data_ptr(), x.stride(0), w.const_data_ptr<int8_t>(),
                                   sw.const_data_ptr<float>(), b.defined() ? b.const_data_ptr<float>() : nullptr,
-                                  out.mutable_data_ptr(), M, N, K, group, dtype, static_cast<int32_t>(act)))
+                                  out.mutable_data_ptr(), M, N, K, group, dtype, static_cast<int32_t>(act), fp32_x_parts()))
       return out;
   }
   if (M <= 16 && (group == K || group % 16 == 0)) {

@@ -540,7 +540,7 @@ inline bool w8a8_gemm_packed(const uint8_t* qu, const float* sx, const int8_t* w
 // The portable and AVX-512 tables have no weight-only GEMM of their own for M > 16: int8_linear_w8a16
 // then dequantizes once and runs ATen's GEMM (cpu/int8.cpp); the AMX table has one (cpu/isa_amx.cpp).
 inline bool w8a16_gemm_none(const void*, int64_t, const int8_t*, const float*, const float*, void*, int64_t, int64_t,
-                            int64_t, int64_t, DType, int32_t) {
+                            int64_t, int64_t, DType, int32_t, int32_t) {
   return false;
 }
 

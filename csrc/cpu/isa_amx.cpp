@@ -71,7 +71,7 @@ struct TileScope {
 };
 
 constexpr int64_t kBlockM = 32, kBlockN = 32;
-// W8A16 on AMX from 3 rows up for a bf16 x, 5 for the wider ones (two / three bf16 parts: that many
+// W8A16 on AMX from 3 rows up for an x taken as one bf16 part, 5 for two or three parts (that many
 // tile products); fewer rows stay on the AVX-512 GEMV, which streams the int8 weight at memory speed
 // with FMAs to spare. Measured at 4096 x 11008 (Intel Xeon, 2 cores): GEMV 5.3 / 6.1 / 11.2 ms at M =
 // 1 / 2 / 4, the tile kernel 8.5 / 9.5 / 7.4 ms (bf16 x) and 11.7 ms (fp32 x, M = 4); the GEMV's cost
@@ -332,20 +332,20 @@ inline void dots_bf16(const uint16_t* const* a, int parts, const uint16_t* wb, i
   store_c_tiles<NB>(c);
 }
 
-// x (M rows of K, row stride ldx) as PARTS bf16 rows each, x = p0 + p1 (+ p2), every part the bf16
-// rounding (to nearest even) of what the earlier ones left: [PARTS][M][K]. Two parts hold an fp16 x
+// x (M rows of K, row stride ldx) as `parts` bf16 rows each, x = p0 (+ p1 (+ p2)), every part the bf16
+// rounding (to nearest even) of what the earlier ones left: [parts][M][K]. Two parts hold an fp16 x
 // exactly (11 significant bits), three an fp32 x to within ~2^-24 (bf16x3).
-template <typename T, int PARTS>
-std::vector<c10::BFloat16> split_bf16(const T* x, int64_t ldx, int64_t M, int64_t K) {
-  std::vector<c10::BFloat16> xb(PARTS * M * K);
+template <typename T>
+std::vector<c10::BFloat16> split_bf16(const T* x, int64_t ldx, int64_t M, int64_t K, int parts) {
+  std::vector<c10::BFloat16> xb(parts * M * K);
   at::parallel_for(0, M, std::max<int64_t>(1, 16384 / K), [&](int64_t m0, int64_t m1) {
     std::vector<float> rest(K), part(K);
     for (int64_t m = m0; m < m1; ++m) {
       row_to_float(x + m * ldx, K, nullptr, rest.data());
-      for (int p = 0; p < PARTS; ++p) {
+      for (int p = 0; p < parts; ++p) {
         c10::BFloat16* dst = xb.data() + (p * M + m) * K;
         at::vec::convert<float, c10::BFloat16>(rest.data(), dst, K);
-        if (p + 1 == PARTS) break;
+        if (p + 1 == parts) break;
         at::vec::convert<c10::BFloat16, float>(dst, part.data(), K);
         int64_t i = 0;  // rest -= part: exact, the bits of rest below part's 8
         for (; i + kVF <= K; i += kVF) (VF::loadu(rest.data() + i) - VF::loadu(part.data() + i)).store(rest.data() + i);
@@ -417,11 +417,11 @@ void w8a16_narrow(const T* x, int64_t ldx, const int8_t* w, const float* sw, con
   std::vector<c10::BFloat16> parts_buf;
   const uint16_t* xrows;  // [PARTS][M][K] bf16, row stride xld
   int64_t xld;
-  if constexpr (PARTS == 1) {
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
     xrows = reinterpret_cast<const uint16_t*>(x);
     xld = ldx;
   } else {
-    parts_buf = split_bf16<T, PARTS>(x, ldx, M, K);
+    parts_buf = split_bf16<T>(x, ldx, M, K, PARTS);
     xrows = reinterpret_cast<const uint16_t*>(parts_buf.data());
     xld = K;
   }
@@ -434,7 +434,7 @@ void w8a16_narrow(const T* x, int64_t ldx, const int8_t* w, const float* sw, con
   const __m512i order = _mm512_load_si512(kOrder);
   for (int p = 0; p < PARTS; ++p)
     for (int64_t m = 0; m < M; ++m) {
-      const uint16_t* xr = xrows + (p * (PARTS == 1 ? 0 : M) + m) * xld;
+      const uint16_t* xr = xrows + (p * M + m) * xld;
       for (int64_t s = 0; s < steps; ++s) {
         alignas(64) uint32_t pairs_of_step[16];
         _mm512_store_si512(pairs_of_step, _mm512_permutexvar_epi16(order, _mm512_loadu_si512(xr + 32 * s)));
@@ -523,16 +523,31 @@ void w8a16_narrow(const T* x, int64_t ldx, const int8_t* w, const float* sw, con
   });
 }
 
+// How many bf16 parts x is taken as: bf16 as it is, fp16 in two (exact), fp32 in fp32_parts (int8.cpp
+// reads it from torch's fp32 matmul precision: three keep fp32's ~24 bits, two ~16, one is bf16).
+template <typename T>
+int x_parts(int32_t fp32_parts) {
+  return std::is_same_v<T, c10::BFloat16> ? 1 : std::is_same_v<T, c10::Half> ? 2 : std::clamp<int32_t>(fp32_parts, 1, 3);
+}
+
 bool w8a16_gemm_amx(const void* x, int64_t ldx, const int8_t* w, const float* sw, const float* bias, void* out,
-                    int64_t M, int64_t N, int64_t K, int64_t group, DType dtype, int32_t act) {
+                    int64_t M, int64_t N, int64_t K, int64_t group, DType dtype, int32_t act, int32_t fp32_parts) {
   // Whole 32-k steps and groups, whole 16-column blocks; other shapes return false for int8.cpp's
   // GEMV / dequantised paths. fp64 x keeps its float64 GEMM (the bf16 parts would stop at fp32 precision).
-  if (M < (dtype == DType::kBFloat16 ? kNarrowMinRows : kNarrowMinRowsSplit) || K % 32 != 0 || group % 32 != 0 || N % 16 != 0 || dtype == DType::kFloat64) return false;
+  if (K % 32 != 0 || group % 32 != 0 || N % 16 != 0 || dtype == DType::kFloat64) return false;
+  const bool one_part = dtype == DType::kBFloat16 || (dtype == DType::kFloat32 && fp32_parts <= 1);
+  if (M < (one_part ? kNarrowMinRows : kNarrowMinRowsSplit)) return false;
   if (M <= 16) {
     dispatch_float(dtype, [&](auto tag) {
       using T = decltype(tag);
-      constexpr int parts = std::is_same_v<T, c10::BFloat16> ? 1 : std::is_same_v<T, c10::Half> ? 2 : 3;
-      w8a16_narrow<T, parts>(static_cast<const T*>(x), ldx, w, sw, bias, static_cast<T*>(out), M, N, K, group, act);
+      auto narrow = [&]<int PARTS>() {
+        w8a16_narrow<T, PARTS>(static_cast<const T*>(x), ldx, w, sw, bias, static_cast<T*>(out), M, N, K, group, act);
+      };
+      switch (x_parts<T>(fp32_parts)) {
+        case 1: narrow.template operator()<1>(); break;
+        case 2: narrow.template operator()<2>(); break;
+        default: narrow.template operator()<3>(); break;
+      }
     });
     return true;
   }
@@ -544,17 +559,18 @@ bool w8a16_gemm_amx(const void* x, int64_t ldx, const int8_t* w, const float* sw
     // x as bf16 rows, padded with zero rows to whole 32-row blocks (tile loads read 16 rows). A bf16 x
     // is used as it is. A wider x is split into bf16 parts, x = p0 + p1 (+ p2), each part the bf16
     // rounding of what the earlier ones left: two parts hold an fp16 x exactly (11 significant bits),
-    // three an fp32 x to within ~2^-24 (bf16x3), so W8A16 keeps x's precision as on every other path
-    // (the op's contract; the tests hold fp32 to 1e-4) instead of silently computing an fp32 model in
-    // bf16. Each extra part costs one more tile product per B tile; the weight traffic stays the same.
-    constexpr int parts = std::is_same_v<T, c10::BFloat16> ? 1 : std::is_same_v<T, c10::Half> ? 2 : 3;
+    // three an fp32 x to within ~2^-24 (bf16x3), so by default W8A16 keeps x's precision as on every
+    // other path (the op's contract; the tests hold fp32 to 1e-4) instead of silently computing an fp32
+    // model in bf16; fewer parts only where torch's fp32 matmul precision allows them. Each extra part
+    // costs one more tile product per B tile; the weight traffic stays the same.
+    const int parts = x_parts<T>(fp32_parts);
     // Each part is then repacked in tile order (pack_a, as W8A8's activations): row-major tiles of x
     // read rows 2K bytes apart, all in one or two L1 sets at K = 3072 / 4096.
     std::unique_ptr<uint8_t, FreeDeleter> packed(static_cast<uint8_t*>(std::aligned_alloc(64, parts * Mp * K * 2)));
-    if constexpr (parts == 1) {
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
       pack_a(static_cast<const uint8_t*>(x), 2 * ldx, M, 2 * K, 0, packed.get());
     } else {
-      const std::vector<c10::BFloat16> xb = split_bf16<T, parts>(static_cast<const T*>(x), ldx, M, K);
+      const std::vector<c10::BFloat16> xb = split_bf16<T>(static_cast<const T*>(x), ldx, M, K, parts);
       for (int p = 0; p < parts; ++p)
         pack_a(reinterpret_cast<const uint8_t*>(xb.data() + p * M * K), 2 * K, M, 2 * K, 0, packed.get() + p * Mp * K * 2);
     }

@@ -134,8 +134,10 @@ struct Int8Kernels {
   // Weight-only int8 GEMM for the larger M (prefill), the same contract as w8a16_gemv without its
   // M <= 16 limit. Returns false (nothing done) where the table has no such kernel (only the AMX one
   // has: cpu/isa_amx.cpp) or the shape is not one it takes; the caller then runs its fallback.
+  // fp32_parts: how many bf16 parts an fp32 x is split into for bf16 tile products (3: fp32's
+  // precision, 2: ~16 bits, 1: bf16), from torch's fp32 matmul precision (cpu/int8.cpp).
   bool (*w8a16_gemm)(const void* x, int64_t ldx, const int8_t* w, const float* sw, const float* bias, void* out,
-                     int64_t M, int64_t N, int64_t K, int64_t group, DType dtype, int32_t act);
+                     int64_t M, int64_t N, int64_t K, int64_t group, DType dtype, int32_t act, int32_t fp32_parts);
 };
 
 // The shapes the packed W8A8 weight exists for: whole 16-channel blocks (N % 16), whole 4-k steps
