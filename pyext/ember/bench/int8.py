@@ -307,7 +307,23 @@ AMX_LAYERS = [("bert.qkv", 768, 2304), ("bert.ffn_up", 768, 3072), ("bert.ffn_do
               ("llama7b.qkv_o", 4096, 4096), ("llama7b.mlp_up", 4096, 11008), ("llama7b.mlp_down", 11008, 4096)]
 AMX_ROWS = (1, 16, 128, 512)
 AMX_COLUMNS = ["shape", "M", "K", "N", "torch-bf16", "torch-fp32", "w8a8-fp32x", "w8a8-bf16x", "w8a16-fp32x",
-               "w8a16-bf16x", "torch._int_mm", "x_w8a8_vs_bf16", "x_w8a16_vs_bf16", "target_met"]
+               "w8a16-bf16x", "torch._int_mm", "torch-fp32@bf16mm", "w8a16-fp32x@bf16mm", "x_w8a8_vs_bf16",
+               "x_w8a16_vs_bf16", "target_met"]
+_TIMED_COLUMNS = AMX_COLUMNS[4:13]
+
+
+def _at_bf16_matmul_precision(fn):
+    """fn run with torch's fp32 matmuls allowed bf16 (torch.backends.mkldnn.matmul.fp32_precision), as a
+    user who set it would: torch's fp32 Linear then runs in bf16, and ember's W8A16 takes an fp32 x as one
+    bf16 part (cpu/int8.cpp)."""
+    def run():
+        before = torch.backends.mkldnn.matmul.fp32_precision
+        torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+        try:
+            return fn()
+        finally:
+            torch.backends.mkldnn.matmul.fp32_precision = before
+    return run
 
 
 def amx_rows(layers=AMX_LAYERS, ms=AMX_ROWS, budget_s: float = 0.3):
@@ -325,11 +341,13 @@ def amx_rows(layers=AMX_LAYERS, ms=AMX_ROWS, budget_s: float = 0.3):
             xb = x.bfloat16()
             qx = torch.randint(-127, 128, (M, K), dtype=torch.int8)
             provs = {"torch-bf16": lambda: lb(xb), "torch-fp32": lambda: lin(x), "w8a8-fp32x": lambda: q8(x),
-                     "w8a8-bf16x": lambda: q8(xb), "w8a16-fp32x": lambda: q16(x), "w8a16-bf16x": lambda: q16(xb)}
+                     "w8a8-bf16x": lambda: q8(xb), "w8a16-fp32x": lambda: q16(x), "w8a16-bf16x": lambda: q16(xb),
+                     "torch-fp32@bf16mm": _at_bf16_matmul_precision(lambda: lin(x)),
+                     "w8a16-fp32x@bf16mm": _at_bf16_matmul_precision(lambda: q16(x))}
             if M >= 17:  # torch._int_mm takes M > 16 only
                 provs["torch._int_mm"] = lambda: torch._int_mm(qx, wt)
             ref = lin(x)
-            for p in ("w8a8-fp32x", "w8a16-fp32x", "w8a16-bf16x"):
+            for p in ("w8a8-fp32x", "w8a16-fp32x", "w8a16-bf16x", "w8a16-fp32x@bf16mm"):
                 with torch.inference_mode():
                     cos = min_cosine(ref, provs[p]().float())
                 if not cos >= 0.99:
@@ -346,7 +364,7 @@ def amx_rows(layers=AMX_LAYERS, ms=AMX_ROWS, budget_s: float = 0.3):
             w8a16 = bf / min(best["w8a16-fp32x"], best["w8a16-bf16x"])
             met = (w8a8 >= AMX_W8A8_VS_BF16 if M >= 128 else True) and \
                 w8a16 >= (AMX_W8A16_DECODE_VS_BF16 if M <= 16 else AMX_W8A16_VS_BF16)
-            yield {"shape": name, "M": M, "K": K, "N": N, **{p: round(best.get(p, float("nan")), 1) for p in AMX_COLUMNS[4:11]},
+            yield {"shape": name, "M": M, "K": K, "N": N, **{p: round(best.get(p, float("nan")), 1) for p in _TIMED_COLUMNS},
                    "x_w8a8_vs_bf16": round(w8a8, 2), "x_w8a16_vs_bf16": round(w8a16, 2), "target_met": met}
 
 
@@ -375,7 +393,8 @@ def main(argv=None) -> int:
     if a.amx:
         report = getattr(ember._backend.extension(), "cpu_isa_report", lambda: "unknown")()
         lines = [f"# {_report.cpu_name()}, {torch.get_num_threads()} threads; {report.replace(chr(10), '; ')}",
-                 "# median us (best of 3 interleaved rounds); x_*_vs_bf16 = bf16 nn.Linear / the faster of fp32-x, bf16-x"]
+                 "# median us (best of 3 interleaved rounds); x_*_vs_bf16 = bf16 nn.Linear / the faster of fp32-x, bf16-x "
+                 "(default precision); @bf16mm: run with torch.backends.mkldnn.matmul.fp32_precision = 'bf16'"]
         lines += _report.markdown_table(AMX_COLUMNS, [])
         print("\n".join(lines), flush=True)
         recs = []
