@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job: set up, run the kernel benchmark suite for this machine's device, serve a decoder through
-# generate per provider (the decoder suite), train one (the train suite), then the demo that swaps ember into a real pretrained model.
+# generate per provider (the decoder suite), train one (the train suite), time swap per architecture (the swap suite), then the demo that swaps ember into a real pretrained model.
 # Results land in bench/results/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,4 +11,6 @@ python3 -m ember bench "$@"
 python3 -m ember bench --suites decoder
 # a Llama-style decoder trained end to end per provider (issue #13): step time, memory, loss curves
 python3 -m ember bench --suites linear_cross_entropy train
+# what ember.swap fuses per transformers architecture, and the whole-model speed it gives (issue #14)
+python3 -m ember bench --suites swap
 python3 -m ember demo
