@@ -172,11 +172,12 @@ def test_amx_w8a8_nan_rows_stay_in_their_row():
 # ---------------------------------------------------------------------------------------------
 @needs_amx
 @pytest.mark.parametrize("shape", [(17, 64, 16), (33, 128, 80), (1023, 256, 48), (64, 768, 208), (40, 100, 48),
-                                   (20, 96, 40), (40, 2304, 48)], ids=lambda s: "x".join(map(str, s)))
+                                   (20, 96, 40), (40, 2304, 48), (2100, 64, 32)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("group_size", [None, 32, 64, 768])
 def test_amx_w8a16_matches_reference(shape, group_size):
     # K 100 / N 40: no AMX tile form (K % 32, N % 16); the dequantizing fallback runs. K 2304: two K
-    # chunks of the tile kernel (2048 + 256), a group of 768 split by the chunk boundary
+    # chunks of the tile kernel (2048 + 256), a group of 768 split by the chunk boundary. M 2100: two runs
+    # of x blocks (2048 rows + the rest)
     M, K, N = shape
     if group_size is not None and K % group_size:
         pytest.skip("group does not divide K")

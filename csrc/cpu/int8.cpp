@@ -237,8 +237,8 @@ at::Tensor int8_linear_w8a16(const at::Tensor& x, const at::Tensor& w, const at:
   const DType dtype = to_dtype(x.scalar_type(), "int8_linear_w8a16", "x");
   check_act_code(act, "int8_linear_w8a16");
   // The AMX tile kernels take what they can where the CPU has them (isa_amx.cpp: from 3 rows up for a
-  // bf16 x (or an fp32 x allowed bf16), 5 for fp32 / fp16, widening the int8 weight to bf16 as they go, never a whole copy); the
-  // GEMV takes the rest of the decode rows, streaming the int8 weight once.
+  // bf16 x, or an fp32 x allowed bf16; 5 for fp32 / fp16), widening the int8 weight to bf16 as they go,
+  // never a whole copy; the GEMV takes the rest of the decode rows, streaming the int8 weight once.
   if (M > 0 && N > 0) {
     at::Tensor out = at::empty({M, N}, x.options());
     const at::Tensor b = float_or_null(bias);

@@ -591,7 +591,11 @@ bool w8a16_gemm_amx(const void* x, int64_t ldx, const int8_t* w, const float* sw
         const int64_t bstride = chunk_steps * 1024;  // bytes per widened 16-column block of one chunk
         const int64_t span = std::clamp<int64_t>((int64_t(1) << 20) / (2 * bstride), 1, 8);
         uint16_t* panel = static_cast<uint16_t*>(std::aligned_alloc(64, span * 2 * bstride));
-        float* yacc = static_cast<float*>(std::aligned_alloc(64, mblocks * span * kBlockM * kBlockN * sizeof(float)));
+        // x's 32-row blocks go through in runs of up to 64 (2048 rows), so yacc stays 2 MiB at most for
+        // any M; each run widens the span's chunks again, a pass over N x K per 2048 rows of products.
+        constexpr int64_t kRunBlocks = 64;
+        const int64_t run_blocks = std::min(mblocks, kRunBlocks);
+        float* yacc = static_cast<float*>(std::aligned_alloc(64, run_blocks * span * kBlockM * kBlockN * sizeof(float)));
         std::vector<float> swp(span * G * kBlockN);  // each pair's scales as (G, 32)
         for (int64_t q0 = p0; q0 < p1; q0 += span) {
           const int64_t q1 = std::min(p1, q0 + span);
@@ -601,52 +605,54 @@ bool w8a16_gemm_amx(const void* x, int64_t ldx, const int8_t* w, const float* sw
             for (int64_t g = 0; g < G; ++g)
               for (int64_t n = 0; n < ncols; ++n) sp[g * kBlockN + n] = sw[(n0 + n) * G + g];
           }
-          for (int64_t ch = 0; ch < chunks; ++ch) {
-            const int64_t s_begin = ch * chunk_steps, s_end = std::min(steps, s_begin + chunk_steps);
-            for (int64_t p = q0; p < q1; ++p) {
-              const int64_t nb = std::min<int64_t>(2, blocks - 2 * p), n0 = 32 * p;
-              uint16_t* pp = panel + (p - q0) * bstride;  // 2 blocks of bstride bytes = bstride uint16
-              for (int64_t j = 0; j < nb; ++j)
-                for (int64_t st = s_begin; st < s_end; ++st)
-                  widen_b_tile(w + (n0 + 16 * j) * K + 32 * st, K, pp + (j * bstride + (st - s_begin) * 1024) / 2);
-            }
-            for (int64_t mb = 0; mb < mblocks; ++mb) {
-              const int64_t m0 = mb * kBlockM, rows = std::min(kBlockM, M - m0);
-              // each part's 32-row block from this chunk on (2 KiB = 1024 bf16 per 32-k step)
-              const uint16_t* a[3] = {xa + m0 * K + 1024 * s_begin, xa + (Mp + m0) * K + 1024 * s_begin,
-                                      xa + (2 * Mp + m0) * K + 1024 * s_begin};
+          for (int64_t mb0 = 0; mb0 < mblocks; mb0 += kRunBlocks) {
+            for (int64_t ch = 0; ch < chunks; ++ch) {
+              const int64_t s_begin = ch * chunk_steps, s_end = std::min(steps, s_begin + chunk_steps);
               for (int64_t p = q0; p < q1; ++p) {
-                const int64_t nb = std::min<int64_t>(2, blocks - 2 * p), n0 = 32 * p, ncols = 16 * nb;
-                const uint16_t* pp = panel + (p - q0) * bstride;
-                const float* sp = swp.data() + (p - q0) * G * kBlockN;
-                float* y = yacc + (mb * span + (p - q0)) * kBlockM * kBlockN;
-                if (ch == 0)
-                  for (int64_t i = 0; i < rows * kBlockN; i += 16) _mm512_store_ps(y + i, _mm512_setzero_ps());
-                auto run = [&]<int NB>() {
-                  // one fp32 tile product per group (or per chunk for a per-channel scale), scaled and summed
-                  for (int64_t s = s_begin; s < s_end;) {
-                    const int64_t g = s / group_steps, e = std::min(s_end, (g + 1) * group_steps);
-                    dots_bf16<NB>(a, parts, pp, bstride, s - s_begin, e - s_begin, c);
-                    for (int j = 0; j < NB; ++j) {
-                      const __m512 sg = _mm512_loadu_ps(sp + g * kBlockN + 16 * j);
-                      for (int64_t i = 0; i < rows; ++i) {
-                        float* yr = y + i * kBlockN + 16 * j;
-                        _mm512_store_ps(yr, _mm512_fmadd_ps(_mm512_load_ps(c + i * kBlockN + 16 * j), sg, _mm512_load_ps(yr)));
+                const int64_t nb = std::min<int64_t>(2, blocks - 2 * p), n0 = 32 * p;
+                uint16_t* pp = panel + (p - q0) * bstride;  // 2 blocks of bstride bytes = bstride uint16
+                for (int64_t j = 0; j < nb; ++j)
+                  for (int64_t st = s_begin; st < s_end; ++st)
+                    widen_b_tile(w + (n0 + 16 * j) * K + 32 * st, K, pp + (j * bstride + (st - s_begin) * 1024) / 2);
+              }
+              for (int64_t mb = mb0; mb < std::min(mblocks, mb0 + kRunBlocks); ++mb) {
+                const int64_t m0 = mb * kBlockM, rows = std::min(kBlockM, M - m0);
+                // each part's 32-row block from this chunk on (2 KiB = 1024 bf16 per 32-k step)
+                const uint16_t* a[3] = {xa + m0 * K + 1024 * s_begin, xa + (Mp + m0) * K + 1024 * s_begin,
+                                        xa + (2 * Mp + m0) * K + 1024 * s_begin};
+                for (int64_t p = q0; p < q1; ++p) {
+                  const int64_t nb = std::min<int64_t>(2, blocks - 2 * p), n0 = 32 * p, ncols = 16 * nb;
+                  const uint16_t* pp = panel + (p - q0) * bstride;
+                  const float* sp = swp.data() + (p - q0) * G * kBlockN;
+                  float* y = yacc + ((mb - mb0) * span + (p - q0)) * kBlockM * kBlockN;
+                  if (ch == 0)
+                    for (int64_t i = 0; i < rows * kBlockN; i += 16) _mm512_store_ps(y + i, _mm512_setzero_ps());
+                  auto run = [&]<int NB>() {
+                    // one fp32 tile product per group (or per chunk for a per-channel scale), scaled and summed
+                    for (int64_t s = s_begin; s < s_end;) {
+                      const int64_t g = s / group_steps, e = std::min(s_end, (g + 1) * group_steps);
+                      dots_bf16<NB>(a, parts, pp, bstride, s - s_begin, e - s_begin, c);
+                      for (int j = 0; j < NB; ++j) {
+                        const __m512 sg = _mm512_loadu_ps(sp + g * kBlockN + 16 * j);
+                        for (int64_t i = 0; i < rows; ++i) {
+                          float* yr = y + i * kBlockN + 16 * j;
+                          _mm512_store_ps(yr, _mm512_fmadd_ps(_mm512_load_ps(c + i * kBlockN + 16 * j), sg, _mm512_load_ps(yr)));
+                        }
                       }
+                      s = e;
                     }
-                    s = e;
-                  }
-                };
-                if (nb == 2)
-                  run.template operator()<2>();
-                else
-                  run.template operator()<1>();
-                if (ch + 1 == chunks)
-                  for (int64_t i = 0; i < rows; ++i) {
-                    float* yr = y + i * kBlockN;
-                    finish_row<A, HAS_ACT>(yr, ncols, bias ? bias + n0 : nullptr);
-                    at::vec::convert<float, T>(yr, static_cast<T*>(out) + (m0 + i) * N + n0, ncols);
-                  }
+                  };
+                  if (nb == 2)
+                    run.template operator()<2>();
+                  else
+                    run.template operator()<1>();
+                  if (ch + 1 == chunks)
+                    for (int64_t i = 0; i < rows; ++i) {
+                      float* yr = y + i * kBlockN;
+                      finish_row<A, HAS_ACT>(yr, ncols, bias ? bias + n0 : nullptr);
+                      at::vec::convert<float, T>(yr, static_cast<T*>(out) + (m0 + i) * N + n0, ncols);
+                    }
+                }
               }
             }
           }
