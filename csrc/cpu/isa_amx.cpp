@@ -261,22 +261,28 @@ bool w8a8_gemm_packed_amx(const uint8_t* qu, const float* sx, const int8_t* wp, 
 // 64 KiB per 1024 k), which every 32-row block of x then reuses; no whole dequantized weight is made.
 // ---------------------------------------------------------------------------------------------
 
+// Word p of widen_row returns weight k = widened_k(p) of its 32: packus_epi32 interleaves its two
+// sources per 128-bit lane. The dot product only needs A's and B's k in the same order, so x is packed
+// in this order rather than the weight reordered.
+constexpr int widened_k(int p) { return p % 8 < 4 ? 4 * (p / 8) + p % 8 : 16 + 4 * (p / 8) + p % 8 - 4; }
+
+// 32 int8 weights -> 32 bf16 (exact: int8 -> fp32 is exact, and fp32 -> bf16 by truncation too, the
+// low 16 bits being zero), in widened_k order.
+inline __m512i widen_row(const int8_t* w) {
+  const __m512i lo = _mm512_srli_epi32(
+      _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))))), 16);
+  const __m512i hi = _mm512_srli_epi32(
+      _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16))))), 16);
+  return _mm512_packus_epi32(lo, hi);
+}
+
 // Widens w[0..15][k0 .. k0 + 31] (rows every K bytes) into one bf16 B tile (16 rows of 64 bytes):
 // tile row r = [column n: bf16(w[n][k0 + 2r]), bf16(w[n][k0 + 2r + 1])].
 inline void widen_b_tile(const int8_t* w, int64_t K, uint16_t* tile) {
+  // dword d of v[n] (lane l = d / 4, m = d % 4) holds the k pair 2l + m (m < 2) or 8 + 2l + m - 2
+  // (m >= 2): widen_row's packus order, undone below by storing each transposed row at its pair's tile row.
   __m512i v[16];
-  for (int n = 0; n < 16; ++n) {
-    const int8_t* r = w + n * K;
-    // int8 -> fp32 is exact and so is fp32 -> bf16 by truncation (the low 16 bits are zero).
-    const __m512i lo = _mm512_srli_epi32(
-        _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r))))), 16);
-    const __m512i hi = _mm512_srli_epi32(
-        _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r + 16))))), 16);
-    // packus works per 128-bit lane: dword d of v[n] (lane l = d / 4, m = d % 4) holds the k pair
-    // 2l + m (m < 2, from lo) or 8 + 2l + m - 2 (m >= 2, from hi). The order is undone below by
-    // storing each transposed row at its pair's tile row.
-    v[n] = _mm512_packus_epi32(lo, hi);
-  }
+  for (int n = 0; n < 16; ++n) v[n] = widen_row(w + n * K);
   // 16 x 16 dword transpose: 32-bit and 64-bit interleaves within lanes, then a 4 x 4 lane transpose.
   __m512i t[16], u[16];
   for (int i = 0; i < 8; ++i) {
@@ -366,21 +372,6 @@ std::vector<c10::BFloat16> split_bf16(const T* x, int64_t ldx, int64_t M, int64_
 // the kernel streams the int8 weight at about one byte per weight, as the GEMV does for M = 1.
 // ---------------------------------------------------------------------------------------------
 
-// Word p of widen_row returns weight k = kWidenedK[p] of its 32: packus_epi32 interleaves its two
-// sources per 128-bit lane. The dot product only needs A's and B's k in the same order, so x is packed
-// in this order rather than the weight reordered.
-constexpr int widened_k(int p) { return p % 8 < 4 ? 4 * (p / 8) + p % 8 : 16 + 4 * (p / 8) + p % 8 - 4; }
-
-// 32 int8 weights -> 32 bf16 (exact: int8 -> fp32 is exact, and fp32 -> bf16 by truncation too, the
-// low 16 bits being zero), in widened_k order.
-inline __m512i widen_row(const int8_t* w) {
-  const __m512i lo = _mm512_srli_epi32(
-      _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))))), 16);
-  const __m512i hi = _mm512_srli_epi32(
-      _mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + 16))))), 16);
-  return _mm512_packus_epi32(lo, hi);
-}
-
 // One 32-k step of the transposed product for PARTS bf16 parts of x: C0 (tmm0) += A0 x B, and C1
 // (tmm1) += A1 x B when NB == 2; A tiles (tmm4-5) from the widened weight at a (1 KiB per 16-channel
 // block), the parts' B tiles (tmm6, tmm7, tmm3) at b (part stride bstride bytes).
@@ -425,13 +416,9 @@ void w8a16_narrow(const T* x, int64_t ldx, const int8_t* w, const float* sw, con
     xrows = reinterpret_cast<const uint16_t*>(parts_buf.data());
     xld = K;
   }
-  alignas(64) static constexpr uint16_t kOrder[32] = {
-      widened_k(0),  widened_k(1),  widened_k(2),  widened_k(3),  widened_k(4),  widened_k(5),  widened_k(6),
-      widened_k(7),  widened_k(8),  widened_k(9),  widened_k(10), widened_k(11), widened_k(12), widened_k(13),
-      widened_k(14), widened_k(15), widened_k(16), widened_k(17), widened_k(18), widened_k(19), widened_k(20),
-      widened_k(21), widened_k(22), widened_k(23), widened_k(24), widened_k(25), widened_k(26), widened_k(27),
-      widened_k(28), widened_k(29), widened_k(30), widened_k(31)};
-  const __m512i order = _mm512_load_si512(kOrder);
+  alignas(64) uint16_t order_k[32];  // word p of a B row holds x's k = widened_k(p), as widen_row's A rows
+  for (int p = 0; p < 32; ++p) order_k[p] = static_cast<uint16_t>(widened_k(p));
+  const __m512i order = _mm512_load_si512(order_k);
   for (int p = 0; p < PARTS; ++p)
     for (int64_t m = 0; m < M; ++m) {
       const uint16_t* xr = xrows + (p * M + m) * xld;
@@ -525,9 +512,8 @@ void w8a16_narrow(const T* x, int64_t ldx, const int8_t* w, const float* sw, con
 
 // How many bf16 parts x is taken as: bf16 as it is, fp16 in two (exact), fp32 in fp32_parts (int8.cpp
 // reads it from torch's fp32 matmul precision: three keep fp32's ~24 bits, two ~16, one is bf16).
-template <typename T>
-int x_parts(int32_t fp32_parts) {
-  return std::is_same_v<T, c10::BFloat16> ? 1 : std::is_same_v<T, c10::Half> ? 2 : std::clamp<int32_t>(fp32_parts, 1, 3);
+int x_parts(DType dtype, int32_t fp32_parts) {
+  return dtype == DType::kBFloat16 ? 1 : dtype == DType::kFloat16 ? 2 : std::clamp<int32_t>(fp32_parts, 1, 3);
 }
 
 bool w8a16_gemm_amx(const void* x, int64_t ldx, const int8_t* w, const float* sw, const float* bias, void* out,
@@ -535,15 +521,15 @@ bool w8a16_gemm_amx(const void* x, int64_t ldx, const int8_t* w, const float* sw
   // Whole 32-k steps and groups, whole 16-column blocks; other shapes return false for int8.cpp's
   // GEMV / dequantised paths. fp64 x keeps its float64 GEMM (the bf16 parts would stop at fp32 precision).
   if (K % 32 != 0 || group % 32 != 0 || N % 16 != 0 || dtype == DType::kFloat64) return false;
-  const bool one_part = dtype == DType::kBFloat16 || (dtype == DType::kFloat32 && fp32_parts <= 1);
-  if (M < (one_part ? kNarrowMinRows : kNarrowMinRowsSplit)) return false;
+  const int parts = x_parts(dtype, fp32_parts);
+  if (M < (parts == 1 ? kNarrowMinRows : kNarrowMinRowsSplit)) return false;
   if (M <= 16) {
     dispatch_float(dtype, [&](auto tag) {
       using T = decltype(tag);
       auto narrow = [&]<int PARTS>() {
         w8a16_narrow<T, PARTS>(static_cast<const T*>(x), ldx, w, sw, bias, static_cast<T*>(out), M, N, K, group, act);
       };
-      switch (x_parts<T>(fp32_parts)) {
+      switch (parts) {
         case 1: narrow.template operator()<1>(); break;
         case 2: narrow.template operator()<2>(); break;
         default: narrow.template operator()<3>(); break;
@@ -563,7 +549,6 @@ bool w8a16_gemm_amx(const void* x, int64_t ldx, const int8_t* w, const float* sw
     // other path (the op's contract; the tests hold fp32 to 1e-4) instead of silently computing an fp32
     // model in bf16; fewer parts only where torch's fp32 matmul precision allows them. Each extra part
     // costs one more tile product per B tile; the weight traffic stays the same.
-    const int parts = x_parts<T>(fp32_parts);
     // Each part is then repacked in tile order (pack_a, as W8A8's activations): row-major tiles of x
     // read rows 2K bytes apart, all in one or two L1 sets at K = 3072 / 4096.
     std::unique_ptr<uint8_t, FreeDeleter> packed(static_cast<uint8_t*>(std::aligned_alloc(64, parts * Mp * K * 2)));
