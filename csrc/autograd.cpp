@@ -55,6 +55,17 @@ EMBER_OP(linear_op, "ember::linear_act", LinearSig)
 EMBER_OP(linear_backward_op, "ember::linear_act_backward", LinearBackwardSig)
 EMBER_OP(gated_linear_op, "ember::gated_linear", GatedLinearSig)
 EMBER_OP(gated_linear_backward_op, "ember::gated_linear_backward", GatedLinearBackwardSig)
+using GroupedMlpSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, Str, bool);
+using GroupedMlpBackwardSig = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                 const Tensor&, const Tensor&, const Tensor&, Str,
+                                                                 bool, bool);
+EMBER_OP(grouped_mlp_op, "ember::grouped_gated_mlp",
+         std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, Str, bool, Str))
+EMBER_OP(grouped_mlp_backward_op, "ember::grouped_gated_mlp_backward",
+         std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                            const Tensor&, Str, bool, bool, Str))
+EMBER_OP(c_grouped_mlp, "ember_C::grouped_gated_mlp", GroupedMlpSig)
+EMBER_OP(c_grouped_mlp_backward, "ember_C::grouped_gated_mlp_backward", GroupedMlpBackwardSig)
 EMBER_OP(unary_act_op, "ember::unary_act", Tensor(const Tensor&, Str, Str))
 EMBER_OP(unary_act_backward_op, "ember::unary_act_backward", Tensor(const Tensor&, const Tensor&, Str, Str))
 EMBER_OP(gated_act_op, "ember::gated_act", Tensor(const Tensor&, const Tensor&, Str, Str))
@@ -324,6 +335,65 @@ std::tuple<Tensor, Tensor> gated_linear_autograd(const Tensor& x, const Tensor& 
   return {outs[0], outs[1]};
 }
 
+// ==== grouped_gated_mlp: every expert's down(act(gate) * up) over rows sorted by expert ===============
+std::tuple<Tensor, Tensor> grouped_mlp_below(const Tensor& x, const Tensor& w_gate_up, const Tensor& w_down,
+                                             const Tensor& offsets, Str act, bool save_preact, Str backend) {
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  if (backend == "cpu" && plain({&x, &w_gate_up, &w_down, &offsets}))
+    return c_grouped_mlp().call(x, w_gate_up, w_down, offsets, act, save_preact);
+  return grouped_mlp_op().call(x, w_gate_up, w_down, offsets, act, save_preact, backend);
+}
+
+struct GroupedMlpFn : public torch::autograd::Function<GroupedMlpFn> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& w_gate_up, const Tensor& w_down,
+                               const Tensor& offsets, const std::string& act, bool save_preact,
+                               const std::string& backend) {
+    auto [out, pre] = grouped_mlp_below(x, w_gate_up, w_down, offsets, act, true, backend);
+    ctx->save_for_backward({x, w_gate_up, w_down, offsets, pre});
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["backend"] = backend;
+    Tensor pre_out = save_preact ? pre : empty_like_none(x);
+    ctx->mark_non_differentiable({pre_out});
+    return {out, pre_out};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &w_gate_up = saved[1], &w_down = saved[2], &offsets = saved[3], &pre = saved[4];
+    const std::string act = ctx->saved_data["act"].toStringRef();
+    const std::string backend = ctx->saved_data["backend"].toStringRef();
+    const bool need_dx = ctx->needs_input_grad(0), need_dw = ctx->needs_input_grad(1) || ctx->needs_input_grad(2);
+    const Tensor& grad = grads[0];
+    Tensor dx, dwgu, dwd;
+    {
+      at::NoGradGuard no_grad;
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      if (backend == "cpu" && plain({&grad, &x, &w_gate_up, &w_down, &pre}))
+        std::tie(dx, dwgu, dwd) =
+            c_grouped_mlp_backward().call(grad, x, w_gate_up, w_down, offsets, pre, act, need_dx, need_dw);
+      else
+        std::tie(dx, dwgu, dwd) = grouped_mlp_backward_op().call(grad.contiguous(), x, w_gate_up, w_down, offsets,
+                                                                 pre, act, need_dx, need_dw, backend);
+    }
+    variable_list out = {need_dx ? dx : Tensor(),
+                         need_dw && ctx->needs_input_grad(1) ? dwgu : Tensor(),
+                         need_dw && ctx->needs_input_grad(2) ? dwd : Tensor(),
+                         Tensor(),
+                         Tensor(),
+                         Tensor(),
+                         Tensor()};
+    return once_differentiable(std::move(out), {grad, x, w_gate_up, w_down});
+  }
+};
+
+std::tuple<Tensor, Tensor> grouped_mlp_autograd(const Tensor& x, const Tensor& w_gate_up, const Tensor& w_down,
+                                                const Tensor& offsets, Str act, bool save_preact, Str backend) {
+  if (!grad_wanted({&x, &w_gate_up, &w_down})) return grouped_mlp_below(x, w_gate_up, w_down, offsets, act,
+                                                                        save_preact, backend);
+  auto outs = GroupedMlpFn::apply(x, w_gate_up, w_down, offsets, std::string(act), save_preact, std::string(backend));
+  return {outs[0], outs[1]};
+}
+
 // ==== activations ====================================================================================
 Tensor unary_below(const Tensor& x, Str act, Str backend) {
   at::AutoDispatchBelowADInplaceOrView below_autograd;
@@ -557,6 +627,7 @@ TORCH_LIBRARY_IMPL(ember, Autograd, m) {
   using namespace ember::autograd;
   m.impl("linear_act", &linear_autograd);
   m.impl("gated_linear", &gated_linear_autograd);
+  m.impl("grouped_gated_mlp", &grouped_mlp_autograd);
   m.impl("unary_act", &unary_act_autograd);
   m.impl("gated_act", &gated_act_autograd);
   m.impl("int8_linear", &int8_linear_autograd);

@@ -204,6 +204,13 @@ TORCH_LIBRARY(ember_C, m) {
         "-> (Tensor, Tensor)");
   m.def("gated_linear_backward(Tensor grad_out, Tensor x, Tensor w_gate, Tensor w_up, Tensor preact, str act, "
         "bool need_dx, bool need_dw, bool need_db) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Mixture-of-experts: every expert's down(act(gate) * up) over x's rows sorted by expert; offsets[e] is
+  // expert e's end row. w_gate_up (E, 2I, H) holds each expert's gate rows then its up rows, w_down
+  // (E, H, I). Returns (out, preact); preact (rows, 2I) = [gate | up] when saved.
+  m.def("grouped_gated_mlp(Tensor x, Tensor w_gate_up, Tensor w_down, Tensor offsets, str act, bool save_preact) "
+        "-> (Tensor, Tensor)");
+  m.def("grouped_gated_mlp_backward(Tensor grad_out, Tensor x, Tensor w_gate_up, Tensor w_down, Tensor offsets, "
+        "Tensor preact, str act, bool need_dx, bool need_dw) -> (Tensor, Tensor, Tensor)");
   // Fused linear + cross-entropy (csrc/linear_cross_entropy.h): the loss of
   // cross_entropy(x @ weight^T + bias, target) without the logits; with need_* (reduction mean / sum)
   // also the gradients of that loss. chunk_rows: token rows per chunk, 0 for lce_chunk_rows' choice.

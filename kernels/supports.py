@@ -35,3 +35,8 @@ def _linear_cross_entropy(*, dtype: torch.dtype) -> str | None:
     if dtype not in _TL_DOT_DTYPES:
         return f"the Triton cross-entropy kernel takes float16, bfloat16 or float32 inputs (fp32 logits), got {dtype}"
     return None
+
+
+@supports("triton", "grouped_gated_mlp", summary="no Triton kernel yet")
+def _grouped_gated_mlp(*, dtype: torch.dtype) -> str | None:
+    return "ember has no Triton kernel for the grouped gated MLP yet"

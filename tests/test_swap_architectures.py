@@ -34,7 +34,8 @@ EXPECTED = {
     "vit": {"hf-up-act": 2},
     "clip-text": {"hf-up-act": 2},
     "whisper": {"hf-up-act": 4},
-    "mixtral": {},  # experts declined (grouped GEMM); their lone SiLU is not faster with ember on any CPU
+    "mixtral": {"moe-experts": 2},
+    "qwen2-moe": {"moe-experts": 2, "gated-mlp": 2},  # the routed experts and the shared expert
 }
 
 

@@ -32,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor> gated_act_backward(const at::Tensor& grad_out
   if (gate.numel() > 0)
     activation_kernels().gated_backward(gc.const_data_ptr(), gate.const_data_ptr(), up.const_data_ptr(),
                                         dgate.mutable_data_ptr(), dup.mutable_data_ptr(), gate.size(0), gate.size(1),
-                                        gate.stride(0), up.stride(0), dtype, a);
+                                        gate.stride(0), up.stride(0), gate.size(1), dtype, a);
   return {dgate, dup};
 }
 

@@ -72,9 +72,11 @@ struct ActivationKernels {
   // out is contiguous.
   void (*gated)(const void* gate, const void* up, void* out, int64_t rows, int64_t cols, int64_t gate_row_stride,
                 int64_t up_row_stride, DType dtype, Act act);
-  // dgate = grad * up * act'(gate), dup = grad * act(gate); grad, dgate and dup contiguous.
+  // dgate = grad * up * act'(gate), dup = grad * act(gate); grad contiguous, dgate and dup rows every
+  // out_row_stride elements (cols: contiguous; 2 * cols: the two halves of one [dgate | dup] buffer).
   void (*gated_backward)(const void* grad, const void* gate, const void* up, void* dgate, void* dup, int64_t rows,
-                         int64_t cols, int64_t gate_row_stride, int64_t up_row_stride, DType dtype, Act act);
+                         int64_t cols, int64_t gate_row_stride, int64_t up_row_stride, int64_t out_row_stride,
+                         DType dtype, Act act);
 };
 
 struct LinearKernels {

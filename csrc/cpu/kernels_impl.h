@@ -58,7 +58,7 @@ inline void gated_act(const void* gate, const void* up, void* out, int64_t rows,
 
 inline void gated_act_backward(const void* grad, const void* gate, const void* up, void* dgate, void* dup,
                                int64_t rows, int64_t cols, int64_t gate_row_stride, int64_t up_row_stride,
-                               DType dtype, Act act) {
+                               int64_t out_row_stride, DType dtype, Act act) {
   dispatch(dtype, act, [&]<typename T, Act A>() {
     map_rows<T, 3, 2>(
         {static_cast<const T*>(grad), static_cast<const T*>(gate), static_cast<const T*>(up)},
@@ -67,7 +67,8 @@ inline void gated_act_backward(const void* grad, const void* gate, const void* u
         // element is cheaper than storing and re-reading a full activation tensor.
         [](const auto& in) {
           return std::array{act_backward<A>(in[0] * in[2], in[1]), in[0] * act_forward<A>(in[1])};
-        });
+        },
+        out_row_stride);
   });
 }
 

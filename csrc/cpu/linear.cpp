@@ -14,9 +14,18 @@
 // The gated pair computes gate = x @ Wg^T (+bg) and up = x @ Wu^T (+bu) into the two halves of one
 // (rows, 2I) buffer (BLAS writes with a leading dimension, so there is no concatenated weight and
 // nothing to invalidate when an optimizer updates Wg or Wu), then h = act(gate) * up in one pass.
+//
+// The grouped gated MLP (mixture-of-experts) runs every expert's whole feed-forward in one call over
+// the tokens sorted by expert: for the rows [start_e, end_e) of expert e,
+//   pre = x @ Wgu_e^T          one GEMM per expert into one (rows, 2I) [gate | up] buffer
+//   h   = act(gate) * up        one pass over all rows (the experts share the activation)
+//   out = h @ Wd_e^T            one GEMM per expert
+// Backward recomputes h from pre (one elementwise pass) instead of keeping it.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+
+#include <vector>
 
 #include "cpu/kernels.h"
 #include "ops.h"
@@ -173,7 +182,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lin
   if (dgate.numel() > 0)
     activation_kernels().gated_backward(g.const_data_ptr(), p.const_data_ptr(),
                                         p.narrow(1, inter, inter).const_data_ptr(), dgate.mutable_data_ptr(),
-                                        dup.mutable_data_ptr(), rows, inter, 2 * inter, 2 * inter,
+                                        dup.mutable_data_ptr(), rows, inter, 2 * inter, 2 * inter, inter,
                                         to_dtype(x.scalar_type(), "gated_linear_backward", "x"), a);
   const at::Tensor empty = at::empty({0}, x.options());
   at::Tensor dx = empty;
@@ -186,6 +195,150 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> gated_lin
   return {dx, dwg, dwu, dbg, dbu};
 }
 
+// ---- grouped gated MLP (mixture-of-experts) ------------------------------------------------------
+// offsets: (E,) int32/int64, the end row of each expert's group (cumulative counts). Checked here:
+// non-decreasing, within [0, rows]; rows past offsets[E-1] belong to no expert and come out zero.
+std::vector<int64_t> group_ends(const at::Tensor& offsets, int64_t experts, int64_t rows, const char* op) {
+  TORCH_CHECK(offsets.dim() == 1 && offsets.size(0) == experts, "ember_C.", op, ": offsets must have shape (",
+              experts, ",) (one end row per expert), got ", offsets.sizes());
+  TORCH_CHECK(offsets.scalar_type() == at::kInt || offsets.scalar_type() == at::kLong, "ember_C.", op,
+              ": offsets must be int32 or int64, got ", offsets.scalar_type());
+  TORCH_CHECK(offsets.device().is_cpu(), "ember_C.", op, ": offsets must be a CPU tensor, got ", offsets.device());
+  const at::Tensor o = offsets.to(at::kLong).contiguous();
+  const int64_t* p = o.const_data_ptr<int64_t>();
+  std::vector<int64_t> ends(p, p + experts);
+  int64_t prev = 0;
+  for (int64_t e = 0; e < experts; ++e) {
+    TORCH_CHECK(ends[e] >= prev && ends[e] <= rows, "ember_C.", op,
+                ": offsets must be non-decreasing end rows within [0, ", rows, "], got ", c10::IntArrayRef(ends));
+    prev = ends[e];
+  }
+  return ends;
+}
+
+void check_experts(const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down, const char* op) {
+  TORCH_CHECK(x.dim() == 2, "ember_C.", op, ": x must be 2-D (rows sorted by expert, hidden), got ", x.dim(), "-D");
+  TORCH_CHECK(w_gate_up.dim() == 3 && w_gate_up.size(1) % 2 == 0 && w_gate_up.size(2) == x.size(1), "ember_C.", op,
+              ": w_gate_up must be (experts, 2 * intermediate, ", x.size(1), "), got ", w_gate_up.sizes());
+  const int64_t experts = w_gate_up.size(0), inter = w_gate_up.size(1) / 2;
+  TORCH_CHECK(w_down.dim() == 3 && w_down.size(0) == experts && w_down.size(1) == x.size(1) &&
+                  w_down.size(2) == inter,
+              "ember_C.", op, ": w_down must be (", experts, ", ", x.size(1), ", ", inter, "), got ", w_down.sizes());
+  TORCH_CHECK(w_gate_up.scalar_type() == x.scalar_type() && w_down.scalar_type() == x.scalar_type(), "ember_C.", op,
+              ": x, w_gate_up and w_down must have one dtype, got ", x.scalar_type(), ", ", w_gate_up.scalar_type(),
+              ", ", w_down.scalar_type());
+  to_dtype(x.scalar_type(), op, "x");
+}
+
+// Calls fn(e, start, count) for every expert with rows.
+template <typename Fn>
+void for_each_group(const std::vector<int64_t>& ends, Fn&& fn) {
+  int64_t start = 0;
+  for (size_t e = 0; e < ends.size(); ++e) {
+    if (ends[e] > start) fn(static_cast<int64_t>(e), start, ends[e] - start);
+    start = ends[e];
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> grouped_gated_mlp(const at::Tensor& x, const at::Tensor& w_gate_up,
+                                                     const at::Tensor& w_down, const at::Tensor& offsets,
+                                                     c10::string_view act, bool save_preact) {
+  check_experts(x, w_gate_up, w_down, "grouped_gated_mlp");
+  const int64_t rows = x.size(0), hidden = x.size(1), inter = w_gate_up.size(1) / 2;
+  const auto ends = group_ends(offsets, w_gate_up.size(0), rows, "grouped_gated_mlp");
+  const Act a = parse_act(std::string(act));
+  const DType dtype = to_dtype(x.scalar_type(), "grouped_gated_mlp", "x");
+  const int64_t used = ends.empty() ? 0 : ends.back();
+  at::Tensor pre = at::empty({rows, 2 * inter}, x.options());
+  for_each_group(ends, [&](int64_t e, int64_t start, int64_t n) {
+    at::Tensor dst = pre.narrow(0, start, n);
+    at::mm_out(dst, x.narrow(0, start, n), w_gate_up[e].t());
+  });
+  if (used < rows) pre.narrow(0, used, rows - used).zero_();
+  at::Tensor h = at::empty({rows, inter}, x.options());
+  if (h.numel() > 0)
+    activation_kernels().gated(pre.const_data_ptr(), pre.narrow(1, inter, inter).const_data_ptr(), h.mutable_data_ptr(),
+                               rows, inter, 2 * inter, 2 * inter, dtype, a);
+  at::Tensor out = at::empty({rows, hidden}, x.options());
+  for_each_group(ends, [&](int64_t e, int64_t start, int64_t n) {
+    at::Tensor dst = out.narrow(0, start, n);
+    at::mm_out(dst, h.narrow(0, start, n), w_down[e].t());
+  });
+  if (used < rows) out.narrow(0, used, rows - used).zero_();
+  return {out, save_preact ? pre : at::empty({0}, x.options())};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_gated_mlp_backward(
+    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w_gate_up, const at::Tensor& w_down,
+    const at::Tensor& offsets, const at::Tensor& preact, c10::string_view act, bool need_dx, bool need_dw) {
+  check_experts(x, w_gate_up, w_down, "grouped_gated_mlp_backward");
+  const int64_t rows = x.size(0), hidden = x.size(1), experts = w_gate_up.size(0), inter = w_gate_up.size(1) / 2;
+  TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == rows && grad_out.size(1) == hidden &&
+                  grad_out.scalar_type() == x.scalar_type(),
+              "ember_C.grouped_gated_mlp_backward: grad_out must be (", rows, ", ", hidden, ") of dtype ",
+              x.scalar_type(), ", got ", grad_out.sizes(), " ", grad_out.scalar_type());
+  TORCH_CHECK(preact.dim() == 2 && preact.size(0) == rows && preact.size(1) == 2 * inter,
+              "ember_C.grouped_gated_mlp_backward: preact must be (", rows, ", ", 2 * inter, "), got ",
+              preact.sizes());
+  const auto ends = group_ends(offsets, experts, rows, "grouped_gated_mlp_backward");
+  const Act a = parse_act(std::string(act));
+  const DType dtype = to_dtype(x.scalar_type(), "grouped_gated_mlp_backward", "x");
+  const at::Tensor g = grad_out.contiguous(), p = preact.contiguous();
+  const at::Tensor empty = at::empty({0}, x.options());
+  const int64_t used = ends.empty() ? 0 : ends.back();
+
+  // h = act(gate) * up again (one pass; cheaper than keeping it), for dW_down.
+  at::Tensor h;
+  if (need_dw) {
+    h = at::empty({rows, inter}, x.options());
+    if (h.numel() > 0)
+      activation_kernels().gated(p.const_data_ptr(), p.narrow(1, inter, inter).const_data_ptr(), h.mutable_data_ptr(),
+                                 rows, inter, 2 * inter, 2 * inter, dtype, a);
+  }
+  at::Tensor dh = at::empty({rows, inter}, x.options());
+  if (used < rows) dh.narrow(0, used, rows - used).zero_();  // rows of no expert: zero, so their dpre is too
+  at::Tensor dw_down = need_dw ? at::empty({experts, hidden, inter}, x.options()) : empty;
+  for_each_group(ends, [&](int64_t e, int64_t start, int64_t n) {
+    const at::Tensor g_e = g.narrow(0, start, n);
+    at::Tensor dh_e = dh.narrow(0, start, n);
+    at::mm_out(dh_e, g_e, w_down[e]);
+    if (need_dw) {
+      at::Tensor dwd_e = dw_down[e];
+      at::mm_out(dwd_e, g_e.t(), h.narrow(0, start, n));
+    }
+  });
+  // [dgate | dup] as one (rows, 2I) buffer, laid out as each expert's [gate; up] weight rows: dx and
+  // dW_gate_up of an expert are then one GEMM each (K = 2I), not two plus an accumulation.
+  at::Tensor dpre = at::empty({rows, 2 * inter}, x.options());
+  if (dpre.numel() > 0)
+    activation_kernels().gated_backward(dh.const_data_ptr(), p.const_data_ptr(),
+                                        p.narrow(1, inter, inter).const_data_ptr(), dpre.mutable_data_ptr(),
+                                        dpre.narrow(1, inter, inter).mutable_data_ptr(), rows, inter, 2 * inter,
+                                        2 * inter, 2 * inter, dtype, a);
+  at::Tensor dx = need_dx ? at::empty({rows, hidden}, x.options()) : empty;
+  at::Tensor dw_gate_up = need_dw ? at::empty({experts, 2 * inter, hidden}, x.options()) : empty;
+  for_each_group(ends, [&](int64_t e, int64_t start, int64_t n) {
+    const at::Tensor dpre_e = dpre.narrow(0, start, n);
+    if (need_dx) {
+      at::Tensor dx_e = dx.narrow(0, start, n);
+      at::mm_out(dx_e, dpre_e, w_gate_up[e]);
+    }
+    if (need_dw) {
+      at::Tensor dwgu_e = dw_gate_up[e];
+      at::mm_out(dwgu_e, dpre_e.t(), x.narrow(0, start, n));
+    }
+  });
+  if (need_dx && used < rows) dx.narrow(0, used, rows - used).zero_();
+  if (need_dw) {  // an expert no row went to gets zero weight gradients
+    for (int64_t e = 0, start = 0; e < experts; start = ends[e++])
+      if (ends[e] == start) {
+        dw_gate_up[e].zero_();
+        dw_down[e].zero_();
+      }
+  }
+  return {dx, dw_gate_up, dw_down};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(ember_C, CPU, m) {
@@ -193,6 +346,8 @@ TORCH_LIBRARY_IMPL(ember_C, CPU, m) {
   m.impl("linear_act_backward", &linear_act_backward);
   m.impl("gated_linear", &gated_linear);
   m.impl("gated_linear_backward", &gated_linear_backward);
+  m.impl("grouped_gated_mlp", &grouped_gated_mlp);
+  m.impl("grouped_gated_mlp_backward", &grouped_gated_mlp_backward);
 }
 
 }  // namespace ember::cpu

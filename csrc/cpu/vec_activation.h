@@ -164,11 +164,14 @@ template <typename scalar_t>
 using opmath_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 // Applies `op(std::array<V, NIN> in) -> std::array<V, NOUT>` elementwise over a (rows, cols) grid.
-// Input k's row r starts at in[k] + r * in_row_stride[k]; outputs are contiguous (row stride cols).
-// Work is split over all rows*cols elements so one long row still uses every thread.
+// Input k's row r starts at in[k] + r * in_row_stride[k]; output rows every out_row_stride elements
+// (0: cols, contiguous). Work is split over all rows*cols elements so one long row still uses every
+// thread.
 template <typename scalar_t, size_t NIN, size_t NOUT, typename Op>
 void map_rows(const std::array<const scalar_t*, NIN>& in, const std::array<int64_t, NIN>& in_row_stride,
-              const std::array<scalar_t*, NOUT>& out, int64_t rows, int64_t cols, const Op& op) {
+              const std::array<scalar_t*, NOUT>& out, int64_t rows, int64_t cols, const Op& op,
+              int64_t out_row_stride = 0) {
+  const int64_t out_stride = out_row_stride > 0 ? out_row_stride : cols;
   using V = Vectorized<opmath_t<scalar_t>>;
   using SV = Vectorized<scalar_t>;
   constexpr int64_t kWidth = SV::size();  // elements per step (two float vectors for bf16/fp16)
@@ -183,7 +186,7 @@ void map_rows(const std::array<const scalar_t*, NIN>& in, const std::array<int64
       std::array<const scalar_t*, NIN> src;
       std::array<scalar_t*, NOUT> dst;
       for (size_t k = 0; k < NIN; ++k) src[k] = in[k] + row * in_row_stride[k] + col;
-      for (size_t k = 0; k < NOUT; ++k) dst[k] = out[k] + idx;
+      for (size_t k = 0; k < NOUT; ++k) dst[k] = out[k] + row * out_stride + col;
       for (int64_t i = 0; i < len; i += kWidth) {
         const int count = static_cast<int>(std::min(kWidth, len - i));
         if constexpr (is_reduced_v<scalar_t>) {

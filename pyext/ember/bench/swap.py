@@ -138,6 +138,9 @@ ARCHITECTURES: list[Arch] = [
         pad_token_id=0, bos_token_id=0, eos_token_id=0, decoder_start_token_id=0)), _audio),
     Arch("mixtral", lambda w: _tf().MixtralForCausalLM(_tf().MixtralConfig(
         **_common(w), num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)), _ids),
+    Arch("qwen2-moe", lambda w: _tf().Qwen2MoeForCausalLM(_tf().Qwen2MoeConfig(
+        **_common(w), num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=w.intermediate // 2, shared_expert_intermediate_size=w.intermediate // 2)), _ids),
 ]
 BY_NAME = {a.name: a for a in ARCHITECTURES}
 

@@ -140,3 +140,57 @@ class PackedGatedMLP(nn.Module):
         h = ops.gated_linear(x, w[:i], w[i:], None if b is None else b[:i], None if b is None else b[i:],
                              activation=self.activation)
         return self.down_proj(h)
+
+
+class GatedExperts(nn.Module):
+    """The experts of a mixture-of-experts layer, each a gated MLP ``down(act(gate(x)) * up(x))``, held
+    as transformers holds them (MixtralExperts, Qwen2MoeExperts, ...): ``gate_up_proj`` (E, 2I, H), each
+    expert's gate rows then its up rows, and ``down_proj`` (E, H, I).
+
+    ``forward(hidden_states, top_k_index, top_k_weights)`` takes what the router chose, as
+    transformers' experts do: the (token, choice) rows sorted by expert go through one
+    ``ember.ops.grouped_gated_mlp`` (both GEMMs of every expert and the gating between them in one op),
+    are scaled by their routing weights and summed back per token. Routing itself stays the model's.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, activation: str = "silu",
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.activation = _check_activation(activation)
+        self.num_experts, self.hidden_dim, self.intermediate_dim = num_experts, hidden_size, intermediate_size
+        kw = {"device": device, "dtype": dtype}
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **kw))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **kw))
+        for w in (self.gate_up_proj, self.down_proj):  # nn.Linear's default, per expert
+            nn.init.kaiming_uniform_(w, a=5 ** 0.5)
+
+    @classmethod
+    def from_module(cls, experts: nn.Module, activation: str) -> "GatedExperts":
+        """GatedExperts sharing ``experts``' gate_up_proj and down_proj Parameters (no copies). The
+        caller vouches for the layout and the math; ``ember.swap`` checks both before it calls this."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.activation = _check_activation(activation)
+        new.gate_up_proj, new.down_proj = experts.gate_up_proj, experts.down_proj
+        new.num_experts = experts.gate_up_proj.shape[0]
+        new.hidden_dim, new.intermediate_dim = experts.down_proj.shape[1], experts.down_proj.shape[2]
+        new.train(experts.training)
+        return new
+
+    def extra_repr(self) -> str:
+        return (f"num_experts={self.num_experts}, hidden={self.hidden_dim}, intermediate={self.intermediate_dim}, "
+                f"activation={self.activation!r}")
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        tokens, top_k = hidden_states.shape[0], top_k_index.shape[-1]
+        expert_ids, order = torch.sort(top_k_index.reshape(-1))
+        rows = hidden_states[order // top_k]
+        # End row of each expert's group: a fixed (E,) shape, so torch.compile needs no data-dependent size.
+        offsets = torch.searchsorted(expert_ids, torch.arange(self.num_experts, device=expert_ids.device), right=True)
+        out = ops.grouped_gated_mlp(rows.to(self.gate_up_proj.dtype), self.gate_up_proj, self.down_proj, offsets,
+                                    activation=self.activation)
+        out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1)
+        # Back to (token, choice) order and summed per token: a gather and a sum, deterministic.
+        back = torch.empty_like(order)
+        back[order] = torch.arange(order.numel(), device=order.device)
+        return out[back].view(tokens, top_k, -1).sum(dim=1).to(hidden_states.dtype)

@@ -12,5 +12,6 @@ from .gated import geglu, swiglu  # noqa: E402
 from .int8 import dequantize_weight, int8_linear, int8_prepack, quantize_per_token, quantize_weight  # noqa: E402
 from .linear import gated_linear, linear  # noqa: E402
 from .linear_cross_entropy import linear_cross_entropy  # noqa: E402
-__all__ = ["gelu", "silu", "relu", "relu2", "swiglu", "geglu", "linear", "gated_linear", "linear_cross_entropy", "int8_linear", "int8_prepack",
+from .moe import grouped_gated_mlp  # noqa: E402
+__all__ = ["gelu", "silu", "relu", "relu2", "swiglu", "geglu", "linear", "gated_linear", "grouped_gated_mlp", "linear_cross_entropy", "int8_linear", "int8_prepack",
            "quantize_per_token", "quantize_weight", "dequantize_weight"]

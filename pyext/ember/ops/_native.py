@@ -25,3 +25,8 @@ def _cuda_int8(*, mode: str, group: int | None, in_features: int) -> str | None:
     if in_features % 16:
         return f"the CUDA C++ int8 GEMM needs in_features % 16 == 0, got {in_features}"
     return None
+
+
+@supports("cuda", "grouped_gated_mlp", summary="no CUDA kernel yet (the reference runs on GPU)")
+def _cuda_grouped(*, dtype: torch.dtype) -> str | None:
+    return "ember has no CUDA kernel for the grouped gated MLP yet; the reference (torch GEMMs) runs it"

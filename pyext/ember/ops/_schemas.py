@@ -47,6 +47,14 @@ _define("gated_linear_backward(Tensor grad_out, Tensor x, Tensor w_gate, Tensor 
         "Tensor? b_up, Tensor preact, str act, bool need_dx, bool need_dw, bool need_db, str backend) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)")
 
+# grouped_gated_mlp (ops/moe.py): every expert's w_down[e] @ (act(gate) * up) over x's rows sorted by
+# expert, offsets (E,) their end rows; w_gate_up (E, 2I, H) = each expert's [gate; up] rows, w_down
+# (E, H, I). preact is (rows, 2I) = [gate | up] when saved.
+_define("grouped_gated_mlp(Tensor x, Tensor w_gate_up, Tensor w_down, Tensor offsets, str act, bool save_preact, "
+        "str backend) -> (Tensor, Tensor)")
+_define("grouped_gated_mlp_backward(Tensor grad_out, Tensor x, Tensor w_gate_up, Tensor w_down, Tensor offsets, "
+        "Tensor preact, str act, bool need_dx, bool need_dw, str backend) -> (Tensor, Tensor, Tensor)")
+
 # ---- fused linear + cross-entropy (ops/linear_cross_entropy.py) ------------------------------------
 # (loss, dx, dw, db): the loss of cross_entropy(x @ weight^T + bias, target) (x 2-D; fp32, or fp64 for
 # fp64 x; (rows,) for reduction "none", else 0-d) and, when need_* (reduction mean / sum only), the
@@ -145,6 +153,18 @@ def _(grad_out, x, w_gate, w_up, b_gate, b_up, preact, act, need_dx, need_dw, ne
     )
 
 
+@_fake("grouped_gated_mlp")
+def _(x, w_gate_up, w_down, offsets, act, save_preact, backend):
+    pre = x.new_empty((x.shape[0], w_gate_up.shape[1])) if save_preact else _empty(x)
+    return x.new_empty((x.shape[0], w_down.shape[1])), pre
+
+
+@_fake("grouped_gated_mlp_backward")
+def _(grad_out, x, w_gate_up, w_down, offsets, preact, act, need_dx, need_dw, backend):
+    return (x.new_empty(x.shape) if need_dx else _empty(x), w_gate_up.new_empty(w_gate_up.shape) if need_dw
+            else _empty(x), w_down.new_empty(w_down.shape) if need_dw else _empty(x))
+
+
 @_fake("linear_cross_entropy")
 def _(x, weight, bias, target, ignore_index, reduction, label_smoothing, need_dx, need_dw, need_db, chunk_rows,
       backend):
@@ -207,7 +227,7 @@ def impl(name: str):
     return torch.library.impl(f"ember::{name}", ("cpu", "cuda"), lib=_lib)
 
 
-_DIFFERENTIABLE = ("linear_act", "gated_linear", "unary_act", "gated_act", "int8_linear", "linear_cross_entropy")
+_DIFFERENTIABLE = ("linear_act", "gated_linear", "grouped_gated_mlp", "unary_act", "gated_act", "int8_linear", "linear_cross_entropy")
 
 
 def guard_without_extension() -> None:

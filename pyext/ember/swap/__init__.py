@@ -13,7 +13,8 @@ A swap is driven by a registry of ``SwapRule``s (pattern -> replacement). The pa
     activations.py  activation_kind, the kind -> ember module table, torch / transformers activations
     linear.py       Linear -> activation fusions (nn.Sequential, BERT intermediates, GPT-2 MLP)
     gated.py        gated MLPs (Llama, Mistral, Qwen, Gemma, ...) -> ember.nn.GatedMLP; Phi-3's packed
-                    gate_up_proj and T5's gated feed-forward -> one gated GEMM; MoE experts declined
+                    gate_up_proj and T5's gated feed-forward -> one gated GEMM; MoE experts
+                    (Mixtral, Qwen2/3-MoE, OLMoE) -> ember.nn.GatedExperts
     mlp.py          up-projection -> activation pairs inside transformers' MLPs and layers (GPT-NeoX,
                     OPT, Falcon, GPT-J, Bloom, CLIP, ViT, DistilBERT, Whisper, T5) -> one fused Linear
     causal_lm.py    transformers' causal LMs: the training loss through the fused linear + cross-entropy

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..nn.gated_mlp import ACTIVATIONS, GatedMLP, PackedGatedMLP
+from ..nn.gated_mlp import ACTIVATIONS, GatedExperts, GatedMLP, PackedGatedMLP
 from .activations import activation_kind
 from .apply import blocker, is_plain_linear, is_transformers_class
 from .forward import forward_matches
@@ -157,18 +157,89 @@ PACKED_GATED_RULE = SwapRule(
 
 
 # ---------------------------------------------------------------------------------------------
-# Mixture-of-experts: recognised and declined, with the reason in the report.
+# Mixture-of-experts: transformers' experts (3-D gate_up_proj / down_proj) -> ember.nn.GatedExperts.
 # ---------------------------------------------------------------------------------------------
-MOE_EXPERTS_CLASSES = {"MixtralExperts", "Qwen2MoeExperts", "Qwen3MoeExperts", "OlmoeExperts", "DeepseekV3NaiveMoe"}
+MOE_EXPERTS_CLASSES = {"MixtralExperts", "Qwen2MoeExperts", "Qwen3MoeExperts", "OlmoeExperts"}
+# The experts' own forward (transformers 5.x), which every experts implementation of transformers
+# (eager, grouped_mm, batched_mm) computes in its own order: GatedExperts computes the same.
+_EXPERTS = """
+final_hidden_states = torch.zeros_like(hidden_states)
+with torch.no_grad():
+    expert_mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1)
+    expert_mask = expert_mask.permute(2, 1, 0)
+    expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+for expert_idx in expert_hit:
+    expert_idx = expert_idx[0]
+    if expert_idx == self.num_experts:
+        continue
+    top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
+    current_state = hidden_states[token_idx]
+    gate, up = nn.functional.linear(current_state, self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
+    current_hidden_states = self.act_fn(gate) * up
+    current_hidden_states = nn.functional.linear(current_hidden_states, self.down_proj[expert_idx])
+    current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
+    final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
+return final_hidden_states
+"""
+_EXPERTS_SIGNATURE = ["self", "hidden_states", "top_k_index", "top_k_weights"]
+# What transformers' use_experts_implementation decorator may have set, and the values it must have.
+_EXPERTS_FLAGS = {"has_gate": True, "has_bias": False, "is_transposed": False, "is_concatenated": True,
+                  "has_post_expert_norm": False, "_is_expert_parallel": False}
+_EXPERTS_IMPLEMENTATIONS = (None, "eager", "grouped_mm", "batched_mm")
 
 
-def _experts_why_not(m: nn.Module) -> str | None:
-    if not is_transformers_class(m, MOE_EXPERTS_CLASSES):
-        return None
+def _experts_forward_problem(cls: type) -> str | None:
+    import inspect
+
+    from .forward import body_matches
+
+    fn = cls.__dict__.get("forward")
+    wrapped = inspect.unwrap(fn) if fn is not None else None
+    if fn is not wrapped and not fn.__code__.co_filename.endswith("integrations/moe.py"):
+        return "its forward is wrapped by something other than transformers' experts interface"
+    if wrapped is None or list(inspect.signature(wrapped).parameters) != _EXPERTS_SIGNATURE:
+        return f"its forward does not take ({', '.join(_EXPERTS_SIGNATURE[1:])})"
+    if not body_matches(wrapped, _EXPERTS):
+        return "its forward is not exactly the per-expert down_proj(act_fn(gate) * up) over gate_up_proj"
+    gate_fn = getattr(cls, "_apply_gate", None)
+    if gate_fn is not None and not (gate_fn.__name__ == "_default_apply_gate"
+                                    and gate_fn.__code__.co_filename.endswith("integrations/moe.py")):
+        return "its _apply_gate is not transformers' default act_fn(gate) * up"
+    return None
+
+
+def _experts_problem(m: nn.Module) -> str | None:
+    """Why an experts module of a listed class cannot become GatedExperts, or None when it can."""
+    if set(m._modules) != {"act_fn"} or set(m._parameters) != {"gate_up_proj", "down_proj"} or m._buffers:
+        return "its members are not exactly gate_up_proj, down_proj and act_fn"
+    gu, down = m.gate_up_proj, m.down_proj
+    if gu.dim() != 3 or down.dim() != 3 or gu.shape[1] % 2 or gu.shape[0] != down.shape[0] \
+            or (down.shape[1], 2 * down.shape[2]) != (gu.shape[2], gu.shape[1]):
+        return f"gate_up_proj {tuple(gu.shape)} and down_proj {tuple(down.shape)} are not (E, 2I, H) and (E, H, I)"
+    if getattr(m, "num_experts", gu.shape[0]) != gu.shape[0]:
+        return "num_experts does not match the weights"
+    for flag, want in _EXPERTS_FLAGS.items():
+        if getattr(m, flag, want) != want:
+            return f"{flag}={getattr(m, flag)!r} (expert parallelism, biases, transposed or interleaved weights, " \
+                   "post-expert norms are other math)"
     impl = getattr(getattr(m, "config", None), "_experts_implementation", None)
-    return (f"experts run through transformers' experts interface ({impl!r}: all experts' GEMMs in one "
-            "grouped call); ember has no grouped gated GEMM, and one fused call per expert would trade that "
-            "single call for num_experts, so the experts stay with torch")
+    if impl not in _EXPERTS_IMPLEMENTATIONS:
+        return f"it runs transformers' {impl!r} experts kernel, which the user chose; it stays"
+    if gu.device.type != "cpu":
+        return (f"ember's grouped gated MLP kernel is CPU-only; on {gu.device} the experts stay with torch's "
+                "grouped GEMM")
+    if activation_kind(m.act_fn) not in ACTIVATIONS or blocker(m.act_fn) is not None:
+        return f"act_fn {type(m.act_fn).__name__} is not one of {', '.join(ACTIVATIONS)}"
+    return _experts_forward_problem(type(m))
 
 
-MOE_EXPERTS_RULE = SwapRule("moe-experts", match=lambda m: False, replace=lambda m: m, why_not=_experts_why_not)
+def _experts_listed(m: nn.Module) -> bool:
+    return is_transformers_class(m, MOE_EXPERTS_CLASSES)
+
+
+MOE_EXPERTS_RULE = SwapRule(
+    "moe-experts",
+    match=lambda m: _experts_listed(m) and _experts_problem(m) is None,
+    replace=lambda m: GatedExperts.from_module(m, activation_kind(m.act_fn)),
+    why_not=lambda m: _experts_problem(m) if _experts_listed(m) else None,
+)
