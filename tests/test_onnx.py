@@ -55,7 +55,7 @@ def check_outputs(module, args, tmp_path, atol=2e-5, rtol=1e-5, **kw):
 def test_translation_table_keys():
     table = ember.onnx.translation_table()
     assert set(table) == {E.linear_act.default, E.gated_linear.default, E.unary_act.default, E.gated_act.default,
-                          E.int8_linear.default, E.quantize_per_token.default}
+                          E.int8_linear.default, E.quantize_per_token.default, E.grouped_gated_mlp.default}
     assert table is not ember.onnx.translation_table()  # fresh each call: callers may extend it
     assert ember.onnx is importlib.import_module("ember.onnx")  # reachable as an attribute of ember
 
@@ -268,3 +268,34 @@ def test_tiny_llama(tmp_path, kind, min_cos, atol):
     else:
         ember.quantize(model, mode="w8a16", group_size=16)
     compare_model(Logits(model), (ids,), tmp_path, min_cos=min_cos, atol=atol)
+
+
+class GroupedExperts(torch.nn.Module):
+    """grouped_gated_mlp with an empty expert and a row past the last offset, preact kept and not."""
+
+    def __init__(self, experts=3, hidden=12, inter=10):
+        super().__init__()
+        self.w_gate_up = torch.nn.Parameter(torch.randn(experts, 2 * inter, hidden) / hidden**0.5)
+        self.w_down = torch.nn.Parameter(torch.randn(experts, hidden, inter) / inter**0.5)
+
+    def forward(self, x, offsets):
+        outs = []
+        for act, keep in (("silu", True), ("gelu", False), ("gelu_tanh", False)):
+            outs += E.grouped_gated_mlp(x, self.w_gate_up, self.w_down, offsets, act, keep, "auto")
+        return tuple(outs)
+
+
+def test_grouped_gated_mlp(tmp_path):
+    x, offsets = torch.randn(9, 12), torch.tensor([3, 3, 8])
+    check_outputs(GroupedExperts(), (x, offsets), tmp_path)
+
+
+def test_tiny_mixtral_swapped(tmp_path):
+    tf = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = tf.MixtralConfig(vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                           max_position_embeddings=64)
+    model = tf.MixtralForCausalLM(cfg).eval()
+    assert sum(r.rule == "moe-experts" for r in ember.swap(model).replaced) == 2
+    compare_model(Logits(model), (torch.randint(0, 128, (2, 11)),), tmp_path, min_cos=None, atol=1e-4)

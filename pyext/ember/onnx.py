@@ -12,6 +12,9 @@ What each op becomes (ai.onnx domain only, so any ONNX runtime runs the file; no
                  pre-activation (rows, N) when save_preact and act != "none", else an empty (0,) tensor,
                  as the fake kernel says
   gated_linear   two MatMuls (+ biases), act(gate) * up; preact [gate | up] (rows, 2N) or empty
+  grouped_gated_mlp   the MoE experts: every expert on every row (batched MatMuls, E x the op's FLOPs:
+                 ONNX has no grouped GEMM), each row keeping its own expert's result (Where), rows past
+                 the last offset zero
   unary_act      the activation;  gated_act: act(gate) * up
   int8_linear    w8a8: per-token dynamic quantization (ReduceMax(Abs) per row, scale = amax / 127, Round,
                  Clip, Cast to int8), MatMulInteger (int8 x int8 -> int32), Cast, * sx * sw, + bias, act.
@@ -182,8 +185,35 @@ def _build() -> dict[Any, Callable]:
         y = op.CastLike(act_onnx(y, act), x)
         return op.Reshape(y, op.Concat(lead_shape(x), ints(N), axis=0))
 
+    def grouped_gated_mlp(x, w_gate_up, w_down, offsets, act="silu", save_preact=False, backend="auto"):
+        # ONNX has no grouped GEMM, and a Loop over the experts would take data-dependent slices; so every
+        # expert runs on every row (batched MatMuls, E x the FLOPs of the op) and each row keeps its own
+        # expert's result. Row r's expert is the number of offsets <= r; rows past the last offset
+        # match no expert and come out zero. Where (not a Mul by the mask) keeps other experts' Inf/NaN
+        # out of a row.
+        experts, two_inter = int(w_gate_up.shape[0]), int(w_gate_up.shape[1])
+        inter = two_inter // 2
+        n_rows = op.Shape(x, start=0, end=1)
+        row = op.Range(op.Constant(value_int=0), op.Squeeze(n_rows), op.Constant(value_int=1))  # (S,)
+        ends = op.Cast(offsets, to=ir.DataType.INT64)
+        expert_of_row = op.ReduceSum(op.Cast(op.LessOrEqual(op.Unsqueeze(ends, ints(0)), op.Unsqueeze(row, ints(1))),
+                                             to=ir.DataType.INT64), ints(1), keepdims=0)  # (S,)
+        mine = op.Unsqueeze(op.Equal(op.Unsqueeze(expert_of_row, ints(0)),
+                                     op.Unsqueeze(op.Range(op.Constant(value_int=0), op.Constant(value_int=experts),
+                                                           op.Constant(value_int=1)), ints(1))), ints(2))  # (E, S, 1)
+        pre_all = op.MatMul(op.Unsqueeze(x, ints(0)), op.Transpose(w_gate_up, perm=[0, 2, 1]))  # (E, S, 2I)
+        gate = op.Slice(pre_all, ints(0), ints(inter), ints(2))
+        up = op.Slice(pre_all, ints(inter), ints(two_inter), ints(2))
+        out_all = op.MatMul(op.Mul(act_onnx(gate, act), up), op.Transpose(w_down, perm=[0, 2, 1]))  # (E, S, H)
+        zero = const(0.0, x)
+        out = op.ReduceSum(op.Where(mine, out_all, zero), ints(0), keepdims=0)
+        if not save_preact:
+            return out, empty_like(x)
+        return out, op.ReduceSum(op.Where(mine, pre_all, zero), ints(0), keepdims=0)
+
     ops = torch.ops.ember
     return {
+        ops.grouped_gated_mlp.default: grouped_gated_mlp,
         ops.linear_act.default: linear_act,
         ops.gated_linear.default: gated_linear,
         ops.unary_act.default: unary_act,

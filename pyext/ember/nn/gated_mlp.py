@@ -185,8 +185,10 @@ class GatedExperts(nn.Module):
         tokens, top_k = hidden_states.shape[0], top_k_index.shape[-1]
         expert_ids, order = torch.sort(top_k_index.reshape(-1))
         rows = hidden_states[order // top_k]
-        # End row of each expert's group: a fixed (E,) shape, so torch.compile needs no data-dependent size.
-        offsets = torch.searchsorted(expert_ids, torch.arange(self.num_experts, device=expert_ids.device), right=True)
+        # End row of each expert's group, the count of rows routed to it or to a lower one: a fixed (E,)
+        # shape (torch.compile needs no data-dependent size) from ops ONNX has (searchsorted it has not).
+        experts = torch.arange(self.num_experts, device=expert_ids.device)
+        offsets = (expert_ids.unsqueeze(0) <= experts.unsqueeze(1)).sum(dim=1)
         out = ops.grouped_gated_mlp(rows.to(self.gate_up_proj.dtype), self.gate_up_proj, self.down_proj, offsets,
                                     activation=self.activation)
         out = out * top_k_weights.reshape(-1)[order].unsqueeze(-1)
