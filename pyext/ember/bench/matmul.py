@@ -10,11 +10,16 @@ Ops (FLOPs worked out per call; forward = 2 M N K per GEMM, backward = twice for
   linear_gelu  out = gelu(x @ W^T + b): eager is addmm + gelu (two kernels, the pre-activation is
                written and read back); torch.compile is the same function, mode="max-autotune" on GPU
   gated_mlp    down(silu(x @ Wg^T) * (x @ Wu^T)), the Llama MLP: 3 GEMMs of (M, H, I)
+  moe_mlp      the same MLP in each of 8 experts over M routed rows sorted by expert (an uneven seeded
+               split), weights as transformers holds them: eager is transformers' grouped_mm path
+               (grouped GEMM, chunk, silu * up, grouped GEMM); ember is one grouped_gated_mlp op (CPU
+               only: no GPU kernel yet, and torch.compile has no fp32 grouped GEMM, so neither row)
 Rows: op, provider, shape (M, K, N), dtype, direction, median ms, TFLOP/s, fraction of the measured
 peak (torch.mm at a large square size on this device), and speedup over torch eager.
 
 Targets (issue #4), judged in the markdown: GPU bf16 plain GEMM >= 95% of cuBLAS at 4096^3 and up,
-linear_gelu >= 1.15x eager and >= torch.compile, gated_mlp fwd+bwd >= 1.2x eager; CPU >= eager.
+linear_gelu >= 1.15x eager and >= torch.compile, gated_mlp fwd+bwd >= 1.2x eager; CPU >= eager
+(moe_mlp too, issue #14).
 """
 from __future__ import annotations
 
@@ -54,9 +59,10 @@ _SIZES = {
     ("cpu", "small"): ((1, 32, 256),
                        {"linear": [(1024, 1024), (1024, 4096)],
                         "linear_gelu": [(1024, 1024), (1024, 4096), _OVERHEAD_KN],
-                        "gated_mlp": [(1024, 2816)]}),
+                        "gated_mlp": [(1024, 2816)], "moe_mlp": [(1024, 1408)]}),
     ("cpu", "large"): ((1, 128, 1024, 4096),
-                       {"linear": [(4096, 4096)], "linear_gelu": [(4096, 4096)], "gated_mlp": [(4096, 11008)]}),
+                       {"linear": [(4096, 4096)], "linear_gelu": [(4096, 4096)], "gated_mlp": [(4096, 11008)],
+                        "moe_mlp": [(2048, 1408)]}),
 }
 
 
@@ -69,7 +75,7 @@ def sizes(cfg: Config):
 
 def flops(op: str, shape: tuple[int, int, int], direction: str) -> float:
     m, k, n = shape
-    fwd = 2.0 * m * k * n * (3 if op == "gated_mlp" else 1)
+    fwd = 2.0 * m * k * n * (3 if op in ("gated_mlp", "moe_mlp") else 1)
     return fwd if direction == "fwd" else 3 * fwd
 
 
@@ -88,17 +94,48 @@ def _eager_gated(x, wg, wu, wd):
     return F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)
 
 
+MOE_EXPERTS = 8
+_moe_offsets_cache: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def moe_offsets(rows: int, device) -> torch.Tensor:
+    """End rows of the 8 experts' groups: a seeded uneven split of ``rows`` (int32, as grouped_mm takes)."""
+    key = (rows, str(device))
+    if key not in _moe_offsets_cache:
+        g = torch.Generator().manual_seed(rows)
+        ids = torch.multinomial(torch.linspace(1.0, 2.0, MOE_EXPERTS), rows, replacement=True, generator=g)
+        counts = torch.bincount(ids, minlength=MOE_EXPERTS)
+        _moe_offsets_cache[key] = counts.cumsum(0).to(device=device, dtype=torch.int32)
+    return _moe_offsets_cache[key]
+
+
+def _grouped_mm(x, w, offs):
+    if hasattr(F, "grouped_mm"):
+        return F.grouped_mm(x, w, offs=offs)
+    return torch._grouped_mm(x, w, offs=offs)
+
+
+def _eager_moe(x, w_gate_up, w_down):
+    offs = moe_offsets(x.shape[0], x.device)
+    gate, up = _grouped_mm(x, w_gate_up.transpose(1, 2), offs).chunk(2, dim=-1)
+    return _grouped_mm(F.silu(gate) * up, w_down.transpose(1, 2), offs)
+
+
 def _ember(op: str, backend: str) -> Callable:
     if op == "linear":
         return lambda x, w: ember.ops.linear(x, w, backend=backend)
     if op == "linear_gelu":
         return lambda x, w, b: ember.ops.linear(x, w, b, activation="gelu", backend=backend)
+    if op == "moe_mlp":
+        return lambda x, wgu, wd: ember.ops.grouped_gated_mlp(x, wgu, wd, moe_offsets(x.shape[0], x.device),
+                                                              activation="silu", backend=backend)
     return lambda x, wg, wu, wd: ember.ops.linear(
         ember.ops.gated_linear(x, wg, wu, activation="silu", backend=backend), wd, backend=backend
     )
 
 
-EAGER = {"linear": _eager_linear, "linear_gelu": _eager_linear_gelu, "gated_mlp": _eager_gated}
+EAGER = {"linear": _eager_linear, "linear_gelu": _eager_linear_gelu, "gated_mlp": _eager_gated,
+         "moe_mlp": _eager_moe}
 _compiled: dict[tuple[str, str], Callable] = {}
 
 
@@ -115,10 +152,10 @@ def _compile(op: str, device_kind: str) -> Callable:
 
 def providers(cfg: Config, op: str) -> list[str]:
     names = ["torch"]
-    if cfg.compile and op != "linear":
+    if cfg.compile and op not in ("linear", "moe_mlp"):
         names.append("torch.compile")
     live = ember.available_backends(cfg.device)
-    for backend in ("cpu", "cuda", "triton"):
+    for backend in ("cpu",) if op == "moe_mlp" else ("cpu", "cuda", "triton"):
         if backend == "triton" and cfg.kind != "cuda":
             continue  # the Triton interpreter is far too slow to time
         if live.get(backend) is None:
@@ -146,6 +183,8 @@ def _inputs(op: str, shape, dtype, device):
         return [x, rnd(n, k, scale=k**-0.5)]
     if op == "linear_gelu":
         return [x, rnd(n, k, scale=k**-0.5), rnd(n)]
+    if op == "moe_mlp":
+        return [x, rnd(MOE_EXPERTS, 2 * n, k, scale=k**-0.5), rnd(MOE_EXPERTS, k, n, scale=n**-0.5)]
     return [x, rnd(n, k, scale=k**-0.5), rnd(n, k, scale=k**-0.5), rnd(k, n, scale=n**-0.5)]
 
 
@@ -175,7 +214,7 @@ def _maker(op, provider, direction, dtype, shape, device):
         else:
             for t in inputs:
                 t.requires_grad_(True)
-            grad = torch.randn(shape[0], inputs[-1].shape[0] if op == "gated_mlp" else shape[2], device=device,
+            grad = torch.randn(shape[0], shape[1] if op in ("gated_mlp", "moe_mlp") else shape[2], device=device,
                                dtype=dtype)
 
             def run():
@@ -207,12 +246,13 @@ def cases(cfg: Config) -> list[Case]:
     out = []
     ms, per_op = sizes(cfg)
     for dtype in cfg.dtypes:
-        for op in ("linear", "linear_gelu", "gated_mlp"):
-            for (k, n) in per_op[op]:
+        for op in ("linear", "linear_gelu", "gated_mlp", "moe_mlp"):
+            for (k, n) in per_op.get(op, ()):
                 for m in ms:
                     shape = (m, k, n)
                     esize = torch.empty((), dtype=dtype).element_size()
-                    nbytes = esize * (m * k + n * k * (3 if op == "gated_mlp" else 1) + m * (k if op == "gated_mlp" else n))
+                    weights = n * k * {"gated_mlp": 3, "moe_mlp": 3 * MOE_EXPERTS}.get(op, 1)
+                    nbytes = esize * (m * k + weights + m * (k if op in ("gated_mlp", "moe_mlp") else n))
                     for direction in DIRECTIONS:
                         for provider in providers(cfg, op):
                             out.append(Case(SUITE, op, direction, provider, dtype, shape, nbytes,
