@@ -18,8 +18,9 @@ DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, i
 FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
 BACKENDS = ["cpu", "reference"]
 # (experts, hidden, intermediate, rows per expert): one row, odd widths, an empty expert in the middle
-# and at the ends, and a wide one.
-CASES = [(1, 7, 5, [1]), (3, 17, 9, [4, 0, 7]), (4, 16, 33, [0, 5, 1, 0]), (2, 64, 48, [70, 33])]
+# and at the ends, a wide one, and 1023 + 3074 = 4097 rows (past the kernels' work grain).
+CASES = [(1, 7, 5, [1]), (3, 17, 9, [4, 0, 7]), (4, 16, 33, [0, 5, 1, 0]), (2, 64, 48, [70, 33]),
+         (2, 7, 9, [1023, 3074])]
 
 
 def _skip(backend):
