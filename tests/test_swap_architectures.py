@@ -172,3 +172,21 @@ def test_bf16_within_the_flash_attention_rule(name):
     eager_err = (want - ref).abs().max().item()
     err = (got - ref).abs().max().item()
     assert err <= 2 * eager_err + 1e-2 * ref.abs().max().item(), (err, eager_err)
+
+
+@pytest.mark.parametrize("change,reason", [
+    (lambda ex: setattr(ex, "_is_expert_parallel", True), "_is_expert_parallel=True"),
+    (lambda ex: setattr(ex, "has_bias", True), "has_bias=True"),
+    (lambda ex: setattr(ex.config, "_experts_implementation", "sonicmoe"), "'sonicmoe' experts kernel"),
+    (lambda ex: setattr(ex, "extra", torch.nn.Parameter(torch.zeros(1))), "not exactly gate_up_proj"),
+    (lambda ex: ex.register_forward_hook(lambda *a: None), "hooks"),
+])
+def test_moe_rule_declines_experts_it_does_not_know(change, reason):
+    model = zoo.build(zoo.BY_NAME["mixtral"], TINY)
+    experts = model.model.layers[0].mlp.experts
+    change(experts)
+    report = ember.swap(model)
+    assert model.model.layers[0].mlp.experts is experts
+    assert any(reason in s.reason for s in report.skipped if s.name.endswith("layers.0.mlp.experts")), str(report)
+    assert type(model.model.layers[1].mlp.experts).__name__ == ("MixtralExperts" if "sonicmoe" in reason
+                                                                 else "GatedExperts")
