@@ -36,6 +36,8 @@ EXPECTED = {
     "whisper": {"hf-up-act": 4},
     "mixtral": {"moe-experts": 2},
     "qwen2-moe": {"moe-experts": 2, "gated-mlp": 2},  # the routed experts and the shared expert
+    "qwen3-moe": {"moe-experts": 2},
+    "deepseek-v3": {"moe-experts": 2, "gated-mlp": 2},
 }
 
 
@@ -190,3 +192,25 @@ def test_moe_rule_declines_experts_it_does_not_know(change, reason):
     assert any(reason in s.reason for s in report.skipped if s.name.endswith("layers.0.mlp.experts")), str(report)
     assert type(model.model.layers[1].mlp.experts).__name__ == ("MixtralExperts" if "sonicmoe" in reason
                                                                  else "GatedExperts")
+
+
+def test_every_listed_experts_class_is_the_known_forward():
+    """The MoE rule's class list: each class the installed transformers has must still be the known
+    per-expert loop (else the rule declines it, and the list is stale)."""
+    import importlib
+    import pkgutil
+
+    import transformers.models as models
+
+    from ember.swap import gated
+
+    found = {}
+    for info in pkgutil.iter_modules(models.__path__):
+        try:
+            mod = importlib.import_module(f"transformers.models.{info.name}.modeling_{info.name}")
+        except Exception:  # noqa: BLE001 - a model whose module needs an optional package
+            continue
+        for name in gated.MOE_EXPERTS_CLASSES & set(vars(mod)):
+            found[name] = gated._experts_forward_problem(getattr(mod, name))
+    assert {"MixtralExperts", "Qwen2MoeExperts", "DeepseekV3Experts"} <= set(found)
+    assert {n: p for n, p in found.items() if p is not None} == {}

@@ -141,6 +141,13 @@ ARCHITECTURES: list[Arch] = [
     Arch("qwen2-moe", lambda w: _tf().Qwen2MoeForCausalLM(_tf().Qwen2MoeConfig(
         **_common(w), num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
         moe_intermediate_size=w.intermediate // 2, shared_expert_intermediate_size=w.intermediate // 2)), _ids),
+    Arch("qwen3-moe", lambda w: _tf().Qwen3MoeForCausalLM(_tf().Qwen3MoeConfig(
+        **_common(w), num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=w.intermediate // 2, head_dim=w.hidden // w.heads)), _ids),
+    Arch("deepseek-v3", lambda w: _tf().DeepseekV3ForCausalLM(_tf().DeepseekV3Config(
+        **_common(w), num_key_value_heads=w.heads, n_routed_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=w.intermediate // 2, n_shared_experts=1, first_k_dense_replace=0, n_group=1,
+        topk_group=1, q_lora_rank=None, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)), _ids),
 ]
 BY_NAME = {a.name: a for a in ARCHITECTURES}
 

@@ -159,7 +159,20 @@ PACKED_GATED_RULE = SwapRule(
 # ---------------------------------------------------------------------------------------------
 # Mixture-of-experts: transformers' experts (3-D gate_up_proj / down_proj) -> ember.nn.GatedExperts.
 # ---------------------------------------------------------------------------------------------
-MOE_EXPERTS_CLASSES = {"MixtralExperts", "Qwen2MoeExperts", "Qwen3MoeExperts", "OlmoeExperts"}
+# Every experts class of transformers 5.24 whose forward is the template below (checked by a script
+# over transformers/models; the rule re-checks the source, the members and the layout flags on each
+# module, so a class listed here that changes is declined, not mis-swapped).
+MOE_EXPERTS_CLASSES = {
+    "MixtralExperts", "PhimoeExperts", "MiniMaxExperts", "MiniMaxM2Experts", "JambaExperts",
+    "Qwen2MoeExperts", "Qwen3MoeExperts", "Qwen3NextExperts", "Qwen3_5MoeExperts", "Qwen3VLMoeTextExperts",
+    "Qwen3OmniMoeThinkerTextExperts", "Qwen3OmniMoeTalkerTextExperts",
+    "OlmoeExperts", "FlexOlmoExperts", "DeepseekV2Experts", "DeepseekV3Experts", "DeepseekV32Experts",
+    "Glm4MoeExperts", "Glm4MoeLiteExperts", "Glm4vMoeTextExperts", "GlmMoeDsaExperts", "Dots1Experts",
+    "Ernie4_5_MoeExperts", "Ernie4_5_VLMoeMoeExperts", "HunYuanMoEV1Experts", "ExaoneMoeExperts",
+    "GraniteMoeExperts", "GraniteMoeHybridExperts", "GraniteMoeSharedExperts", "Lfm2MoeExperts",
+    "KimiLinearExperts", "Mistral4Experts", "MistralLarge4TextExperts", "Gemma4TextExperts", "Cohere2MoeExperts",
+    "AfmoeExperts", "BailingHybridExperts", "MiMoV2FlashExperts", "SolarOpenExperts",
+}
 # The experts' own forward (transformers 5.x), which every experts implementation of transformers
 # (eager, grouped_mm, batched_mm) computes in its own order: GatedExperts computes the same.
 _EXPERTS = """
