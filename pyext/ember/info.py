@@ -70,8 +70,8 @@ def describe() -> str:
 
 
 # The ops whose backends the registry chooses between, in the order users meet them.
-_OPS = ("unary_act", "gated_act", "linear", "gated_linear", "quantize_per_token", "int8_linear", "optim_step",
-        "adamw8bit_step")
+_OPS = ("unary_act", "gated_act", "linear", "gated_linear", "grouped_gated_mlp", "quantize_per_token", "int8_linear",
+        "optim_step", "adamw8bit_step")
 
 
 def _registry(devices: list[str]) -> list[str]:
