@@ -214,3 +214,15 @@ def test_every_listed_experts_class_is_the_known_forward():
             found[name] = gated._experts_forward_problem(getattr(mod, name))
     assert {"MixtralExperts", "Qwen2MoeExperts", "DeepseekV3Experts"} <= set(found)
     assert {n: p for n, p in found.items() if p is not None} == {}
+
+
+def test_moe_rule_says_why_it_leaves_other_experts():
+    tf = pytest.importorskip("transformers")
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    cfg = tf.GptOssConfig(hidden_size=16, intermediate_size=8, num_local_experts=2, num_hidden_layers=1,
+                          num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    holder = torch.nn.ModuleDict({"experts": GptOssExperts(cfg)})
+    report = ember.swap(holder)
+    assert type(holder["experts"]) is GptOssExperts
+    assert any("other math" in s.reason for s in report.skipped if s.name == "experts"), str(report)

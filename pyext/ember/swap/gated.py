@@ -250,9 +250,19 @@ def _experts_listed(m: nn.Module) -> bool:
     return is_transformers_class(m, MOE_EXPERTS_CLASSES)
 
 
+def _experts_why_not(m: nn.Module) -> str | None:
+    if _experts_listed(m):
+        return _experts_problem(m)
+    cls = type(m)
+    if cls.__module__.startswith("transformers.") and cls.__name__.endswith("Experts"):
+        return ("its experts compute other math than the per-expert down_proj(act_fn(gate) * up) ember fuses "
+                "(biases, a clamped or custom gate, another weight layout), so they stay with torch")
+    return None
+
+
 MOE_EXPERTS_RULE = SwapRule(
     "moe-experts",
     match=lambda m: _experts_listed(m) and _experts_problem(m) is None,
     replace=lambda m: GatedExperts.from_module(m, activation_kind(m.act_fn)),
-    why_not=lambda m: _experts_problem(m) if _experts_listed(m) else None,
+    why_not=_experts_why_not,
 )
