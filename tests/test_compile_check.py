@@ -78,3 +78,23 @@ def test_cuda_cache_key_covers_every_header(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="stop"):
         cc._cuda_task(os.path.join(cc._ROOT, "csrc", "cuda", "activation.cu"), 90, "nvcc", True)
     assert "common.cuh" in headers and "multi_tensor.cuh" in headers and "activation.h" in headers
+
+
+def test_a_killed_nvcc_is_not_cached(tmp_path, monkeypatch):
+    # nvcc stopped by a signal (a killed job) once left a "Terminated" failure in the cache, which every
+    # later run replayed; only results of an nvcc that ran to its end are kept.
+    import subprocess
+
+    import ember.compile_check as cc
+
+    monkeypatch.setenv("EMBER_CACHE_DIR", str(tmp_path))
+    killed = subprocess.CompletedProcess([], -15, stdout="", stderr="Terminated")
+    monkeypatch.setattr(cc.subprocess, "run", lambda *a, **k: killed)
+    monkeypatch.setattr(cc, "_nvcc_version", lambda nvcc: ["nvcc stand-in"])
+    path = os.path.join(cc._ROOT, "csrc", "cuda", "activation.cu")
+    assert cc._cuda_task(path, 90, "nvcc", True)["status"] == "fail"
+    assert not list(tmp_path.rglob("*.json"))
+    ok = subprocess.CompletedProcess([], 0, stdout="", stderr="")
+    monkeypatch.setattr(cc.subprocess, "run", lambda *a, **k: ok)
+    assert cc._cuda_task(path, 90, "nvcc", True)["status"] == "ok"
+    assert len(list(tmp_path.rglob("*.json"))) == 1

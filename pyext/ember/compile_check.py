@@ -612,7 +612,10 @@ def _cuda_task(path: str, arch: int, nvcc: str, use_cache: bool) -> dict:
         res["kernels"].append(k)
     if res["status"] == "ok" and any(k["status"] != "ok" for k in res["kernels"]):
         res["status"], res["error"] = "fail", "kernels spill to local memory"
-    _cache_put(key, res)
+    # An nvcc stopped by a signal (a job killed, the machine out of memory) says nothing about the source:
+    # caching it would replay that failure in every later run until the source changes.
+    if r.returncode >= 0:
+        _cache_put(key, res)
     return res
 
 
