@@ -105,6 +105,9 @@ def test_non_contiguous_weights_int32_offsets_and_no_rows(backend):
     x_view = x_wide[:, 5:17]
     out = ember.ops.grouped_gated_mlp(x_view, wgu_t, wd_t, offsets.int(), backend=backend)
     torch.testing.assert_close(out, eager(x, wgu, wd, [3, 5, 2], "silu"), atol=1e-12, rtol=1e-12)
+    column_major = x.t().contiguous().t()  # stride (1, rows): the kernel reads it as it is
+    torch.testing.assert_close(ember.ops.grouped_gated_mlp(column_major, wgu, wd, offsets, backend=backend),
+                               eager(x, wgu, wd, [3, 5, 2], "silu"), atol=1e-12, rtol=1e-12)
     none = ember.ops.grouped_gated_mlp(torch.randn(0, 12, dtype=torch.float64), wgu, wd, torch.zeros(3, dtype=torch.long),
                                        backend=backend)
     assert none.shape == (0, 12)

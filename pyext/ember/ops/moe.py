@@ -81,12 +81,13 @@ def grouped_gated_mlp_backward_reference(grad, x, w_gate_up, w_down, offsets, pr
     h = _gated(pre, act)
     dx, dwgu, dwd = torch.zeros_like(x), torch.zeros_like(w_gate_up), torch.zeros_like(w_down)
     dh = torch.zeros_like(h)
-    for e, s, t in group_ranges(offsets, x.shape[0]):
+    ranges = group_ranges(offsets, x.shape[0])
+    for e, s, t in ranges:
         dh[s:t] = grad[s:t] @ w_down[e]
         dwd[e] = grad[s:t].t() @ h[s:t]
     dgate = act_backward_reference(_wide(dh) * up, gate, act).to(x.dtype)
     dup = (_wide(dh) * act_reference(gate, act)).to(x.dtype)
-    for e, s, t in group_ranges(offsets, x.shape[0]):
+    for e, s, t in ranges:
         dx[s:t] = dgate[s:t] @ w_gate_up[e, :inter] + dup[s:t] @ w_gate_up[e, inter:]
         dwgu[e, :inter] = dgate[s:t].t() @ x[s:t]
         dwgu[e, inter:] = dup[s:t].t() @ x[s:t]
@@ -168,8 +169,6 @@ def grouped_gated_mlp(
     if offsets.device.type != "cpu" and offsets.device != x.device:
         raise ValueError(f"ember.ops.{op}: offsets must be on the CPU or on x's device {x.device}, got {offsets.device}")
     name = _backend.for_call(backend, x.device, op, dtype=x.dtype)
-    if name == "cpu":
-        offsets, x = offsets.cpu(), x if x.stride(-1) == 1 or x.shape[-1] <= 1 else x.contiguous()
     if plain_reference(name):
         return grouped_gated_mlp_reference(x, w_gate_up, w_down, offsets, act)[0]
     return grouped_gated_mlp_op(x, w_gate_up, w_down, offsets, act, False, name)[0]
