@@ -215,12 +215,17 @@ struct LinearFn : public torch::autograd::Function<LinearFn> {
                                const OptTensor& residual, const std::string& act, bool save_preact,
                                const std::string& backend) {
     const bool keep = act != "none";
-    auto [out, pre] = linear_below(x, weight, bias, residual, act, save_preact || keep, backend);
-    ctx->save_for_backward({x, weight, or_undefined(bias), pre});
+    // ReLU's derivative reads the same off its output (out <= 0 exactly where pre <= 0, NaN passing in
+    // both), so without a residual the output stands in for the pre-activation, as torch's relu saves
+    // its result: one (rows, N) buffer kept for backward instead of two.
+    const bool grad_from_out = act == "relu" && !residual.has_value() && !save_preact;
+    auto [out, pre] = linear_below(x, weight, bias, residual, act, (save_preact || keep) && !grad_from_out, backend);
+    ctx->save_for_backward({x, weight, or_undefined(bias), grad_from_out ? out : pre});
     ctx->saved_data["act"] = act;
     ctx->saved_data["backend"] = backend;
     ctx->saved_data["has_bias"] = bias.has_value();
     ctx->saved_data["has_residual"] = residual.has_value();
+    ctx->saved_data["grad_from_out"] = grad_from_out;
     Tensor pre_out = save_preact && keep ? pre : empty_like_none(x);
     ctx->mark_non_differentiable({pre_out});
     return {out, pre_out};
@@ -228,7 +233,9 @@ struct LinearFn : public torch::autograd::Function<LinearFn> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &weight = saved[1], &pre = saved[3];
+    const Tensor &x = saved[0], &weight = saved[1];
+    // a saved output has x's rank; the kernels take it as (rows, N), as the pre-activation is
+    const Tensor pre = ctx->saved_data["grad_from_out"].toBool() ? rows(saved[3]) : saved[3];
     const OptTensor bias = saved[2].defined() ? OptTensor(saved[2]) : std::nullopt;
     const bool has_bias = ctx->saved_data["has_bias"].toBool();
     const bool has_res = ctx->saved_data["has_residual"].toBool();

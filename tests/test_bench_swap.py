@@ -32,5 +32,15 @@ def test_verdicts():
     assert swap.verdict(ok) == "PASS" and swap.verdict(slow) == "FAIL"
     near = swap.Row("e", fused="x", fwd=(1.0, 1.01), fwd_bwd=(1.0, 1.0), noise=0.02)
     assert swap.verdict(near) == "FAIL within noise (A/A 2.0%)"
+    # per-round ratios decide when present: a clear loss in every round fails even with a noisy A/A
+    # of 0.5%, and a median below 1.0 whose interval reaches 1.0 is unresolved, not a pass
+    lost = swap.Row("f", fused="x", fwd=(1.0, 1.0), fwd_bwd=(1.0, 1.0), noise=0.005,
+                    fwd_ratios=[0.95, 0.96, 0.94, 0.95, 0.96], fwd_bwd_ratios=[1.02] * 5)
+    assert swap.verdict(lost) == "FAIL"
+    spread = swap.Row("g", fused="x", fwd=(1.0, 1.0), fwd_bwd=(1.0, 1.0), noise=0.001,
+                      fwd_ratios=[0.97, 1.01, 0.99, 1.02, 0.98, 0.985, 1.005], fwd_bwd_ratios=[1.02] * 7)
+    assert swap.verdict(spread).startswith("FAIL within noise")
+    lo, hi = spread.interval("fwd")
+    assert lo <= spread.speed("fwd") <= hi and lo < 1.0 <= hi
     assert swap.verdict(swap.Row("c", fused="nothing")) == "n/a (nothing swapped)"
     assert swap.verdict(swap.Row("d", error="boom")) == "ERROR"

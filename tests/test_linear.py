@@ -111,6 +111,37 @@ def test_inference_keeps_no_preactivation_and_matches_training():
     torch.testing.assert_close(pre2, F.linear(x, w, b), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+@pytest.mark.parametrize("shape", [(6, 12), (2, 3, 12), (0, 12), (2, 0, 12)])
+def test_relu_keeps_its_output_not_a_second_buffer(backend, shape):
+    # ReLU's grad reads off its output, so the op saves the output (as torch's relu does) and no
+    # pre-activation: training holds one (rows, N) buffer per layer, not two. Grads stay exact, NaN
+    # rows included, and an in-place change to the output is refused as torch refuses it.
+    dtype, tol = (torch.float32, 1e-4) if backend == "triton" else (torch.float64, 1e-12)  # tl.dot: no fp64
+    x = torch.randn(*shape, dtype=dtype)
+    if x.numel():
+        x.view(-1, 12)[0, 3] = float("nan")
+    x.requires_grad_()
+    w = torch.randn(9, 12, dtype=dtype, requires_grad=True)
+    b = torch.randn(9, dtype=dtype, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = ember.ops.linear(x, w, b, activation="relu", backend=backend)
+    big = [t for t in saved if t.dim() >= 2 and t.shape[-1] == 9]
+    assert len(big) == 1 and big[0].data_ptr() == out.data_ptr()
+    g = torch.randn_like(out)
+    out.backward(g)
+    x2, w2, b2 = (t.detach().clone().requires_grad_() for t in (x, w, b))
+    torch.relu(F.linear(x2, w2, b2)).backward(g)
+    for got, want in ((x.grad, x2.grad), (w.grad, w2.grad), (b.grad, b2.grad)):
+        torch.testing.assert_close(got, want, atol=tol, rtol=tol, equal_nan=True)
+    if out.numel():
+        again = ember.ops.linear(x, w, b, activation="relu", backend=backend)
+        again.mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            again.sum().backward()
+
+
 def test_empty_and_large_rows_bias_grad():
     # rows > the C++ backward's row chunk (64): the bias grad is summed over several partials.
     x = torch.randn(1000, 8, dtype=torch.float64, requires_grad=True)
