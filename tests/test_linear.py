@@ -142,6 +142,33 @@ def test_relu_keeps_its_output_not_a_second_buffer(backend, shape):
             again.sum().backward()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("keep_pre", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["no-bias", "bias"])
+@pytest.mark.parametrize("with_residual", [False, True], ids=["no-res", "res"])
+def test_cpu_epilogue_variants(dtype, keep_pre, with_bias, with_residual):
+    # The C++ kernel adds the bias in the activation pass after a plain GEMM (fp32/fp64), or in the
+    # GEMM (bf16), in six variants: every one against float64, the kept pre-activation included (it
+    # must hold x @ w^T + b, which backward differentiates at). Odd widths, a strided residual and a
+    # strided bias; 1031 rows x 37 columns span several of map_rows' work chunks.
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1031, 19, generator=g).to(dtype)
+    w = (torch.randn(37, 19, generator=g) / 19**0.5).to(dtype)
+    b = torch.randn(74, generator=g).to(dtype)[::2] if with_bias else None
+    res = torch.randn(1031, 80, generator=g).to(dtype)[:, 3:40] if with_residual else None
+    out, pre = linear_act(x, w, b, res, "gelu", keep_pre, "cpu")
+    pre64 = x.double() @ w.double().t() + (b.double() if with_bias else 0)
+    want = F.gelu(pre64) + (res.double() if with_residual else 0)
+    tol = {torch.float32: 2e-5, torch.float64: 1e-12, torch.bfloat16: 3e-2}[dtype]
+    torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
+    assert out.is_contiguous() and out.dtype == dtype
+    if keep_pre:
+        torch.testing.assert_close(pre.double(), pre64, atol=tol, rtol=tol)
+        assert pre.data_ptr() != out.data_ptr()
+    else:
+        assert pre.numel() == 0
+
+
 def test_empty_and_large_rows_bias_grad():
     # rows > the C++ backward's row chunk (64): the bias grad is summed over several partials.
     x = torch.randn(1000, 8, dtype=torch.float64, requires_grad=True)

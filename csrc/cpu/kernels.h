@@ -80,11 +80,12 @@ struct ActivationKernels {
 };
 
 struct LinearKernels {
-  // Linear epilogue: out = act(pre) (+ residual). pre and out contiguous (rows, cols) and may be the
-  // same buffer (in-place when no pre-activation is kept); residual rows every res_row_stride
-  // elements, or nullptr.
-  void (*epilogue)(const void* pre, const void* residual, void* out, int64_t rows, int64_t cols,
-                   int64_t res_row_stride, DType dtype, Act act);
+  // Linear epilogue: out = act(pre + bias) (+ residual), and pre_out = pre + bias when pre_out is not
+  // null (the kept pre-activation; it may be pre itself). pre, out and pre_out contiguous (rows, cols);
+  // pre and out may be the same buffer (in place when no pre-activation is kept); bias (cols) or
+  // nullptr; residual rows every res_row_stride elements, or nullptr.
+  void (*epilogue)(const void* pre, const void* bias, const void* residual, void* out, void* pre_out, int64_t rows,
+                   int64_t cols, int64_t res_row_stride, DType dtype, Act act);
   // Linear backward prologue: dpre = grad * act'(pre) (grad rows every grad_row_stride elements, pre
   // and dpre contiguous) and, when col_partials is not null, per-row-chunk column sums of dpre in the
   // compute precision (float, or double for fp64): col_partials[c * cols + j] sums rows

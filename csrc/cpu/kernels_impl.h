@@ -72,17 +72,38 @@ inline void gated_act_backward(const void* grad, const void* gate, const void* u
   });
 }
 
-inline void linear_epilogue(const void* pre, const void* residual, void* out, int64_t rows, int64_t cols,
-                            int64_t res_row_stride, DType dtype, Act act) {
+inline void linear_epilogue(const void* pre, const void* bias, const void* residual, void* out, void* pre_out,
+                            int64_t rows, int64_t cols, int64_t res_row_stride, DType dtype, Act act) {
   dispatch(dtype, act, [&]<typename T, Act A>() {
     const T* p = static_cast<const T*>(pre);
+    const T* b = static_cast<const T*>(bias);
+    const T* r = static_cast<const T*>(residual);
     T* o = static_cast<T*>(out);
-    if (residual == nullptr) {
+    // The bias is read as a (rows, cols) input of row stride 0: every row sees the same vector.
+    // Residual added in the compute precision and rounded once, like act(pre) + res in fp32.
+    if (b == nullptr && r == nullptr) {
       map_rows<T, 1, 1>({p}, {cols}, {o}, rows, cols, [](const auto& in) { return std::array{act_forward<A>(in[0])}; });
-    } else {
-      // Residual added in the compute precision and rounded once, like act(pre) + res in fp32.
-      map_rows<T, 2, 1>({p, static_cast<const T*>(residual)}, {cols, res_row_stride}, {o}, rows, cols,
+    } else if (b == nullptr) {
+      map_rows<T, 2, 1>({p, r}, {cols, res_row_stride}, {o}, rows, cols,
                         [](const auto& in) { return std::array{act_forward<A>(in[0]) + in[1]}; });
+    } else if (pre_out == nullptr && r == nullptr) {
+      map_rows<T, 2, 1>({p, b}, {cols, 0}, {o}, rows, cols,
+                        [](const auto& in) { return std::array{act_forward<A>(in[0] + in[1])}; });
+    } else if (pre_out == nullptr) {
+      map_rows<T, 3, 1>({p, b, r}, {cols, 0, res_row_stride}, {o}, rows, cols,
+                        [](const auto& in) { return std::array{act_forward<A>(in[0] + in[1]) + in[2]}; });
+    } else if (r == nullptr) {
+      T* q = static_cast<T*>(pre_out);
+      map_rows<T, 2, 2>({p, b}, {cols, 0}, {q, o}, rows, cols, [](const auto& in) {
+        const auto z = in[0] + in[1];
+        return std::array{z, act_forward<A>(z)};
+      });
+    } else {
+      T* q = static_cast<T*>(pre_out);
+      map_rows<T, 3, 2>({p, b, r}, {cols, 0, res_row_stride}, {q, o}, rows, cols, [](const auto& in) {
+        const auto z = in[0] + in[1];
+        return std::array{z, act_forward<A>(z) + in[2]};
+      });
     }
   });
 }
