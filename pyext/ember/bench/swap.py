@@ -39,9 +39,9 @@ from .harness import time_fn
 
 SUITE = "swap"
 TARGET = 1.0
-# 15 rounds of ~0.06 s per model and mode: a few minutes for the zoo on 2 cores, and enough rounds for
+# 25 rounds of ~0.06 s per model and mode: about 7 minutes for the zoo on 2 cores, and enough rounds for
 # the median ratio to resolve about 1% on a quiet machine
-ROUNDS, BUDGET_S = 15, 0.06
+ROUNDS, BUDGET_S = 25, 0.06
 RTOL, ATOL = 1e-5, 1e-5
 
 
