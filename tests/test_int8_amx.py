@@ -59,6 +59,41 @@ def test_isa_report_names_the_int8_kernels_and_why_amx_is_off():
 
 
 @needs_ext
+def test_16bit_gemm_report_agrees_with_the_kernel_flags():
+    # CPUID decoding (dispatch.cpp native_16bit_gemm) against what Linux reads from the same CPUID bits.
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    bf16 = "avx512_bf16" in flags or "amx_bf16" in flags
+    fp16 = "avx512_fp16" in flags or "amx_fp16" in flags
+    line = _report()["16-bit GEMMs"]
+    assert line.startswith(f"bf16 {'native' if bf16 else 'not native'}, fp16 {'native' if fp16 else 'not native'}")
+    assert ("computes those in fp32" in line) == (not (bf16 and fp16))
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_w8a16_prefill_fallback_without_native_16bit_dot(dtype):
+    # Prefill (M > 16) off AMX takes the dequantised-copy fallback. Without a native dot product for
+    # x's dtype it runs in fp32 and rounds once at the end: bit for bit the fp32 result, rounded.
+    native = "not native" not in _report()["16-bit GEMMs"].split(",")[0 if dtype == torch.bfloat16 else 1]
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 96, generator=g).to(dtype)
+    w = torch.randn(72, 96, generator=g)
+    b = torch.randn(72, generator=g).to(dtype)
+    qw, sw = I.quantize_weight(w)
+    env_isa = os.environ.get("EMBER_CPU_ISA")
+    if _amx_on() and env_isa is None:
+        pytest.skip("AMX takes these rows; the fallback is not reached")
+    out = I.int8_linear(x, qw, sw, b, mode="w8a16", activation="gelu", backend="cpu")
+    want32 = I.int8_linear(x.float(), qw, sw, b.float(), mode="w8a16", activation="gelu", backend="cpu")
+    assert out.dtype == dtype and out.shape == (40, 72)
+    if not native:
+        assert torch.equal(out, want32.to(dtype))
+    ref = torch.nn.functional.gelu(x.double() @ I.dequantize_weight(qw, sw).double().t() + b.double())
+    assert metrics.sqnr_db(ref, out.double()) > (38 if dtype == torch.bfloat16 else 50)
+
+
+@needs_ext
 @pytest.mark.parametrize("isa", ["avx512", "portable"])
 def test_env_override_turns_amx_off(isa):
     code = "from ember._backend import extension as e; print(e().cpu_isa()); print(e().cpu_isa_report())"

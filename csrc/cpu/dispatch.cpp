@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <utility>
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <cpuid.h>
@@ -142,6 +143,28 @@ const char* isa() {
 
 bool amx_in_use() { return choice().table == Table::kAmx; }
 
+bool native_16bit_gemm(DType dtype) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const std::pair<bool, bool> native = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (__get_cpuid_max(0, nullptr) < 7) return std::pair<bool, bool>{false, false};
+    __cpuid_count(7, 0, a, b, c, d);
+    const bool amx_bf16 = d & (1u << 22), avx512_fp16 = d & (1u << 23);
+    const unsigned leaf0_max = a;
+    unsigned a1 = 0;
+    if (leaf0_max >= 1) __cpuid_count(7, 1, a1, b, c, d);
+    // CPUID.(7,1):EAX bit 5 AVX512-BF16, bit 21 AMX-FP16.
+    const bool avx512_bf16 = a1 & (1u << 5), amx_fp16 = a1 & (1u << 21);
+    return std::pair<bool, bool>{avx512_bf16 || amx_bf16, avx512_fp16 || amx_fp16};
+  }();
+  if (dtype == DType::kBFloat16) return native.first;
+  if (dtype == DType::kFloat16) return native.second;
+#else
+  (void)dtype;
+#endif
+  return false;
+}
+
 std::string isa_report() {
   const Choice& c = choice();
   std::string int8;
@@ -152,6 +175,11 @@ std::string isa_report() {
   }
   std::string s = std::string("table: ") + isa() + "\nint8: " + int8;
   if (!c.amx_off.empty()) s += "\namx off: " + c.amx_off;
+  s += std::string("\n16-bit GEMMs: bf16 ") + (native_16bit_gemm(DType::kBFloat16) ? "native" : "not native") +
+       ", fp16 " + (native_16bit_gemm(DType::kFloat16) ? "native" : "not native") +
+       (native_16bit_gemm(DType::kBFloat16) && native_16bit_gemm(DType::kFloat16)
+            ? ""
+            : " (ember's W8A16 prefill computes those in fp32)");
   return s;
 }
 

@@ -257,12 +257,17 @@ at::Tensor int8_linear_w8a16(const at::Tensor& x, const at::Tensor& w, const at:
     return out;
   }
   // Prefill elsewhere: the GEMM costs 2*M*N*K flops against N*K for one dequantised weight copy, so for
-  // M > 16 the copy is a few percent of the time and ATen's GEMM does the rest.
-  const at::Tensor wd = (w.to(at::kFloat).view({N, -1, group}) * sw.view({N, -1, 1})).view({N, K}).to(x.scalar_type());
-  at::Tensor out = at::linear(x, wd, bias ? c10::optional<at::Tensor>(bias->to(x.scalar_type())) : c10::nullopt);
+  // M > 16 the copy is a few percent of the time and ATen's GEMM does the rest. A bf16/fp16 x on a CPU
+  // without a native dot product for it runs the GEMM in fp32 (several times faster there, and one
+  // rounding fewer), the output rounded to x's dtype once, after the activation.
+  const bool in_fp32 = x.scalar_type() != at::kDouble && !native_16bit_gemm(dtype);
+  const at::ScalarType compute = in_fp32 ? at::kFloat : x.scalar_type();
+  const at::Tensor wd = (w.to(at::kFloat).view({N, -1, group}) * sw.view({N, -1, 1})).view({N, K}).to(compute);
+  at::Tensor out = at::linear(x.to(compute), wd, bias ? c10::optional<at::Tensor>(bias->to(compute)) : c10::nullopt);
   if (act >= 0 && out.numel() > 0)
-    activation_kernels().unary(out.const_data_ptr(), out.mutable_data_ptr(), out.numel(), dtype, static_cast<Act>(act));
-  return out;
+    activation_kernels().unary(out.const_data_ptr(), out.mutable_data_ptr(), out.numel(),
+                               in_fp32 ? DType::kFloat32 : dtype, static_cast<Act>(act));
+  return out.to(x.scalar_type());
 }
 
 }  // namespace

@@ -180,6 +180,11 @@ const char* isa();
 // not turn it off), and a few lines naming the table, the int8 kernels and why AMX is off if it is.
 bool amx_in_use();
 std::string isa_report();
+// Whether the CPU has a native dot product for this 16-bit type (bf16: AVX512-BF16 or AMX-BF16; fp16:
+// AVX512-FP16 or AMX-FP16), which oneDNN's GEMMs behind ATen use. Without one, ATen's bf16/fp16 GEMM
+// is several times slower than its fp32 GEMM (4.8x on an AVX-512 Xeon whose hypervisor hides BF16
+// and AMX), so ember's fallbacks compute such products in fp32. False for fp32/fp64.
+bool native_16bit_gemm(DType dtype);
 // Measured AMX multiply-accumulates per second (TDPBUSD int8, or TDPBF16PS with bf16), all torch
 // threads; 0 when AMX is not in use.
 double amx_peak_macs(bool bf16);

@@ -28,6 +28,8 @@ def _int8_isa(ext) -> list[str]:
     lines = [f"CPU int8     {fields.get('int8', 'unknown')}"]
     if "amx off" in fields:
         lines.append(f"             AMX off: {fields['amx off']}")
+    if "16-bit GEMMs" in fields:
+        lines.append(f"CPU 16-bit   {fields['16-bit GEMMs']}")
     return lines
 
 
