@@ -44,3 +44,24 @@ def test_verdicts():
     assert lo <= spread.speed("fwd") <= hi and lo < 1.0 <= hi
     assert swap.verdict(swap.Row("c", fused="nothing")) == "n/a (nothing swapped)"
     assert swap.verdict(swap.Row("d", error="boom")) == "ERROR"
+
+
+def test_unresolved_speeds_get_more_rounds(monkeypatch):
+    # A speed whose interval straddles 1.0 is timed in up to EXTRA_ROUNDS more batches; a clear one
+    # is not. _rounds is replaced by synthetic per-round times: (eager, swapped, twin) seconds.
+    calls = []
+
+    def fake_rounds(fns, rounds, budget_s, first=0):
+        calls.append(first)
+        if len(calls) <= 1 + swap.EXTRA_ROUNDS:  # forward: alternates 0.98x / 1.02x, never resolves
+            return [[1.0, 1.0 / (0.98 if (first + i) % 2 else 1.02), 1.0] for i in range(rounds)]
+        return [[1.1, 1.0, 1.1] for _ in range(rounds)]  # 1.1x every round: resolved at once
+
+    monkeypatch.setattr(swap, "_rounds", fake_rounds)
+    row = swap.measure_one(swap.BY_NAME["gpt-neox"], swap.WIDTHS["tiny"], rounds=6, budget_s=0.0)
+    assert row.error is None
+    assert len(row.fwd_ratios) == 6 * (1 + swap.EXTRA_ROUNDS) and len(row.fwd_bwd_ratios) == 6
+    assert calls == [0, 6, 12, 0]  # continuations keep rotating the order
+    assert swap._rounds_cell(row) == "18 / 6"
+    lo, hi = row.interval("fwd")
+    assert lo < 1.0 < hi and row.interval("fwd_bwd")[0] > 1.0
