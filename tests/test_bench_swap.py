@@ -3,6 +3,7 @@ architectures (the architectures themselves are checked in tests/test_swap_archi
 import csv
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -65,3 +66,11 @@ def test_unresolved_speeds_get_more_rounds(monkeypatch):
     assert swap._rounds_cell(row) == "18 / 6"
     lo, hi = row.interval("fwd")
     assert lo < 1.0 < hi and row.interval("fwd_bwd")[0] > 1.0
+
+
+@pytest.mark.parametrize("name", ["gpt-neox", "llama"])
+def test_bf16_rows_are_checked_against_the_fp32_model(name):
+    model, fused, report, inputs, rel = swap.compare(swap.BY_NAME[name], swap.WIDTHS["tiny"], torch.bfloat16)
+    assert report.replaced and next(model.parameters()).dtype == torch.bfloat16
+    assert all(v.dtype == torch.bfloat16 for v in inputs.values() if v.is_floating_point())
+    assert 0 <= rel < 0.1

@@ -2,7 +2,7 @@
 machine (issue #14): the coverage table of the README.
 
     python -m ember bench --suites swap [--quick]
-    python -m ember.bench.swap [--archs gpt-neox opt ...] [--rounds N] [--out bench/results]
+    python -m ember.bench.swap [--archs gpt-neox opt ...] [--rounds N] [--dtype bf16] [--out bench/results]
 
 Each architecture is built from its transformers config class with seeded random weights (two layers,
 hidden 256 / intermediate 1024 on CPU; ``--quick`` and the tests use a tiny width), then:
@@ -235,32 +235,59 @@ def _loss_weight(ref: torch.Tensor) -> torch.Tensor:
     return torch.randn(ref.shape, generator=torch.Generator().manual_seed(2))
 
 
-def compare(arch: Arch, width: Width):
+# the tests' accuracy floors per dtype (tests/test_linear.py): below these, two orders of summation differ
+FLOOR = {torch.float32: ATOL, torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+
+def _cast_inputs(inputs: dict, dtype: torch.dtype) -> dict:
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in inputs.items()}
+
+
+def _output_and_grads(m: nn.Module, inputs: dict) -> tuple[torch.Tensor, dict]:
+    m.zero_grad(set_to_none=True)
+    out = output_of(m(**inputs))
+    (out.float() * _loss_weight(out)).sum().backward()
+    grads = {n: p.grad.float().clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad(set_to_none=True)
+    return out.detach().float(), grads
+
+
+def compare(arch: Arch, width: Width, dtype: torch.dtype = torch.float32):
     """(original model, swapped copy, swap report, inputs, max relative output difference): raises
-    AssertionError when the swapped copy's outputs or gradients differ from the original's."""
+    AssertionError when the swapped copy's outputs or gradients differ from the original's.
+
+    fp32: within 1e-5 relative of eager's. bf16 / fp16 (both models cast): against the fp32 model, the
+    swapped copy's error is at most twice eager's in the same dtype plus the dtype's floor (the
+    flash-attention rule the tests use), outputs and every gradient."""
     import ember
 
     model = build(arch, width)
+    inputs = arch.inputs(width, torch.Generator().manual_seed(1))
+    ref = None
+    if dtype != torch.float32:
+        ref = _output_and_grads(model, inputs)
+        model, inputs = model.to(dtype), _cast_inputs(inputs, dtype)
     fused = copy.deepcopy(model)
     report = ember.swap(fused)
-    inputs = arch.inputs(width, torch.Generator().manual_seed(1))
-    outs, grads = [], []
-    for m in (model, fused):
-        m.zero_grad(set_to_none=True)
-        out = output_of(m(**inputs))
-        weight = _loss_weight(out)
-        (out * weight).sum().backward()
-        outs.append(out.detach())
-        grads.append({n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None})
-        m.zero_grad(set_to_none=True)
-    torch.testing.assert_close(outs[1], outs[0], rtol=RTOL, atol=ATOL)
-    assert grads[0].keys() == grads[1].keys() and grads[0], "the swapped model's gradients are other parameters'"
-    for n, want in grads[0].items():
-        # relative to the gradient's scale: elementwise tolerances fail on sums that cancel to ~0,
-        # where two orders of summation legitimately differ in the last bits of the large terms
-        err, scale = (grads[1][n] - want).abs().max().item(), want.abs().max().item()
-        assert err <= RTOL * scale + ATOL, f"gradient of {n}: max |diff| {err:.3g} against a scale of {scale:.3g}"
-    rel = ((outs[1] - outs[0]).abs().max() / outs[0].abs().max().clamp_min(1e-30)).item()
+    (out_e, grads_e), (out_s, grads_s) = (_output_and_grads(m, inputs) for m in (model, fused))
+    assert grads_e.keys() == grads_s.keys() and grads_e, "the swapped model's gradients are other parameters'"
+    if ref is None:
+        torch.testing.assert_close(out_s, out_e, rtol=RTOL, atol=ATOL)
+        for n, want in grads_e.items():
+            # relative to the gradient's scale: elementwise tolerances fail on sums that cancel to ~0,
+            # where two orders of summation legitimately differ in the last bits of the large terms
+            err, scale = (grads_s[n] - want).abs().max().item(), want.abs().max().item()
+            assert err <= RTOL * scale + ATOL, f"gradient of {n}: max |diff| {err:.3g} against a scale of {scale:.3g}"
+    else:
+        out_ref, grads_ref = ref
+        floor = FLOOR[dtype]
+        for n, want, got, eager in [("output", out_ref, out_s, out_e)] + [
+                (f"gradient of {n}", grads_ref[n], grads_s[n], grads_e[n]) for n in grads_e]:
+            scale = max(want.abs().max().item(), 1e-30)
+            err, err_eager = (got - want).abs().max().item(), (eager - want).abs().max().item()
+            assert err <= 2 * err_eager + floor * scale, (
+                f"{n}: error {err:.3g} against the fp32 model, eager {dtype}'s {err_eager:.3g} (scale {scale:.3g})")
+    rel = ((out_s - out_e).abs().max() / out_e.abs().max().clamp_min(1e-30)).item()
     return model, fused, report, inputs, rel
 
 
@@ -278,10 +305,10 @@ def _rounds(fns: list[Callable[[], object]], rounds: int, budget_s: float, first
     return times
 
 
-def measure_one(arch: Arch, width: Width, rounds: int, budget_s: float) -> Row:
+def measure_one(arch: Arch, width: Width, rounds: int, budget_s: float, dtype: torch.dtype = torch.float32) -> Row:
     row = Row(arch.name)
     try:
-        model, fused, report, inputs, row.max_rel_diff = compare(arch, width)
+        model, fused, report, inputs, row.max_rel_diff = compare(arch, width, dtype)
         row.fused = fused_summary(report)
         declined = sorted({s.reason for s in report.skipped if "fused loss" not in s.reason})
         row.declined = "; ".join(declined)
@@ -323,11 +350,12 @@ def measure_one(arch: Arch, width: Width, rounds: int, budget_s: float) -> Row:
     return row
 
 
-def measure(width: Width, archs: list[str] | None = None, rounds: int = ROUNDS, budget_s: float = BUDGET_S) -> list[Row]:
+def measure(width: Width, archs: list[str] | None = None, rounds: int = ROUNDS, budget_s: float = BUDGET_S,
+            dtype: torch.dtype = torch.float32) -> list[Row]:
     from tqdm.auto import tqdm
 
     chosen = [BY_NAME[a] for a in archs] if archs else ARCHITECTURES
-    return [measure_one(a, width, rounds, budget_s) for a in tqdm(chosen, desc="swap", file=sys.stderr)]
+    return [measure_one(a, width, rounds, budget_s, dtype) for a in tqdm(chosen, desc="swap", file=sys.stderr)]
 
 
 def verdict(row: Row) -> str:
@@ -364,7 +392,14 @@ def _rounds_cell(row: Row) -> str:
     return f"{len(row.fwd_ratios)} / {len(row.fwd_bwd_ratios or ())}"
 
 
-def markdown(width: Width, rows: list[Row], when: str) -> str:
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next(k for k, v in DTYPES.items() if v == dtype)
+
+
+def markdown(width: Width, rows: list[Row], when: str, dtype: torch.dtype = torch.float32) -> str:
     rounds = max((len(r.fwd_ratios or ()) for r in rows), default=0)
     rounds = min((len(r.fwd_ratios or ()) for r in rows if r.fwd_ratios), default=rounds)
     lines = [f"# ember swap: coverage and whole-model speed per architecture ({when})", "",
@@ -372,9 +407,11 @@ def markdown(width: Width, rows: list[Row], when: str) -> str:
              f"transformers {_tf().__version__}, git {_report.git_sha()}",
              f"- models: random weights from each config, {width.layers} layers, hidden {width.hidden}, "
              f"intermediate {width.intermediate}, batch {width.batch} x {width.seq} tokens (ViT: 32x32 images, "
-             f"Whisper: 16 mel bins x 64 frames), fp32, eval mode",
+             f"Whisper: 16 mel bins x 64 frames), {_dtype_name(dtype)}, eval mode",
              "- checked: swapped outputs within 1e-5 relative and each gradient within 1e-5 of its largest element "
-             "of eager's",
+             "of eager's" if dtype == torch.float32 else
+             f"- checked: against the fp32 model, the swapped copy's output and gradient errors are at most twice "
+             f"eager {_dtype_name(dtype)}'s plus {FLOOR[dtype]:g} of the largest element",
              f"- timed: {rounds} rounds (a speed whose interval straddled 1.0 got up to {EXTRA_ROUNDS * rounds} "
              "more: the rounds column, fwd / fwd+bwd), each timing eager, swapped and an identical eager twin "
              "(order rotated); ms are medians over rounds; speed is the median of each round's eager / swapped "
@@ -397,18 +434,19 @@ def markdown(width: Width, rows: list[Row], when: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-CSV_COLUMNS = ["timestamp", "device", "git_sha", "torch", "transformers", "arch", "fused", "fwd_eager_ms",
+CSV_COLUMNS = ["timestamp", "device", "git_sha", "torch", "transformers", "dtype", "arch", "fused", "fwd_eager_ms",
                "fwd_swapped_ms", "fwd_speed", "fwd_speed_lo", "fwd_speed_hi", "fwd_bwd_eager_ms", "fwd_bwd_swapped_ms",
                "fwd_bwd_speed", "fwd_bwd_speed_lo", "fwd_bwd_speed_hi", "fwd_rounds", "fwd_bwd_rounds", "aa_spread", "max_rel_diff", "verdict", "error"]
 
 
-def write(width: Width, rows: list[Row], out_dir) -> tuple[object, str]:
+def write(width: Width, rows: list[Row], out_dir, dtype: torch.dtype = torch.float32) -> tuple[object, str]:
     import datetime
 
     now = datetime.datetime.now().astimezone()
-    stem = Path(out_dir) / f"ember-swap_cpu_{now:%Y-%m-%d_%H%M%S}"
-    text = markdown(width, rows, f"{now:%Y-%m-%d %H:%M %Z}")
-    common = {"timestamp": now.isoformat(timespec="seconds"), "device": _report.cpu_name(),
+    tag = "" if dtype == torch.float32 else f"{_dtype_name(dtype)}_"
+    stem = Path(out_dir) / f"ember-swap_cpu_{tag}{now:%Y-%m-%d_%H%M%S}"
+    text = markdown(width, rows, f"{now:%Y-%m-%d %H:%M %Z}", dtype)
+    common = {"timestamp": now.isoformat(timespec="seconds"), "device": _report.cpu_name(), "dtype": _dtype_name(dtype),
               "git_sha": _report.git_sha(), "torch": torch.__version__, "transformers": _tf().__version__}
 
     def ms(t, i):
@@ -444,13 +482,15 @@ def main(argv=None) -> int:
     p.add_argument("--archs", nargs="+", choices=sorted(BY_NAME), help="only these architectures")
     p.add_argument("--quick", action="store_true", help="narrower models, shorter timing")
     p.add_argument("--rounds", type=int, help=f"timing rounds per model and mode (default {ROUNDS}; 2 with --quick)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="the models' dtype (default fp32)")
     p.add_argument("--out", default="bench/results")
     a = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     width = WIDTHS["quick" if a.quick else "full"]
     rounds = a.rounds or (2 if a.quick else ROUNDS)
-    rows = measure(width, a.archs, rounds=rounds, budget_s=0.05 if a.quick else BUDGET_S)
-    written, text = write(width, rows, a.out)
+    dtype = DTYPES[a.dtype]
+    rows = measure(width, a.archs, rounds=rounds, budget_s=0.05 if a.quick else BUDGET_S, dtype=dtype)
+    written, text = write(width, rows, a.out, dtype)
     print(text)
     print(f"wrote {written}", file=sys.stderr)
     return 1 if any(r.error for r in rows) else 0
