@@ -67,7 +67,7 @@ def test_16bit_gemm_report_agrees_with_the_kernel_flags():
     fp16 = "avx512_fp16" in flags or "amx_fp16" in flags
     line = _report()["16-bit GEMMs"]
     assert line.startswith(f"bf16 {'native' if bf16 else 'not native'}, fp16 {'native' if fp16 else 'not native'}")
-    assert ("computes those in fp32" in line) == (not (bf16 and fp16))
+    assert ("computes those GEMMs in fp32" in line) == (not (bf16 and fp16))
 
 
 @needs_ext

@@ -169,6 +169,28 @@ def test_cpu_epilogue_variants(dtype, keep_pre, with_bias, with_residual):
         assert pre.numel() == 0
 
 
+def _16bit_native(dtype) -> bool:
+    ext = ember._backend.extension()
+    line = dict(r.split(": ", 1) for r in ext.cpu_isa_report().splitlines())["16-bit GEMMs"]
+    return not line.split(",")[0 if dtype == torch.bfloat16 else 1].strip().endswith("not native")
+
+
+@pytest.mark.skipif(ember._backend.extension() is None, reason="needs ember._C")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cpu_16bit_gemms_run_in_fp32_without_a_native_dot(dtype):
+    # Where the CPU has no native bf16/fp16 dot product, the C++ ops' GEMMs run in fp32 and round once:
+    # the kept pre-activation and the weight gradient are then exactly fp32's, rounded.
+    if _16bit_native(dtype):
+        pytest.skip(f"this CPU has a native {dtype} dot product: the GEMMs stay in {dtype}")
+    g = torch.Generator().manual_seed(5)
+    x, w, b = (torch.randn(*s, generator=g).to(dtype) for s in ((37, 24), (19, 24), (19,)))
+    _, pre = linear_act(x, w, b, None, "silu", True, "cpu")
+    assert torch.equal(pre, F.linear(x.float(), w.float(), b.float()).to(dtype))
+    grad = torch.randn(37, 19, generator=g).to(dtype)
+    _, dw, _ = torch.ops.ember_C.linear_act_backward(grad, x, w, pre, "none", False, True, False)
+    assert torch.equal(dw, (grad.float().t() @ x.float()).to(dtype))
+
+
 def test_empty_and_large_rows_bias_grad():
     # rows > the C++ backward's row chunk (64): the bias grad is summed over several partials.
     x = torch.randn(1000, 8, dtype=torch.float64, requires_grad=True)

@@ -179,7 +179,7 @@ std::string isa_report() {
        ", fp16 " + (native_16bit_gemm(DType::kFloat16) ? "native" : "not native") +
        (native_16bit_gemm(DType::kBFloat16) && native_16bit_gemm(DType::kFloat16)
             ? ""
-            : " (ember's W8A16 prefill computes those in fp32)");
+            : " (ember computes those GEMMs in fp32)");
   return s;
 }
 
