@@ -13,4 +13,5 @@ python3 -m ember bench --suites decoder
 python3 -m ember bench --suites linear_cross_entropy train
 # what ember.swap fuses per transformers architecture, and the whole-model speed it gives (issue #14)
 python3 -m ember bench --suites swap
+python3 -m ember.bench.swap --dtype bf16   # the same zoo in bf16 (errors checked against the fp32 models)
 python3 -m ember demo
