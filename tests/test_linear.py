@@ -178,17 +178,20 @@ def _16bit_native(dtype) -> bool:
 @pytest.mark.skipif(ember._backend.extension() is None, reason="needs ember._C")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_cpu_16bit_gemms_run_in_fp32_without_a_native_dot(dtype):
-    # Where the CPU has no native bf16/fp16 dot product, the C++ ops' GEMMs run in fp32 and round once:
-    # the kept pre-activation and the weight gradient are then exactly fp32's, rounded.
+    # Where the CPU has no native bf16/fp16 dot product, a C++ op's GEMM with enough multiply-adds per
+    # converted element runs in fp32 and rounds once: the kept pre-activation and the weight gradient
+    # are then exactly fp32's, rounded. A small one (one row) stays in the 16-bit type: ATen's result.
     if _16bit_native(dtype):
         pytest.skip(f"this CPU has a native {dtype} dot product: the GEMMs stay in {dtype}")
     g = torch.Generator().manual_seed(5)
-    x, w, b = (torch.randn(*s, generator=g).to(dtype) for s in ((37, 24), (19, 24), (19,)))
+    x, w, b = (torch.randn(*s, generator=g).to(dtype) for s in ((97, 64), (80, 64), (80,)))
     _, pre = linear_act(x, w, b, None, "silu", True, "cpu")
     assert torch.equal(pre, F.linear(x.float(), w.float(), b.float()).to(dtype))
-    grad = torch.randn(37, 19, generator=g).to(dtype)
+    grad = torch.randn(97, 80, generator=g).to(dtype)
     _, dw, _ = torch.ops.ember_C.linear_act_backward(grad, x, w, pre, "none", False, True, False)
     assert torch.equal(dw, (grad.float().t() @ x.float()).to(dtype))
+    _, pre1 = linear_act(x[:1], w, b, None, "silu", True, "cpu")
+    assert torch.equal(pre1, F.linear(x[:1], w, b))
 
 
 def test_empty_and_large_rows_bias_grad():

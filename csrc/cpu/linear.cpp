@@ -8,7 +8,7 @@
 //   backward  dpre = grad * act'(pre), db = sum_rows(dpre)   one pass (the column sum rides along)
 //             dx = dpre @ W, dW = dpre^T @ x         two GEMMs
 //
-// bf16/fp16 GEMMs run in fp32 on CPUs without a native 16-bit dot product (see in_fp32 below).
+// bf16/fp16 GEMMs big enough run in fp32 on CPUs without a native 16-bit dot product (in_fp32 below).
 //
 // Torch eager runs addmm, then the activation as a separate kernel, then (with a residual) an add,
 // and in backward the activation grad and the bias-grad reduction as two more passes over dpre.
@@ -56,15 +56,28 @@ void check_vec(const std::optional<at::Tensor>& b, int64_t n, const at::Tensor& 
               ", got ", b->scalar_type());
 }
 
-// Every GEMM of these ops goes through the three helpers below. A bf16/fp16 product on a CPU without a
-// native 16-bit dot product (no AVX512-BF16/FP16, no AMX: native_16bit_gemm) runs in fp32 and is
-// rounded once into its 16-bit result. ATen's 16-bit GEMM there is several times slower than its fp32
-// one (a bf16 Llama-style MLP forward, 512 rows, 256 -> 1024: 14.4 ms against 5-6 ms through fp32, on an
-// AVX-512 Xeon whose hypervisor hides BF16 and AMX), and the fp32 product is the more accurate one.
-bool in_fp32(const at::Tensor& t) {
-  const auto s = t.scalar_type();
-  return (s == at::kBFloat16 && !native_16bit_gemm(DType::kBFloat16)) ||
-         (s == at::kHalf && !native_16bit_gemm(DType::kFloat16));
+// Every GEMM of these ops goes through the helpers below. A bf16/fp16 product on a CPU without a native
+// 16-bit dot product (no AVX512-BF16/FP16, no AMX: native_16bit_gemm) runs in fp32 and is rounded once
+// into its 16-bit result, when it is big enough to pay for converting its operands. ATen's 16-bit GEMM
+// there is several times slower than its fp32 one (a bf16 Llama-style MLP forward, 512 rows,
+// 256 -> 1024: 14.4 ms against 5-6 ms through fp32, on an AVX-512 Xeon whose hypervisor hides BF16 and
+// AMX), and the fp32 product is the more accurate one. But the conversion is a pass over every operand:
+// measured there, a 1024 -> 4096 bf16 layer went fp32-faster from 16 rows (1.19x; 0.56x at 8), a
+// 4096 -> 4096 one only from 64 (1.4x; 0.86x at 32), because its 64 MB fp32 weight copy is a fresh
+// mmap that page-faults on every call (glibc reuses freed blocks only up to 32 MB). Hence: fp32 when
+// the multiply-adds are at least 16x the converted elements, 64x once those pass 32 MB of fp32.
+bool native_for(at::ScalarType s) {
+  return !((s == at::kBFloat16 && !native_16bit_gemm(DType::kBFloat16)) ||
+           (s == at::kHalf && !native_16bit_gemm(DType::kFloat16)));
+}
+
+// (m, k) @ (k, n) in dtype s, with `extra` more elements to convert (a second product's operands).
+bool in_fp32(at::ScalarType s, int64_t m, int64_t k, int64_t n, int64_t extra = 0) {
+  if (native_for(s)) return false;
+  const double converted = double(m) * k + double(k) * n + double(m) * n + double(extra);
+  const double macs = double(m) * k * n;
+  constexpr double kReusedElements = double(8 << 20);  // 32 MB of fp32
+  return macs >= (converted <= kReusedElements ? 16.0 : 64.0) * converted;
 }
 
 at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat); }
@@ -72,7 +85,7 @@ at::Tensor f32(const at::Tensor& t) { return t.to(at::kFloat); }
 // out = a @ b (+ bias, broadcast over rows), into `out` (which may be a slice of a wider buffer).
 void mm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
              const std::optional<at::Tensor>& bias = std::nullopt) {
-  if (in_fp32(out))
+  if (in_fp32(out.scalar_type(), a.size(0), a.size(1), b.size(1)))
     out.copy_(bias.has_value() ? at::addmm(f32(*bias), f32(a), f32(b)) : at::mm(f32(a), f32(b)));
   else if (bias.has_value())
     at::addmm_out(out, *bias, a, b);
@@ -82,7 +95,8 @@ void mm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
 
 // a @ b (+ a2 @ b2), a new tensor of a's dtype, rounded once.
 at::Tensor blas_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& a2 = {}, const at::Tensor& b2 = {}) {
-  if (!in_fp32(a)) {
+  const int64_t extra = a2.defined() ? a2.numel() + b2.numel() : 0;
+  if (!in_fp32(a.scalar_type(), a.size(0), a.size(1), b.size(1), extra)) {
     at::Tensor out = at::mm(a, b);
     if (a2.defined()) out.addmm_(a2, b2);
     return out;
