@@ -183,7 +183,8 @@ std::string isa_report();
 // Whether the CPU has a native dot product for this 16-bit type (bf16: AVX512-BF16 or AMX-BF16; fp16:
 // AVX512-FP16 or AMX-FP16), which oneDNN's GEMMs behind ATen use. Without one, ATen's bf16/fp16 GEMM
 // is several times slower than its fp32 GEMM (4.8x on an AVX-512 Xeon whose hypervisor hides BF16
-// and AMX), so ember's fallbacks compute such products in fp32. False for fp32/fp64.
+// and AMX), so ember's CPU GEMMs compute such products in fp32 where they are big enough to pay for the
+// conversion (cpu/linear.cpp in_fp32; the W8A16 fallback always). False for fp32/fp64.
 bool native_16bit_gemm(DType dtype);
 // Measured AMX multiply-accumulates per second (TDPBUSD int8, or TDPBF16PS with bf16), all torch
 // threads; 0 when AMX is not in use.
