@@ -13,6 +13,7 @@ import torch
 
 import ember
 from ember import _backend, metrics
+from ember.info import native_16bit_gemm
 from ember.ops import int8 as I
 
 EXT = _backend.extension()
@@ -75,7 +76,7 @@ def test_16bit_gemm_report_agrees_with_the_kernel_flags():
 def test_w8a16_prefill_fallback_without_native_16bit_dot(dtype):
     # Prefill (M > 16) off AMX takes the dequantised-copy fallback. Without a native dot product for
     # x's dtype it runs in fp32 and rounds once at the end: bit for bit the fp32 result, rounded.
-    native = "not native" not in _report()["16-bit GEMMs"].split(",")[0 if dtype == torch.bfloat16 else 1]
+    native = native_16bit_gemm(dtype)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(40, 96, generator=g).to(dtype)
     w = torch.randn(72, 96, generator=g)

@@ -11,6 +11,7 @@ from torch import nn
 
 import ember
 from ember.ops.activation import act_reference
+from ember.info import native_16bit_gemm
 from ember.ops.linear import linear_act
 
 ACTS = list(ember.activations.EPILOGUE)
@@ -169,19 +170,13 @@ def test_cpu_epilogue_variants(dtype, keep_pre, with_bias, with_residual):
         assert pre.numel() == 0
 
 
-def _16bit_native(dtype) -> bool:
-    ext = ember._backend.extension()
-    line = dict(r.split(": ", 1) for r in ext.cpu_isa_report().splitlines())["16-bit GEMMs"]
-    return "not native" not in line.split(",")[0 if dtype == torch.bfloat16 else 1]
-
-
 @pytest.mark.skipif(ember._backend.extension() is None, reason="needs ember._C")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_cpu_16bit_gemms_run_in_fp32_without_a_native_dot(dtype):
     # Where the CPU has no native bf16/fp16 dot product, a C++ op's GEMM with enough multiply-adds per
     # converted element runs in fp32 and rounds once: the kept pre-activation and the weight gradient
     # are then exactly fp32's, rounded. A small one (one row) stays in the 16-bit type: ATen's result.
-    if _16bit_native(dtype):
+    if native_16bit_gemm(dtype):
         pytest.skip(f"this CPU has a native {dtype} dot product: the GEMMs stay in {dtype}")
     g = torch.Generator().manual_seed(5)
     x, w, b = (torch.randn(*s, generator=g).to(dtype) for s in ((97, 64), (80, 64), (80,)))

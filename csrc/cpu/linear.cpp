@@ -67,8 +67,7 @@ void check_vec(const std::optional<at::Tensor>& b, int64_t n, const at::Tensor& 
 // mmap that page-faults on every call (glibc reuses freed blocks only up to 32 MB). Hence: fp32 when
 // the multiply-adds are at least 16x the converted elements, 64x once those pass 32 MB of fp32.
 bool native_for(at::ScalarType s) {
-  return !((s == at::kBFloat16 && !native_16bit_gemm(DType::kBFloat16)) ||
-           (s == at::kHalf && !native_16bit_gemm(DType::kFloat16)));
+  return (s != at::kBFloat16 && s != at::kHalf) || native_16bit_gemm(to_dtype(s, "linear", "x"));
 }
 
 // (m, k) @ (k, n) in dtype s, with `extra` more elements to convert (a second product's operands).

@@ -19,6 +19,18 @@ def _cpu_flags() -> str:
     return " ".join(w for w in wanted if w in flags) or platform.machine()
 
 
+def native_16bit_gemm(dtype: torch.dtype) -> bool:
+    """Whether the C++ CPU kernels found a native dot product for bf16 / fp16 on this CPU (the
+    "16-bit GEMMs" line of the ISA report); where not, their big enough 16-bit GEMMs run in fp32."""
+    ext = _backend.extension()
+    report = getattr(ext, "cpu_isa_report", None) if ext is not None else None
+    if report is None or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    fields = dict(line.split(": ", 1) for line in report().splitlines() if ": " in line)
+    part = fields.get("16-bit GEMMs", "").split(",")[0 if dtype == torch.bfloat16 else 1]
+    return "not native" not in part
+
+
 def _int8_isa(ext) -> list[str]:
     """Which kernels the CPU int8 ops run on (AMX tiles, AVX512-VNNI, ...) and why AMX is off if it is."""
     report = getattr(ext, "cpu_isa_report", None) if ext is not None else None
