@@ -37,6 +37,8 @@ def _linear_cross_entropy(*, dtype: torch.dtype) -> str | None:
     return None
 
 
-@supports("triton", "grouped_gated_mlp", summary="no Triton kernel yet")
+@supports("triton", "grouped_gated_mlp", summary="float16, bfloat16, float32 (tl.dot has no float64)")
 def _grouped_gated_mlp(*, dtype: torch.dtype) -> str | None:
-    return "ember has no Triton kernel for the grouped gated MLP yet"
+    if dtype not in _TL_DOT_DTYPES:
+        return f"the Triton grouped GEMM takes float16, bfloat16 or float32 (tl.dot has no float64), got {dtype}"
+    return None

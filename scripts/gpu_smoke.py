@@ -33,7 +33,7 @@ import time
 import traceback
 
 GROUPS = ("unary", "gated", "linear", "linear_bwd", "gated_linear", "gated_linear_bwd", "quantize", "int8_gemm",
-          "optim", "adamw8bit", "cross_entropy")
+          "optim", "adamw8bit", "cross_entropy", "moe")
 
 
 def _args(argv=None):
@@ -65,9 +65,9 @@ import torch  # noqa: E402
 
 import ember  # noqa: E402
 # The op modules (their references); by module path, since ember.ops re-exports a function `linear`.
-A, G, I, L, O, O8, LCE = (importlib.import_module(f"ember.ops.{m}")
-                          for m in ("activation", "gated", "int8", "linear", "optim", "optim8bit",
-                                    "linear_cross_entropy"))
+A, G, I, L, O, O8, LCE, MOE = (importlib.import_module(f"ember.ops.{m}")
+                               for m in ("activation", "gated", "int8", "linear", "optim", "optim8bit",
+                                         "linear_cross_entropy", "moe"))
 
 DEV, BACKEND, TINY = ARGS.device, ARGS.backend, ARGS.tiny
 FP32, FP16, BF16, FP64 = torch.float32, torch.float16, torch.bfloat16, torch.float64
@@ -95,6 +95,7 @@ def _kernels(backend: str) -> dict:
         from ember.kernels import gated as tg
         from ember.kernels import int8_gemm as ti
         from ember.kernels import linear as tl_
+        from ember.kernels import moe as tm
         from ember.kernels import optim as to
         from ember.kernels import optim8bit as to8
 
@@ -109,7 +110,8 @@ def _kernels(backend: str) -> dict:
                     # the fused linear + cross-entropy's Triton part is its row epilogue inside the chunk loop
                     # (the GEMMs are torch's): the op with backend="triton" runs exactly that
                     lce=lambda *a: LCE.lce_op(*a, "triton"),
-                    lce_bwd=lambda *a: torch.ops.ember.linear_cross_entropy_backward(*a, "triton"))
+                    lce_bwd=lambda *a: torch.ops.ember.linear_cross_entropy_backward(*a, "triton"),
+                    moe=tm.grouped_gated_mlp, moe_bwd=tm.grouped_gated_mlp_backward)
     why = ember.available_backends(DEV)[backend]
     if why:
         sys.exit(f"SMOKE {DEV}/{backend}: unavailable: {why}")
@@ -121,8 +123,9 @@ def _kernels(backend: str) -> dict:
              gated_linear_bwd=C.gated_linear_backward, quantize=C.quantize_per_token, w8a8=C.int8_linear_w8a8,
              optim=C.optim_step, adamw8bit=C.adamw8bit_step, lce=C.linear_cross_entropy,
              lce_bwd=C.linear_cross_entropy_backward)
-    if backend == "cpu":  # W8A16 on CUDA is Triton's (csrc/cuda/int8_glue.cpp)
+    if backend == "cpu":  # W8A16 and the grouped gated MLP on CUDA are Triton's
         k["w8a16"] = C.int8_linear_w8a16
+        k["moe"], k["moe_bwd"] = C.grouped_gated_mlp, C.grouped_gated_mlp_backward
     return k
 
 
@@ -270,6 +273,16 @@ def gemm_tol(dt) -> dict:
     GEMMs, a dequantized weight), the flash-attention rule's 2x of plain PyTorch's own error."""
     atol, rtol = TOLS[dt]
     return dict(dtype=dt) if dt in (FP32, FP64) else dict(dtype=dt, atol=2 * atol, rtol=2 * rtol)
+
+
+def flash_rule_atol(dt, torch_lp, ref) -> float:
+    """The atol (in close()'s units: times max(1, rms(ref))) that allows twice what plain PyTorch in
+    dtype dt gets wrong against the float64 reference ``ref`` (the tests' flash-attention rule), and
+    never less than the dtype's own atol. For 16-bit gradients: sums of rounded terms whose error a fixed
+    atol misjudged in ~1 seeded run in 10."""
+    ref = _flat(ref)
+    torch_err = (_flat(torch_lp) - ref).abs().max().item()
+    return max(TOLS[dt][0], 2 * torch_err / max(1.0, ref.pow(2).mean().sqrt().item()))
 
 
 def gemm_dtypes():
@@ -539,14 +552,58 @@ def lce_checks():
                             torch.nn.functional.linear(tl[0], tl[1], tl[2]).float(), t, ignore_index=-100,
                             reduction=reduction, label_smoothing=smoothing)
                         ce.backward() if reduction == "mean" else ce.backward(g.float())
-                        ref = _flat([a.grad for a in leaves])
-                        torch_err = (_flat([a.grad for a in tl]) - ref).abs().max().item()
-                        scale = max(1.0, ref.pow(2).mean().sqrt().item())
-                        atol = max(TOLS[dt][0], 2 * torch_err / scale)
+                        atol = flash_rule_atol(dt, [a.grad for a in tl], [a.grad for a in leaves])
                     return text + "; grads " + close("cross_entropy.grads " + tag, [dx, dw, db],
                                                      [a.grad for a in leaves], dtype=dt, atol=atol)
 
                 check("cross_entropy", f"cross_entropy {tag}", run)
+
+
+def moe_checks():
+    """The grouped gated MLP (mixture-of-experts experts): forward (out, [gate | up]) and backward (dx,
+    dW_gate_up, dW_down) against the float64 reference, with an empty expert, rows past the last
+    offset and CUDA offsets (int32) as well as CPU ones."""
+    if "moe" not in KERN:
+        return skip("moe", "grouped_gated_mlp", f"no {BACKEND} kernel (the Triton one runs it on GPU)")
+    # (experts, hidden, intermediate, rows per expert, rows past the last offset)
+    cases = [(3, 16, 8, [3, 0, 5], 2)]
+    if not TINY:
+        cases = [(3, 40, 24, [1, 0, 7], 2), (8, 136, 96, [40, 0, 13, 77, 1, 9, 0, 60], 0),
+                 (4, 64, 256, [300, 5, 2, 200], 3)]
+    for ci, (experts, hidden, inter, counts, tail) in enumerate(cases):
+        for dt in gemm_dtypes():
+            act = cycle(GATED_ACTS, ci)
+            rows = sum(counts) + tail
+            x = rand(rows, hidden, dtype=dt)
+            wgu = rand(experts, 2 * inter, hidden, dtype=dt, scale=hidden ** -0.5)
+            wd = rand(experts, hidden, inter, dtype=dt, scale=inter ** -0.5)
+            offsets = torch.tensor(counts).cumsum(0)
+            if ci % 2 and DEV == "cuda":
+                offsets = offsets.to(DEV, torch.int32)
+            grad = rand(rows, hidden, dtype=dt)
+            tag = f"{act} E={experts} {hidden}x{inter} rows={rows} {SHORT[dt]}"
+
+            def fwd():
+                out, pre = KERN["moe"](x, wgu, wd, offsets, act, True)
+                want, want_pre = MOE.grouped_gated_mlp_reference(x.double(), wgu.double(), wd.double(), offsets, act)
+                return close("moe.fwd " + tag, [out, pre], [want, want_pre], **gemm_tol(dt))
+
+            check("moe", f"moe.fwd {tag}", fwd)
+            pre = MOE.grouped_gated_mlp_reference(x, wgu, wd, offsets, act)[1]
+
+            def bwd():
+                got = KERN["moe_bwd"](grad, x, wgu, wd, offsets, pre, act, True, True)
+                want = MOE.grouped_gated_mlp_backward_reference(grad.double(), x.double(), wgu.double(), wd.double(),
+                                                                offsets, pre.double(), act)
+                if dt in (FP32, FP64):
+                    return close("moe.bwd " + tag, list(got), list(want), dtype=dt)
+                # 16-bit: dh is rounded before the gating and dgate / dup before their GEMMs, as in eager
+                # torch; the reference in dt does the same, and its error sets the bar
+                lp = MOE.grouped_gated_mlp_backward_reference(grad, x, wgu, wd, offsets, pre, act)
+                return close("moe.bwd " + tag, list(got), list(want), dtype=dt, atol=flash_rule_atol(dt, lp, want),
+                             rtol=2 * TOLS[dt][1])
+
+            check("moe", f"moe.bwd {tag}", bwd)
 
 
 def main() -> int:
@@ -559,7 +616,7 @@ def main() -> int:
                                           f"EMBER_TRITON_AUTOTUNE={os.environ.get('EMBER_TRITON_AUTOTUNE', '1')}"
                                           if BACKEND == "triton" else ""), flush=True)
     for fn in (unary_checks, gated_checks, linear_checks, gated_linear_checks, int8_checks, optim_checks,
-               adamw8bit_checks, lce_checks):
+               adamw8bit_checks, lce_checks, moe_checks):
         fn()
     if DEV == "cuda":
         torch.cuda.synchronize()

@@ -1,5 +1,6 @@
 """ember.ops.grouped_gated_mlp / ember.nn.GatedExperts: every expert's gated MLP over rows sorted by
-expert, forward and backward, on the C++ CPU kernel and the reference, against float64 eager torch
+expert, forward and backward, on the C++ CPU kernel, the Triton kernel (interpreted on CPU tensors; on
+the GPU where there is one) and the reference, against float64 eager torch
 (a loop over experts, as transformers' eager experts), with empty experts, rows past the last offset,
 non-contiguous inputs, opcheck, gradcheck, torch.compile, and bad input.
 
@@ -16,17 +17,26 @@ from ember.ops.activation import act_reference
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16"),
           pytest.param(torch.float16, id="fp16"), pytest.param(torch.float64, id="fp64")]
 FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
-BACKENDS = ["cpu", "reference"]
+BACKENDS = ["cpu", "triton", "reference"]
 # (experts, hidden, intermediate, rows per expert): one row, odd widths, an empty expert in the middle
 # and at the ends, a wide one, and 1023 + 3074 = 4097 rows (past the kernels' work grain).
 CASES = [(1, 7, 5, [1]), (3, 17, 9, [4, 0, 7]), (4, 16, 33, [0, 5, 1, 0]), (2, 64, 48, [70, 33]),
          (2, 7, 9, [1023, 3074])]
 
 
-def _skip(backend):
+def _skip(backend, dtype=None):
     reason = ember.available_backends()[backend]
     if reason:
         pytest.skip(reason)
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("Triton's tl.dot has no float64")
+    if backend == "triton" and dtype == torch.bfloat16 and not torch.cuda.is_available():
+        pytest.skip("the Triton interpreter's tl.dot returns garbage for bfloat16 inputs; bf16 is tested on GPU")
+
+
+def _device(backend):
+    """Where a backend's tensors live: the Triton kernels on the GPU when there is one."""
+    return "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
 
 
 def eager(x, w_gate_up, w_down, counts, act, tail=0):
@@ -73,12 +83,17 @@ def _run(fn, tensors, grad):
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("act", ember.activations.GATED)
 def test_forward_backward(backend, dtype, case, act):
-    _skip(backend)
+    _skip(backend, dtype)
     experts, hidden, inter, counts = case
+    if backend == "triton" and not torch.cuda.is_available() and sum(counts) > 1000 and (act, dtype) != ("silu",
+                                                                                                      torch.float32):
+        pytest.skip("the interpreter takes ~12 s for 4097 rows: one activation and dtype there (the others above)")
     tail = 2 if len(counts) == 3 else 0  # rows past the last offset: zero out, zero dx
     x, wgu, wd, offsets, grad = _inputs(experts, hidden, inter, counts, dtype, tail)
-    ours = _run(lambda x, a, b: ember.ops.grouped_gated_mlp(x, a, b, offsets, activation=act, backend=backend),
-                [x, wgu, wd], grad)
+    dev = _device(backend)
+    ours = _run(lambda x, a, b: ember.ops.grouped_gated_mlp(x, a, b, offsets.to(dev), activation=act, backend=backend),
+                [t.to(dev) for t in (x, wgu, wd)], grad.to(dev))
+    ours = (ours[0].cpu(), [g.cpu() for g in ours[1]])
     want = _run(lambda x, a, b: eager(x, a, b, counts, act, tail), [t.double() for t in (x, wgu, wd)], grad.double())
     lp = _run(lambda x, a, b: eager(x, a, b, counts, act, tail), [x, wgu, wd], grad)
     assert ours[0].dtype == dtype and ours[0].shape == x.shape
@@ -96,6 +111,8 @@ def test_forward_backward(backend, dtype, case, act):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_weights_int32_offsets_and_no_rows(backend):
     _skip(backend)
+    if backend == "triton":  # the same layouts in fp32 (no fp64 tl.dot), on its own device
+        return _non_contiguous_fp32_triton()
     x, wgu, wd, offsets, grad = _inputs(3, 12, 10, [3, 5, 2], torch.float64)
     # transposed storage for both weights, x as a column slice, offsets as int32
     wgu_t = wgu.transpose(1, 2).contiguous().transpose(1, 2)
@@ -113,6 +130,29 @@ def test_non_contiguous_weights_int32_offsets_and_no_rows(backend):
     assert none.shape == (0, 12)
     unrouted = ember.ops.grouped_gated_mlp(x, wgu, wd, torch.zeros(3, dtype=torch.long), backend=backend)
     assert (unrouted == 0).all()
+
+
+def _non_contiguous_fp32_triton():
+    dev = _device("triton")
+    x, wgu, wd, offsets, grad = _inputs(3, 12, 10, [3, 5, 2], torch.float32)
+    want = eager(x.double(), wgu.double(), wd.double(), [3, 5, 2], "silu")
+    x, wgu, wd, grad = (t.to(dev) for t in (x, wgu, wd, grad))
+    wgu_t = wgu.transpose(1, 2).contiguous().transpose(1, 2)
+    wd_t = wd.transpose(1, 2).contiguous().transpose(1, 2)
+    x_wide = torch.randn(x.shape[0], 30, device=dev)
+    x_wide[:, 5:17] = x
+    for xv, a, b in ((x_wide[:, 5:17], wgu_t, wd_t), (x.t().contiguous().t(), wgu, wd)):
+        xv, a, b = (t.detach().requires_grad_() for t in (xv, a, b))
+        out = ember.ops.grouped_gated_mlp(xv, a, b, offsets.int(), backend="triton")  # CPU int32 offsets
+        torch.testing.assert_close(out.double().cpu(), want, atol=2e-5, rtol=2e-5)
+        out.backward(grad)
+        ref = [t.detach().double().cpu().requires_grad_() for t in (x, wgu, wd)]
+        eager(*ref, [3, 5, 2], "silu").backward(grad.double().cpu())
+        for got, r in zip((xv.grad, a.grad, b.grad), ref):
+            torch.testing.assert_close(got.double().cpu(), r.grad, atol=2e-5, rtol=2e-5)
+    empty = torch.zeros(3, dtype=torch.long, device=dev)
+    assert ember.ops.grouped_gated_mlp(torch.randn(0, 12, device=dev), wgu, wd, empty, backend="triton").shape == (0, 12)
+    assert (ember.ops.grouped_gated_mlp(x, wgu, wd, empty, backend="triton") == 0).all()
 
 
 def test_kernel_matches_reference_bitwise_close_and_threads():
@@ -133,6 +173,8 @@ def test_kernel_matches_reference_bitwise_close_and_threads():
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     _skip(backend)
+    if backend == "triton" and torch.cuda.is_available():
+        pytest.skip("opcheck runs the CPU tensors below; test_forward_backward covers the GPU")
     x, wgu, wd, offsets, _ = _inputs(3, 8, 6, [2, 0, 3], torch.float32, tail=1)
     args = (x.requires_grad_(), wgu.requires_grad_(), wd.requires_grad_(), offsets)
     torch.library.opcheck(torch.ops.ember.grouped_gated_mlp.default, (*args, "silu", True, backend))
@@ -142,7 +184,7 @@ def test_opcheck(backend):
 
 def test_gradcheck_fp64():
     x, wgu, wd, offsets, _ = _inputs(3, 5, 4, [2, 0, 3], torch.float64, tail=1)
-    for backend in BACKENDS:
+    for backend in ("cpu", "reference"):  # Triton: no float64 tl.dot
         torch.autograd.gradcheck(
             lambda x, a, b: ember.ops.grouped_gated_mlp(x, a, b, offsets, activation="gelu_tanh", backend=backend),
             (x.requires_grad_(), wgu.requires_grad_(), wd.requires_grad_()))
@@ -200,14 +242,19 @@ def test_errors():
         op(x, wgu, wd, offsets, activation="relu")
     for bad in ([2, 1, 3], [2, 3, 7]):  # decreasing; past the rows
         for backend in BACKENDS:
+            if ember.available_backends()[backend] or (backend == "triton" and torch.cuda.is_available()):
+                continue
             with pytest.raises((RuntimeError, ValueError), match="offsets must be non-decreasing"):
                 op(x, wgu, wd, torch.tensor(bad), backend=backend)
     with pytest.raises(ember.BackendError, match="unavailable"):
         op(x, wgu, wd, offsets, backend="cuda")
 
 
-def test_nan_stays_in_its_row():
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_nan_stays_in_its_row(backend):
+    _skip(backend)
     x, wgu, wd, offsets, _ = _inputs(2, 8, 6, [3, 4], torch.float32)
     x[1, 2] = float("nan")
-    out = ember.ops.grouped_gated_mlp(x, wgu, wd, offsets, backend="cpu")
+    dev = _device(backend)
+    out = ember.ops.grouped_gated_mlp(x.to(dev), wgu.to(dev), wd.to(dev), offsets, backend=backend).cpu()
     assert out[1].isnan().all() and not out[[0, 2, 3, 4, 5, 6]].isnan().any()

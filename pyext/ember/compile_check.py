@@ -357,6 +357,25 @@ def _c_linear_bwd(dt, M, precision):
             kl.act_grad_and_bias(g, g, act, need_db)
 
 
+def _c_moe(dt, rows_per_expert, precision):
+    """The grouped gated MLP's forward and backward (kernels/moe.py) as ops.grouped_gated_mlp launches
+    them: 4 experts, one of them empty, at a decode-like and a prefill-like row count."""
+    import torch
+
+    from ember.kernels import moe as km
+
+    E, H, I = 4, 96, 80
+    counts = [rows_per_expert, 0, rows_per_expert + 3, 1]
+    rows = sum(counts)
+    x, g = torch.randn(rows, H).to(dt), torch.randn(rows, H).to(dt)
+    wgu, wd = torch.randn(E, 2 * I, H).to(dt), torch.randn(E, H, I).to(dt)
+    offsets = torch.tensor(counts).cumsum(0)
+    with _fp32_precision(precision):
+        for act in _acts()[1]:
+            km.grouped_gated_mlp(x, wgu, wd, offsets, act, True)
+        km.grouped_gated_mlp_backward(g, x, wgu, wd, offsets, torch.randn(rows, 2 * I).to(dt), "silu", True, True)
+
+
 def _c_quantize(dt, K):
     import torch
 
@@ -460,6 +479,12 @@ def triton_cases(arch: int, quick: bool) -> list:
                     cases.append(("linear", f"gemm epilogues {variant} {dt} {prec or ''}", _c_linear_fwd,
                                   (dt, variant, 256, prec, other_epi)))
             cases.append(("linear", f"backward {dt} {prec or ''}", _c_linear_bwd, (dt, 256, prec)))
+    # Mixture-of-experts: per GEMM dtype, the decode (16-row) and the prefill (64-row) tiles.
+    for dt in gemm_dtypes:
+        for prec in (["ieee"] if str(dt) == "torch.float32" else [None]):
+            for rpe in ((4, 200) if quick else (4, 30, 200)):
+                cases.append(("moe", f"grouped gated mlp {dt} rows/expert={rpe} {prec or ''}", _c_moe,
+                              (dt, rpe, prec)))
     # Int8: both modes, the three M tiles, per-channel and grouped weights (128 / 32: one dot per block;
     # 16 and 48: the split 32-wide int8 dot), every activation in full mode.
     groups = (None, 128, 16) if quick else (None, 128, 48, 32, 16)

@@ -27,6 +27,6 @@ def _cuda_int8(*, mode: str, group: int | None, in_features: int) -> str | None:
     return None
 
 
-@supports("cuda", "grouped_gated_mlp", summary="no CUDA kernel yet (the reference runs on GPU)")
+@supports("cuda", "grouped_gated_mlp", summary="no CUDA C++ kernel (the Triton one runs on GPU)")
 def _cuda_grouped(*, dtype: torch.dtype) -> str | None:
-    return "ember has no CUDA kernel for the grouped gated MLP yet; the reference (torch GEMMs) runs it"
+    return "ember has no CUDA C++ kernel for the grouped gated MLP; its Triton kernel runs it on GPU"

@@ -15,8 +15,8 @@ CPU kernel runs the two GEMMs of each expert from one call and everything betwee
 over all rows (the experts share the activation); no (rows, I) activation tensor is kept for backward:
 it is recomputed from the pre-activations, which eager keeps too.
 
-Backends: "cpu" (csrc/cpu/linear.cpp) and "reference" (pure torch: the float64 oracle, and what runs on
-GPU, which has no ember kernel for this op yet).
+Backends: "cpu" (csrc/cpu/linear.cpp), "triton" (kernels/moe.py: GPU, and CPU tensors under
+TRITON_INTERPRET=1) and "reference" (pure torch: the float64 oracle).
 """
 from __future__ import annotations
 
@@ -106,6 +106,10 @@ def _(x, w_gate_up, w_down, offsets, act, save_preact, backend):
     backend = _backend.choose(backend, x.device, "grouped_gated_mlp", dtype=x.dtype)
     if backend == "reference":
         out, pre = grouped_gated_mlp_reference(x, w_gate_up, w_down, offsets, act)
+    elif backend == "triton":
+        from ember.kernels import moe as tk
+
+        out, pre = tk.grouped_gated_mlp(x, w_gate_up, w_down, offsets, act, save_preact)
     else:
         out, pre = torch.ops.ember_C.grouped_gated_mlp(x, w_gate_up, w_down, offsets, act, save_preact)
     return out, (pre if save_preact else _empty(x))
@@ -118,6 +122,11 @@ def _(grad_out, x, w_gate_up, w_down, offsets, preact, act, need_dx, need_dw, ba
         preact = grouped_gated_mlp_reference(x, w_gate_up, w_down, offsets, act)[1]
     if backend == "reference":
         dx, dwgu, dwd = grouped_gated_mlp_backward_reference(grad_out, x, w_gate_up, w_down, offsets, preact, act)
+    elif backend == "triton":
+        from ember.kernels import moe as tk
+
+        dx, dwgu, dwd = tk.grouped_gated_mlp_backward(grad_out.contiguous(), x, w_gate_up, w_down, offsets, preact,
+                                                      act, need_dx, need_dw)
     else:
         dx, dwgu, dwd = torch.ops.ember_C.grouped_gated_mlp_backward(grad_out, x, w_gate_up, w_down, offsets, preact,
                                                                     act, need_dx, need_dw)
