@@ -195,18 +195,23 @@ def grouped_gemm(x, w, sched: _Schedule, *, w2=None, residual=None, act: str = "
     rows, K = x.shape
     N = w.shape[1]
     gated = w2 is not None
-    out = torch.zeros((rows, N), device=x.device, dtype=x.dtype)
-    pre = torch.zeros((rows, 2 * N), device=x.device, dtype=x.dtype) if save_pre else None
+    # The kernel writes every routed row; only the rows past the last offset are zeroed here.
+    out = torch.empty((rows, N), device=x.device, dtype=x.dtype)
+    pre = torch.empty((rows, 2 * N), device=x.device, dtype=x.dtype) if save_pre else None
+    for t in (out, pre) if save_pre else (out,):
+        t[sched.used_rows:].zero_()
     if sched.tiles_m == 0 or N == 0:
         return out, pre
     if gated and w2.stride() != w.stride():
         raise ValueError("ember triton grouped_gemm: w2 must have w's strides")
     if residual is not None:
         residual = residual if residual.stride(1) == 1 else residual.contiguous()
-    if K == 0:
+    if K == 0:  # empty sums: the products are zero, and so is the gated act(0) * 0
+        out.zero_()
+        if pre is not None:
+            pre.zero_()
         if residual is not None:
-            out.copy_(residual)  # the product of empty sums is zero; rows past the end stay zero too
-            out[sched.used_rows:] = 0
+            out[:sched.used_rows] = residual[:sched.used_rows]
         return out, pre
     precision = _precision(x.dtype, x.device)
     _, bn, bk, warps, stages = _tiles(x.dtype, sched.used_rows, gated, precision)

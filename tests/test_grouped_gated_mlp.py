@@ -18,6 +18,9 @@ DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, i
           pytest.param(torch.float16, id="fp16"), pytest.param(torch.float64, id="fp64")]
 FLOOR = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: 1e-12}
 BACKENDS = ["cpu", "triton", "reference"]
+# Test ids name the Triton kernel's device ("triton-cuda" on a GPU: what scripts/gpu_check.sh selects).
+BACKEND_PARAMS = ["cpu", pytest.param("triton", id="triton-cuda" if torch.cuda.is_available() else "triton-cpu"),
+                  "reference"]
 # (experts, hidden, intermediate, rows per expert): one row, odd widths, an empty expert in the middle
 # and at the ends, a wide one, and 1023 + 3074 = 4097 rows (past the kernels' work grain).
 CASES = [(1, 7, 5, [1]), (3, 17, 9, [4, 0, 7]), (4, 16, 33, [0, 5, 1, 0]), (2, 64, 48, [70, 33]),
@@ -78,7 +81,7 @@ def _run(fn, tensors, grad):
     return out.detach(), [t.grad for t in tensors]
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("act", ember.activations.GATED)
@@ -108,7 +111,7 @@ def test_forward_backward(backend, dtype, case, act):
         assert (ours[1][1][e] == 0).all() and (ours[1][2][e] == 0).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_non_contiguous_weights_int32_offsets_and_no_rows(backend):
     _skip(backend)
     if backend == "triton":  # the same layouts in fp32 (no fp64 tl.dot), on its own device
@@ -170,7 +173,7 @@ def test_kernel_matches_reference_bitwise_close_and_threads():
         torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKEND_PARAMS)
 def test_opcheck(backend):
     _skip(backend)
     if backend == "triton" and torch.cuda.is_available():
@@ -250,7 +253,7 @@ def test_errors():
         op(x, wgu, wd, offsets, backend="cuda")
 
 
-@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("backend", BACKEND_PARAMS[:2])
 def test_nan_stays_in_its_row(backend):
     _skip(backend)
     x, wgu, wd, offsets, _ = _inputs(2, 8, 6, [3, 4], torch.float32)
