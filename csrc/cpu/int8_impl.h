@@ -149,6 +149,10 @@ inline void dequant_epilogue(const int32_t* acc, const float* sx, const float* s
 // and 4 output channels share every x load (4 x MB accumulators in registers). On AVX-512 the int8
 // weights are widened in registers (vpmovsxbd + vcvtdq2ps for W8A16; vpmovsxbw + vpmaddwd, int32
 // accumulate, for W8A8); elsewhere plain loops the compiler vectorises.
+// The loops over a register tile's rows or columns (MB, NB) carry `#pragma GCC unroll 16`: without it
+// GCC keeps `acc[MB][NB]` in memory and stores each accumulator to the stack after every FMA. That
+// alone made the W8A16 tile 1.2-1.3x slower at 8-16 rows (AVX-512 Xeon, 2 cores). The packed W8A8
+// tile's float epilogue is the exception (see w8a8_packed_tile): unrolled, it made the tile slower.
 // ---------------------------------------------------------------------------------------------
 constexpr int64_t kMaxGemvRows = 16;
 
@@ -168,21 +172,30 @@ inline void w8a16_block(const float* x, int64_t K, const int8_t* w, const float*
     const int64_t k0 = g * group, k1 = k0 + group;
 #if defined(CPU_CAPABILITY_AVX512)
     __m512 acc[MB][NB];
+#pragma GCC unroll 16
     for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 16
       for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_ps();
     for (int64_t k = k0; k < k1; k += 16) {
       const __mmask16 mk = k + 16 <= k1 ? __mmask16(0xFFFF) : __mmask16((1u << (k1 - k)) - 1);
       __m512 wv[NB];
+#pragma GCC unroll 16
       for (int j = 0; j < NB; ++j) wv[j] = load_i8_as_f32(w + (n0 + j) * K + k, mk);
+#pragma GCC unroll 16
       for (int i = 0; i < MB; ++i) {
         const __m512 xv = _mm512_maskz_loadu_ps(mk, x + (m0 + i) * K + k);
+#pragma GCC unroll 16
         for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_fmadd_ps(xv, wv[j], acc[i][j]);
       }
     }
+#pragma GCC unroll 16
     for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 16
       for (int j = 0; j < NB; ++j) total[i][j] += sw[(n0 + j) * groups + g] * _mm512_reduce_add_ps(acc[i][j]);
 #else
+#pragma GCC unroll 16
     for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 16
       for (int j = 0; j < NB; ++j) {
         const float* xr = x + (m0 + i) * K;
         const int8_t* wr = w + (n0 + j) * K;
@@ -192,7 +205,9 @@ inline void w8a16_block(const float* x, int64_t K, const int8_t* w, const float*
       }
 #endif
   }
+#pragma GCC unroll 16
   for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 16
     for (int j = 0; j < NB; ++j) y[(m0 + i) * N + n0 + j] = total[i][j];
 }
 
@@ -203,21 +218,30 @@ inline void w8a8_block(const int8_t* q, int64_t K, const int8_t* w, const float*
   int32_t dot[MB][NB] = {};
 #if defined(CPU_CAPABILITY_AVX512)
   __m512i acc[MB][NB];
+#pragma GCC unroll 16
   for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 16
     for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_si512();
   for (int64_t k = 0; k < K; k += 32) {
     const __mmask32 mk = k + 32 <= K ? __mmask32(0xFFFFFFFFu) : __mmask32((1ull << (K - k)) - 1);
     __m512i wv[NB];
+#pragma GCC unroll 16
     for (int j = 0; j < NB; ++j) wv[j] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mk, w + (n0 + j) * K + k));
+#pragma GCC unroll 16
     for (int i = 0; i < MB; ++i) {
       const __m512i xv = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(mk, q + (m0 + i) * K + k));
+#pragma GCC unroll 16
       for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_add_epi32(acc[i][j], _mm512_madd_epi16(xv, wv[j]));
     }
   }
+#pragma GCC unroll 16
   for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 16
     for (int j = 0; j < NB; ++j) dot[i][j] = _mm512_reduce_add_epi32(acc[i][j]);
 #else
+#pragma GCC unroll 16
   for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 16
     for (int j = 0; j < NB; ++j) {
       const int8_t* xr = q + (m0 + i) * K;
       const int8_t* wr = w + (n0 + j) * K;
@@ -226,7 +250,9 @@ inline void w8a8_block(const int8_t* q, int64_t K, const int8_t* w, const float*
       dot[i][j] = a;
     }
 #endif
+#pragma GCC unroll 16
   for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 16
     for (int j = 0; j < NB; ++j)
       y[(m0 + i) * N + n0 + j] = static_cast<float>(dot[i][j]) * sx[m0 + i] * sw[n0 + j];
 }
@@ -240,24 +266,32 @@ __attribute__((target("avx512vnni"), noinline)) void w8a8_block_vnni(const uint8
                                                                       const float* sx, const float* sw, float* y,
                                                                       int64_t N, int64_t m0, int64_t n0) {
   __m512i acc[MB][NB], wsum[NB];
+#pragma GCC unroll 16
   for (int j = 0; j < NB; ++j) wsum[j] = _mm512_setzero_si512();
+#pragma GCC unroll 16
   for (int i = 0; i < MB; ++i)
+#pragma GCC unroll 16
     for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_setzero_si512();
   const __m512i ones = _mm512_set1_epi8(1);
   for (int64_t k = 0; k < K; k += 64) {
     const __mmask64 mk = k + 64 <= K ? ~__mmask64(0) : ((__mmask64(1) << (K - k)) - 1);
     __m512i wv[NB];
+#pragma GCC unroll 16
     for (int j = 0; j < NB; ++j) {
       wv[j] = _mm512_maskz_loadu_epi8(mk, w + (n0 + j) * K + k);
       wsum[j] = _mm512_dpbusd_epi32(wsum[j], ones, wv[j]);
     }
+#pragma GCC unroll 16
     for (int i = 0; i < MB; ++i) {
       const __m512i xv = _mm512_maskz_loadu_epi8(mk, qu + (m0 + i) * K + k);
+#pragma GCC unroll 16
       for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbusd_epi32(acc[i][j], xv, wv[j]);
     }
   }
+#pragma GCC unroll 16
   for (int j = 0; j < NB; ++j) {
     const int32_t corr = 128 * _mm512_reduce_add_epi32(wsum[j]);
+#pragma GCC unroll 16
     for (int i = 0; i < MB; ++i)
       y[(m0 + i) * N + n0 + j] =
           static_cast<float>(_mm512_reduce_add_epi32(acc[i][j]) - corr) * sx[m0 + i] * sw[n0 + j];
