@@ -145,8 +145,8 @@ inline void dequant_epilogue(const int32_t* acc, const float* sx, const float* s
 }
 
 // ---------------------------------------------------------------------------------------------
-// Small-M (decode) GEMMs. Bound by weight bytes: each weight row is read once for every 4 rows of x,
-// and 4 output channels share every x load (4 x MB accumulators in registers). On AVX-512 the int8
+// Small-M (decode) GEMMs. Bound by weight bytes at a few rows: each weight row is read once per row
+// tile of x (4 rows for W8A8, 8 for W8A16), and the tile's output channels share every x load. On AVX-512 the int8
 // weights are widened in registers (vpmovsxbd + vcvtdq2ps for W8A16; vpmovsxbw + vpmaddwd, int32
 // accumulate, for W8A8); elsewhere plain loops the compiler vectorises.
 // The loops over a register tile's rows or columns (MB, NB) carry `#pragma GCC unroll 16`: without it
@@ -368,13 +368,19 @@ inline bool has_vnni() {
 }
 #endif
 
-// Runs `block.template operator()<MB, NB>(m0, n0)` over the (M, N) grid, 4 x 4 tiles where they fit,
-// parallel over output channels.
-template <typename B>
+// Runs `block.template operator()<MB, NB>(m0, n0)` over the (M, N) grid in ROWS x COLS tiles where they
+// fit (then 4-, 2- and 1-row tiles, and 1-channel ones), parallel over output channels.
+template <int ROWS = 4, int COLS = 4, typename B>
 inline void gemv_grid(int64_t M, int64_t N, const B& block) {
   auto rows = [&]<int NB>(int64_t n0) {
     int64_t m0 = 0;
-    for (; m0 + 4 <= M; m0 += 4) block.template operator()<4, NB>(m0, n0);
+    for (; m0 + ROWS <= M; m0 += ROWS) block.template operator()<ROWS, NB>(m0, n0);
+    if constexpr (ROWS > 4) {
+      if (m0 + 4 <= M) {
+        block.template operator()<4, NB>(m0, n0);
+        m0 += 4;
+      }
+    }
     switch (M - m0) {
       case 3: block.template operator()<3, NB>(m0, n0); break;
       case 2: block.template operator()<2, NB>(m0, n0); break;
@@ -382,11 +388,11 @@ inline void gemv_grid(int64_t M, int64_t N, const B& block) {
       default: break;
     }
   };
-  at::parallel_for(0, (N + 3) / 4, 8, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, (N + COLS - 1) / COLS, std::max(1, 32 / COLS), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * 4;
-      if (n0 + 4 <= N) {
-        rows.template operator()<4>(n0);
+      const int64_t n0 = b * COLS;
+      if (n0 + COLS <= N) {
+        rows.template operator()<COLS>(n0);
       } else {
         for (int64_t n = n0; n < N; ++n) rows.template operator()<1>(n);
       }
@@ -412,7 +418,9 @@ inline void w8a16_gemv(const void* x, int64_t ldx, const int8_t* w, const float*
     using T = decltype(tag);
     std::vector<float> xf(M * K), yf(M * N);
     for (int64_t m = 0; m < M; ++m) row_to_float(static_cast<const T*>(x) + m * ldx, K, nullptr, xf.data() + m * K);
-    gemv_grid(M, N, [&]<int MB, int NB>(int64_t m0, int64_t n0) {
+    // 8 x 3 tiles: 24 accumulators, and each widened weight vector (two uops on the FMA ports) feeds 8
+    // FMAs instead of 4. Against 4 x 4: 1.15x at 8-16 rows, the same at 1-4 (AVX-512 Xeon, 2 cores).
+    gemv_grid<8, 3>(M, N, [&]<int MB, int NB>(int64_t m0, int64_t n0) {
       w8a16_block<MB, NB>(xf.data(), K, w, sw, group, yf.data(), N, m0, n0);
     });
     store_rows<T>(yf.data(), out, M, N, bias, dtype, act);
