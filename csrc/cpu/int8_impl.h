@@ -146,8 +146,8 @@ inline void dequant_epilogue(const int32_t* acc, const float* sx, const float* s
 
 // ---------------------------------------------------------------------------------------------
 // Small-M (decode) GEMMs. Bound by weight bytes at a few rows: each weight row is read once per row
-// tile of x (4 rows for W8A8, 8 for W8A16), and the tile's output channels share every x load. On AVX-512 the int8
-// weights are widened in registers (vpmovsxbd + vcvtdq2ps for W8A16; vpmovsxbw + vpmaddwd, int32
+// tile of x (4 rows for W8A8, 8 for W8A16), and the tile's output channels share every x load. On
+// AVX-512 the int8 weights are widened in registers (vpmovsxbd + vcvtdq2ps for W8A16; vpmovsxbw + vpmaddwd, int32
 // accumulate, for W8A8); elsewhere plain loops the compiler vectorises.
 // The loops over a register tile's rows or columns (MB, NB) carry `#pragma GCC unroll 16`: without it
 // GCC keeps `acc[MB][NB]` in memory and stores each accumulator to the stack after every FMA. That
@@ -193,9 +193,7 @@ inline void w8a16_block(const float* x, int64_t K, const int8_t* w, const float*
 #pragma GCC unroll 16
       for (int j = 0; j < NB; ++j) total[i][j] += sw[(n0 + j) * groups + g] * _mm512_reduce_add_ps(acc[i][j]);
 #else
-#pragma GCC unroll 16
     for (int i = 0; i < MB; ++i)
-#pragma GCC unroll 16
       for (int j = 0; j < NB; ++j) {
         const float* xr = x + (m0 + i) * K;
         const int8_t* wr = w + (n0 + j) * K;
@@ -239,9 +237,7 @@ inline void w8a8_block(const int8_t* q, int64_t K, const int8_t* w, const float*
 #pragma GCC unroll 16
     for (int j = 0; j < NB; ++j) dot[i][j] = _mm512_reduce_add_epi32(acc[i][j]);
 #else
-#pragma GCC unroll 16
   for (int i = 0; i < MB; ++i)
-#pragma GCC unroll 16
     for (int j = 0; j < NB; ++j) {
       const int8_t* xr = q + (m0 + i) * K;
       const int8_t* wr = w + (n0 + j) * K;
