@@ -15,7 +15,7 @@ Forward: one gated grouped GEMM (x -> h, pre), one plain grouped GEMM (h -> out)
 W_down[e] (grouped), h recomputed from pre by gated.py's elementwise kernel, dW_down = wgrad(grad, h),
 dgate / dup from gated.py, dx = dgate @ W_gate[e] + dup @ W_up[e] (the second grouped GEMM adds the first
 through its residual epilogue), dW_gate_up = wgrad of each half into its half of the gradient. Eager
-(transformers' expert loop) launches ~6 kernels per expert forward and ~12 backward; this is 2 and 7
+(transformers' expert loop) launches ~6 kernels per expert forward and ~12 backward; this is 2 and 8
 for the whole layer.
 
 The tile schedule needs the per-expert row counts on the host (to size the grid exactly and to check
