@@ -89,6 +89,29 @@ def _epilogue(
 
 
 @triton.jit
+def _mainloop(x_ptrs, w_ptrs, w2_ptrs, mask_m, mask_n, offs_k, K, stride_xk, stride_wk, stride_w2k,
+              GATED: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr):
+    """The pointer kernels' K loop (this file's and moe.py's grouped one): the fp32 product of x's
+    (BLOCK_M, K) rows with the (K, BLOCK_N) tile of W^T, and with W2^T's too when GATED (the same x tile
+    read once for both), masked at every edge. Returns (acc, acc2); acc2 stays zero unless GATED."""
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = offs_k < K - k0
+        a = tl.load(x_ptrs, mask=mask_m[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(w_ptrs, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if GATED:
+            b2 = tl.load(w2_ptrs, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
+            acc2 = tl.dot(a, b2, acc2, input_precision=PRECISION)
+            w2_ptrs += BLOCK_K * stride_w2k
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+    return acc, acc2
+
+
+@triton.jit
 def _linear_fwd_kernel(
     x_ptr,  # (M, K) left operand, strides (stride_xm, stride_xk)
     w_ptr,  # (N, K) weight as nn.Linear stores it, strides (stride_wn, stride_wk)
@@ -121,21 +144,10 @@ def _linear_fwd_kernel(
     mask_m = offs_m < M
     mask_n = offs_n < N
     x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
-    w_off = offs_k[:, None] * stride_wk + offs_n[None, :].to(tl.int64) * stride_wn  # a (K, N) tile of W^T
-    w2_off = offs_k[:, None] * stride_w2k + offs_n[None, :].to(tl.int64) * stride_w2n  # W2 through its own strides
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = offs_k < K - k0
-        a = tl.load(x_ptrs, mask=mask_m[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptr + w_off, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        if GATED:
-            b2 = tl.load(w2_ptr + w2_off, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
-            acc2 = tl.dot(a, b2, acc2, input_precision=PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_off += BLOCK_K * stride_wk
-        w2_off += BLOCK_K * stride_w2k
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + offs_n[None, :].to(tl.int64) * stride_wn  # a (K, N) tile of W^T
+    w2_ptrs = w2_ptr + offs_k[:, None] * stride_w2k + offs_n[None, :].to(tl.int64) * stride_w2n  # its own strides
+    acc, acc2 = _mainloop(x_ptrs, w_ptrs, w2_ptrs, mask_m, mask_n, offs_k, K, stride_xk, stride_wk, stride_w2k,
+                          GATED, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     _epilogue(acc, acc2, offs_m, offs_n, M, N, b_ptr, b2_ptr, r_ptr, out_ptr, pre_ptr, stride_b, stride_b2, stride_rm,
               stride_om, stride_pm, ACT, HAS_BIAS, HAS_RES, GATED, SAVE_PRE, INTERPRET_BF16)
 

@@ -31,7 +31,7 @@ import triton.language as tl
 from . import _target
 from . import gated as _gated
 from .activation import ACT_IDS, to_output
-from .linear import _epilogue, _precision
+from .linear import _epilogue, _mainloop, _precision
 
 
 @triton.jit
@@ -76,18 +76,8 @@ def _grouped_gemm_kernel(
     mask_n = offs_n < N
     x_ptrs = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
     w_off = e.to(tl.int64) * stride_we + offs_k[:, None] * stride_wk + offs_n[None, :].to(tl.int64) * stride_wn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = offs_k < K - k0
-        a = tl.load(x_ptrs, mask=mask_m[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(w_ptr + w_off, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=PRECISION)
-        if GATED:
-            b2 = tl.load(w2_ptr + w_off, mask=k_ok[:, None] & mask_n[None, :], other=0.0)
-            acc2 = tl.dot(a, b2, acc2, input_precision=PRECISION)
-        x_ptrs += BLOCK_K * stride_xk
-        w_off += BLOCK_K * stride_wk
+    acc, acc2 = _mainloop(x_ptrs, w_ptr + w_off, w2_ptr + w_off, mask_m, mask_n, offs_k, K, stride_xk, stride_wk,
+                          stride_wk, GATED, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     # row_end plays the epilogue's M: rows of the next expert are masked off like rows past the end.
     _epilogue(acc, acc2, offs_m, offs_n, row_end, N, out_ptr, out_ptr, r_ptr, out_ptr, pre_ptr, 0, 0, stride_rm,
               stride_om, stride_pm, ACT, False, HAS_RES, GATED, SAVE_PRE, INTERPRET_BF16)
