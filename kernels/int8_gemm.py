@@ -322,11 +322,13 @@ def _w8a16(x2, w, w_scale, bias, smooth, act_id, out, group, grouped, bk):
     if x2.dtype == torch.float64:
         x2 = x2.float()
     bm = 16 if M <= 16 else (64 if M <= 64 else 128)
-    bn = 64 if (interp or M <= 16) else 128
+    # Grouped weights add the scaled group sum to a second accumulator: 128 x 128 spilled 84 B on sm_90.
+    bn = 64 if (interp or M <= 16 or grouped) else 128
     if x2.dtype == torch.float32 and precision == "ieee":
-        # exact fp32 runs on FMA units with the tile product in registers: 128 x 128 spilled ~96 KB
-        # per thread to local memory on sm_80 and sm_90 (compile-check), 64 x 64 x 64 still ~19 KB
-        bm, bn, bk = min(bm, 64), 64, min(bk, 32)
+        # exact fp32 runs on FMA units with the operand tiles and the product in registers: 128 x 128
+        # spilled ~96 KB per thread to local memory on sm_80 and sm_90 (compile-check), 64 x 64 x 64 ~19
+        # KB and 64 x 64 x 32 1.0-1.3 KB; 64 x 64 x 16 none (as for the linear kernel's fp32 configs)
+        bm, bn, bk = min(bm, 64), 64, min(bk, 16)
     nblocks = triton.cdiv(K, bk)
     # Decode: enough programs to cover the GPU (~132 SMs on H100) even when N / BLOCK_N is small.
     split = 1 if (M > 16 or interp) else max(1, min(nblocks, 256 // max(1, triton.cdiv(N, bn))))
@@ -336,7 +338,7 @@ def _w8a16(x2, w, w_scale, bias, smooth, act_id, out, group, grouped, bk):
     grid = (triton.cdiv(M, bm), triton.cdiv(N, bn), split)
     _w8a16_gemm_kernel[grid](x2, w, w_scale, part, M, N, K, x2.stride(0), GROUP=group, GROUPED=grouped,
                              SPLIT_K=split, PRECISION=precision, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                             num_warps=8 if bm * bn >= 128 * 128 else 4)  # 4 warps on 128 x 128 spilled
+                             num_warps=8 if bm * bn >= 128 * 64 else 4)  # 4 warps on 128 x 128 / 64 spilled
     blk = 1024
     _finish_kernel[(triton.cdiv(M * N, blk),)](part, bias if bias is not None else part, out, M * N, N,
                                                SPLIT_K=split, HAS_BIAS=bias is not None, ACT=act_id,

@@ -208,8 +208,21 @@ _GPU_CONFIGS = [
     (32, 128, 64, 8, 4, 4), (16, 128, 128, 8, 4, 4), (16, 64, 256, 8, 4, 3), (64, 64, 32, 8, 2, 5),
     # 8 warps over a 128 x 128 (or gated 64 x 128) tile: 64 fp32 accumulators per thread. With 4 warps the
     # 128 per thread plus a gelu / residual epilogue spilled 12-860 B on sm_90 (compile-check, bf16).
-    (128, 128, 64, 8, 8, 3), (64, 128, 64, 8, 8, 4),
+    (128, 128, 64, 8, 8, 3), (64, 128, 64, 8, 8, 4), (128, 128, 32, 8, 8, 3), (64, 64, 32, 8, 4, 4),
 ]
+# Exact fp32 (precision "ieee") has no tensor-core path: tl.dot runs on the FMA units and holds the
+# operand tiles in registers next to the product, so BLOCK_K sets the register count as much as the
+# tile does. These are the configs that compiled without local-memory spills for sm_80 (pointer kernel)
+# and sm_90 (pointer and TMA kernels), from a compile-check sweep of 16-128 x 32-128 tiles, BLOCK_K
+# 16/32/64, 2-8 warps and 2-4 stages: up to 32 accumulators per thread at BLOCK_K 16, 16 at BLOCK_K 32
+# (8 gated). BLOCK_K 64 spilled 0.1-47 KB per thread at 32 accumulators; the old picks were 64 x 64 x
+# 64 (4 warps: 0.9 KB on sm_80, 19-28 KB with the TMA kernel on sm_90) and, gated on sm_80, 64 x 64 x 32
+# with 2 warps (47 KB). Keyed by gated.
+_FP32_FMA_CONFIGS = {
+    False: [(16, 64, 32, 8, 4, 3), (16, 128, 32, 8, 4, 3), (32, 64, 32, 8, 4, 3), (64, 64, 16, 8, 8, 3),
+            (128, 64, 16, 8, 8, 3), (64, 128, 16, 8, 8, 3)],
+    True: [(16, 64, 16, 8, 4, 3), (32, 64, 16, 8, 4, 3), (64, 64, 16, 8, 8, 3), (32, 128, 16, 8, 8, 3)],
+}
 _INTERPRET_CONFIG = (32, 32, 32, 4, 1, 1)
 
 
@@ -232,41 +245,47 @@ def candidate_configs(dtype: torch.dtype, gated: bool, precision: str, device: t
                       variant: str = "pointer") -> list:
     """The tile configs the tuner may time (and the heuristic may pick) for this problem class on the
     target GPU: those whose shared memory fits one block there (sm_80: 163 KB, sm_90: 227 KB), so a
-    tile never fails at launch. Exact fp32 (precision "ieee") runs on FMA units, not tensor cores, with
-    the whole fp32 tile product in registers: only tiles of at most 64 x 128 outputs per program (32 x
-    128 gated) are kept, the bigger ones spill kilobytes to local memory (compile-check, sm_80/sm_90)."""
+    tile never fails at launch. Exact fp32 (precision "ieee") runs on FMA units, not tensor cores, and
+    takes its own configs (``_FP32_FMA_CONFIGS``: small K tiles, none that spills)."""
     es = torch.empty((), dtype=dtype).element_size()
     limit = _target.shared_mem_limit(device)
-    keep = []
-    for cfg in _GPU_CONFIGS:
-        if smem_bytes(cfg, es, gated, variant) > limit:
-            continue
-        if dtype == torch.float32 and precision == "ieee" and cfg[0] * cfg[1] > (4096 if gated else 8192):
-            continue
-        keep.append(cfg)
-    return keep
+    pool = _FP32_FMA_CONFIGS[gated] if _fma_dot(dtype, precision) else _GPU_CONFIGS
+    return [cfg for cfg in pool if smem_bytes(cfg, es, gated, variant) <= limit]
+
+
+def _fma_dot(dtype: torch.dtype, precision: str) -> bool:
+    return dtype == torch.float32 and precision == "ieee"
 
 
 def heuristic_config(M: int, N: int, K: int, dtype: torch.dtype, gated: bool, precision: str,
                      device: torch.device, variant: str = "pointer") -> tuple:
     """One config from (M, N, K, dtype, gated) without timing (EMBER_TRITON_AUTOTUNE=0, CUDA-graph
     capture): a narrow M tile for decode (M <= 16), a 64-row tile for small M, 128 x 128 x 64 for big
-    problems; smaller K tiles for the gated kernel and fp32, whose operand tiles take twice the
-    bytes. Always one of ``candidate_configs``, so it fits shared memory on the target GPU."""
+    problems; smaller K tiles for the gated kernel and tf32, whose operand tiles take twice the
+    bytes; exact fp32 from its own spill-free configs. Always one of ``candidate_configs``, so it fits
+    shared memory on the target GPU."""
     cands = candidate_configs(dtype, gated, precision, device, variant)
     wide = dtype == torch.float32 or gated
-    if M <= 16:
+    if _fma_dot(dtype, precision):
+        if M <= 16:
+            prefs = [(16, 64, 16, 8, 4, 3)] if gated else [(16, 64, 32, 8, 4, 3)]
+        elif M <= 64 or N <= 64:
+            prefs = [(32, 64, 16, 8, 4, 3)] if gated else [(64, 64, 16, 8, 8, 3)]
+        else:
+            prefs = [(64, 64, 16, 8, 8, 3)] if gated else [(64, 128, 16, 8, 8, 3)]
+    elif M <= 16:
         prefs = [(16, 64, 256, 8, 4, 3), (16, 128, 128, 8, 4, 4)] if wide else [(16, 128, 128, 8, 4, 4)]
     elif M <= 64 or N <= 64:
         prefs = [(64, 64, 64, 8, 4, 4), (64, 128, 64, 8, 4, 4)] if wide else [(64, 128, 64, 8, 4, 4)]
-    elif dtype == torch.float32 and precision == "ieee":
-        prefs = [(32, 128, 64, 8, 4, 4), (64, 64, 64, 8, 4, 4)] if gated else [(64, 128, 64, 8, 4, 4)]
     elif wide:
         # gated: two fp32 accumulators; 128 x 128 x 32 spilled ~4-5 KB (bf16, sm_80 and sm_90)
-        prefs = [(64, 128, 64, 8, 8, 4), (64, 64, 64, 8, 4, 4)] if gated else [(128, 128, 32, 8, 4, 4)]
+        # tf32 ungated: 128 x 128 x 32 spilled ~2 KB with 4 warps (sm_80 and sm_90), so 8 warps
+        prefs = [(64, 128, 64, 8, 8, 4), (64, 64, 64, 8, 4, 4)] if gated else [(128, 128, 32, 8, 8, 3)]
     else:
         prefs = [(128, 128, 64, 8, 8, 3), (128, 128, 64, 8, 4, 4)]
-    for cfg in prefs + [(64, 64, 64, 8, 4, 4), (64, 64, 32, 8, 2, 5)]:
+    # Fallbacks where no preference fits shared memory (gated tf32 on sm_80): 64 x 64 x 32 on 4 warps
+    # before 2, which spilled ~600 B there (compile-check).
+    for cfg in prefs + [(64, 64, 64, 8, 4, 4), (64, 64, 32, 8, 4, 4), (64, 64, 32, 8, 2, 5)]:
         if cfg in cands:
             return cfg
     return cands[-1]

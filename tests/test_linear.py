@@ -480,8 +480,14 @@ def test_triton_heuristic_tiles(compile_target):
     big_gated = h(4096, 4096, 4096, torch.bfloat16, True, "ieee", cpu)
     assert big_gated[2] <= 32 or big_gated[0] <= 64  # two accumulators: a smaller K or M tile
     assert h(4096, 4096, 4096, torch.float32, False, "tf32", cpu)[2] == 32  # fp32: half the K tile
-    fma = h(4096, 4096, 4096, torch.float32, False, "ieee", cpu)  # exact fp32 on FMA units: small tile
-    assert fma[0] * fma[1] <= 8192
+    # exact fp32 on FMA units: every candidate has a small K tile and at most 32 accumulators per thread
+    # (BLOCK_K 64 spilled 0.1-47 KB per thread on sm_80 / sm_90: compile-check)
+    for arch in (80, 90):
+        set_target(arch)
+        for gated in (False, True):
+            for bm, bn, bk, _, warps, _ in tk.candidate_configs(torch.float32, gated, "ieee", cpu):
+                assert bk <= 32 and bm * bn * (2 if gated else 1) <= 32 * 32 * warps, (arch, gated, bm, bn, bk)
+            assert h(1, 4096, 4096, torch.float32, gated, "ieee", cpu)[0] == 16
 
 
 def test_triton_tma_variant_never_on_sm80(compile_target):

@@ -468,7 +468,7 @@ def triton_cases(arch: int, quick: bool) -> list:
     for dt in gemm_dtypes:
         precisions = [None]
         if str(dt) == "torch.float32":
-            precisions = ["ieee"] if quick else ["ieee", "tf32"]
+            precisions = ["ieee", "tf32"]
         for prec in precisions:
             for variant in variants:
                 ms = (1, 256) if quick else (1, 40, 256)
