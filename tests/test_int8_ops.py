@@ -103,12 +103,17 @@ def test_int8_linear_dtypes_and_fused_act(backend_device, dtype, tol, act, mode)
 
 def test_int8_linear_decode_sizes_and_noncontiguous(backend_device):
     name, dev = _backend_args(backend_device)
-    w, sw = _weights(64, 256, dev, 64)
-    for M in (1, 2, 16, 17):
+    # every decode row count the CPU GEMVs tile differently (2 x 8, 4 x 5, 8 x 3 + remainders), and 67
+    # channels: a remainder for each channel tile width
+    w64, sw64 = _weights(64, 256, dev, 64)
+    w67, sw67 = _weights(67, 256, dev)
+    for M in (1, 2, 3, 5, 7, 8, 13, 16, 17):
         x = torch.randn(M, 512, device=dev)[:, ::2]  # strided rows and columns
-        for mode in ("w8a8", "w8a16"):
-            y = I.int8_linear(x, w, sw, mode=mode, backend=name)
-            torch.testing.assert_close(y, I.int8_linear_reference(x, w, sw, None, "none", mode), atol=1e-4, rtol=1e-4)
+        for w, sw in ((w64, sw64), (w67, sw67)):
+            for mode in ("w8a8", "w8a16"):
+                y = I.int8_linear(x, w, sw, mode=mode, backend=name)
+                ref = I.int8_linear_reference(x, w, sw, None, "none", mode)
+                torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
