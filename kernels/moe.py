@@ -143,8 +143,8 @@ class _Schedule:
             counts.append(end - start)
             start = end
         active = sum(1 for c in counts if c) or 1
-        self.experts, self.used_rows = len(ends), start
-        self.block_m = _tiles(x.dtype, start / active, True, _precision(x.dtype, x.device))[0]
+        self.experts, self.used_rows, self.rows_per_expert = len(ends), start, start / active
+        self.block_m = _tiles(x.dtype, self.rows_per_expert, True, _precision(x.dtype, x.device))[0]
         tiles = [triton.cdiv(c, self.block_m) for c in counts]
         self.tiles_m = sum(tiles)
         self.offsets = offsets.to(device=x.device, dtype=torch.int32)
@@ -154,8 +154,8 @@ class _Schedule:
 def _tiles(dtype: torch.dtype, rows_per_expert: float, gated: bool, precision: str) -> tuple:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) without timing. The row tile follows the mean
     rows per active expert (decode routes a few rows to each: a 16-row tile wastes least there); exact
-    fp32 runs on the FMA units with the tile product in registers, so it keeps the small tiles that
-    linear.py's candidate filter keeps (at most 64 x 128 outputs, 32 x 128 gated)."""
+    fp32 runs on the FMA units with the operand tiles and the product in registers, so it keeps small
+    tiles and BLOCK_K 32 (compile-check: no spills)."""
     if _target.interpreting():
         return 16, 32, 32, 1, 1
     block_m = 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 32 else 64
@@ -204,7 +204,7 @@ def grouped_gemm(x, w, sched: _Schedule, *, w2=None, residual=None, act: str = "
             out[:sched.used_rows] = residual[:sched.used_rows]
         return out, pre
     precision = _precision(x.dtype, x.device)
-    _, bn, bk, warps, stages = _tiles(x.dtype, sched.used_rows, gated, precision)
+    _, bn, bk, warps, stages = _tiles(x.dtype, sched.rows_per_expert, gated, precision)
     bm = sched.block_m  # the row tile the schedule was cut for
     with _target.device_guard(x):
         _grouped_gemm_kernel[(sched.tiles_m * triton.cdiv(N, bn),)](
