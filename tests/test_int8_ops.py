@@ -103,13 +103,12 @@ def test_int8_linear_dtypes_and_fused_act(backend_device, dtype, tol, act, mode)
 
 def test_int8_linear_decode_sizes_and_noncontiguous(backend_device):
     name, dev = _backend_args(backend_device)
-    # every decode row count the CPU GEMVs tile differently (2 x 8, 4 x 5, 8 x 3 + remainders), and 67
-    # channels: a remainder for each channel tile width
-    w64, sw64 = _weights(64, 256, dev, 64)
-    w67, sw67 = _weights(67, 256, dev)
+    # every decode row count the CPU GEMVs tile differently (2 x 8, 4 x 5, 8 x 3 + remainders), 67
+    # channels (a remainder for each channel tile width), per-channel and grouped scales
+    weights = [_weights(64, 256, dev, 64), _weights(67, 256, dev), _weights(67, 256, dev, 16)]
     for M in (1, 2, 3, 5, 7, 8, 13, 16, 17):
         x = torch.randn(M, 512, device=dev)[:, ::2]  # strided rows and columns
-        for w, sw in ((w64, sw64), (w67, sw67)):
+        for w, sw in weights:
             for mode in ("w8a8", "w8a16"):
                 y = I.int8_linear(x, w, sw, mode=mode, backend=name)
                 ref = I.int8_linear_reference(x, w, sw, None, "none", mode)
