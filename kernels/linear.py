@@ -215,7 +215,7 @@ _GPU_CONFIGS = [
 # tile does. These are the configs that compiled without local-memory spills for sm_80 (pointer kernel)
 # and sm_90 (pointer and TMA kernels), from a compile-check sweep of 16-128 x 32-128 tiles, BLOCK_K
 # 16/32/64, 2-8 warps and 2-4 stages: up to 32 accumulators per thread at BLOCK_K 16, 16 at BLOCK_K 32
-# (8 gated). BLOCK_K 64 spilled 0.1-47 KB per thread at 32 accumulators; the old picks were 64 x 64 x
+# (8 gated). BLOCK_K 64 spilled 0.1-19 KB per thread at 32 accumulators; the old picks were 64 x 64 x
 # 64 (4 warps: 0.9 KB on sm_80, 19-28 KB with the TMA kernel on sm_90) and, gated on sm_80, 64 x 64 x 32
 # with 2 warps (47 KB). Keyed by gated.
 _FP32_FMA_CONFIGS = {
