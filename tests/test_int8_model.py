@@ -294,3 +294,24 @@ def test_compile_and_export_read_the_weight_itself():
         ep = torch.export.export(q, (x,), strict=strict)
         torch.testing.assert_close(ep.module()(x), q(x), atol=1e-5, rtol=1e-5)
         assert list(ep.state_dict) == ["weight", "weight_scale", "bias"]
+
+
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+def test_eager_inference_calls_the_cpu_kernel_directly_with_the_ops_result(mode):
+    """Int8Linear's eager-inference shortcut (straight to ember_C on the CPU backend) returns what the
+    ember op returns, for 3-D and strided inputs, and a call that autograd would record still goes
+    through the op, whose backward raises."""
+    torch.manual_seed(0)
+    q = Int8Linear.from_linear(nn.Linear(64, 48), mode, activation="gelu")
+    packed = q.weight_packed if q.weight_packed.numel() else None
+    for x in (torch.randn(2, 3, 64), torch.randn(5, 128)[:, ::2], torch.randn(1, 64)):
+        with torch.no_grad():
+            got = q(x)
+        want = ember.ops.int8_linear(x, q.weight, q.weight_scale, q.bias, activation="gelu", mode=mode,
+                                     w_packed=packed)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    y = q(torch.randn(4, 64, requires_grad=True))
+    assert y.requires_grad
+    with pytest.raises(RuntimeError, match="inference-only"):
+        y.sum().backward()

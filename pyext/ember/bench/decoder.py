@@ -13,10 +13,15 @@ checkpoint to download). Every provider is built from the same seed, so all run 
   torch.compile     bf16, ``torch.compile`` on the model's forward (prefill and decode graphs)
   ember-w8a8        bf16 model, every Linear (lm_head too) ``ember.quantize(mode="w8a8")``
   ember-w8a16       bf16 model, ``ember.quantize(mode="w8a16")``
+  ember-w8a8-fp32   fp32 model, ``ember.quantize(mode="w8a8")`` (CPU only: quantize_dynamic's ground)
+  ember-w8a16-fp32  fp32 model, ``ember.quantize(mode="w8a16")`` (CPU only)
   torchao-int8      bf16 model, torchao ``Int8DynamicActivationInt8WeightConfig`` (when torchao imports)
   quantize_dynamic  fp32 model, ``torch.ao.quantization.quantize_dynamic`` (qint8 Linears; CPU only)
 The ember and torchao rows keep bf16 activations (attention, norms, residuals) so that against
 torch-bf16 they differ only in their Linears: that is the comparison issue #12's targets are stated in.
+The -fp32 rows keep fp32 activations, as quantize_dynamic does: on a CPU without native bf16 arithmetic
+(no AVX512-BF16 / AMX) the bf16 model's attention and norms are slower than fp32's, and a user there
+quantizes the fp32 model.
 
 Measured, per provider, over a fixed prompt set (prompts of fixed random token ids, one at a time,
 batch 1, as a single stream is served): prefill tokens/s (prompt tokens / time of the first forward,
@@ -135,11 +140,11 @@ def _compiled(spec, device):
     return m
 
 
-def _ember(mode):
+def _ember(mode, dtype=torch.bfloat16):
     def build(spec, device):
         import ember
 
-        m = fresh_model(spec, device, torch.bfloat16)
+        m = fresh_model(spec, device, dtype)
         ember.quantize(m, mode=mode)
         return m
     return build
@@ -172,7 +177,9 @@ def providers(kind: str, compile: bool = True) -> list[tuple[str, Callable | Non
     except Exception as err:  # noqa: BLE001 - any import failure means: not comparable here
         out.append(("torchao-int8", None, f"torchao does not import ({type(err).__name__}: {err})"[:200]))
     if kind == "cpu":
-        out.append(("quantize_dynamic", _quantize_dynamic, ""))
+        out += [("ember-w8a8-fp32", _ember("w8a8", torch.float32), ""),
+                ("ember-w8a16-fp32", _ember("w8a16", torch.float32), ""),
+                ("quantize_dynamic", _quantize_dynamic, "")]
     else:
         out.append(("quantize_dynamic", None, "torch.ao quantize_dynamic has CPU kernels only"))
     return out
@@ -345,6 +352,8 @@ def targets(kind: str) -> list[tuple[str, str, str, float]]:
     out = [(p, "decode_tok_s", "torch-bf16", 1.0) for p in ("ember-w8a8", "ember-w8a16")]
     if kind == "cpu" and _amx_in_use():  # int8 TDPBUSD vs bf16 TDPBF16PS: prefill is compute bound
         out.append(("ember-w8a8", "prefill_tok_s", "torch-bf16", 1.0))
+    if kind == "cpu":  # quantize_dynamic on its own ground: an fp32 model's int8 Linears
+        out += [("ember-w8a8-fp32", m, "quantize_dynamic", 1.0) for m in ("decode_tok_s", "prefill_tok_s")]
     return out
 
 
@@ -399,7 +408,8 @@ def markdown(spec: Spec, device: str, results: list[Result], skipped: dict[str, 
                                                  "cuda" else "the process's resident-set high-water mark while generating, the "
                                                  "model already built (weights + KV cache + activations)") +
              f"; agreement: generated tokens equal to {REFERENCE}'s at the same position; first diff: earliest "
-             "new-token position where any prompt differs (- none). ember and torchao rows run bf16 activations.",
+             "new-token position where any prompt differs (- none). ember and torchao rows run bf16 activations, "
+             "the -fp32 rows and quantize_dynamic fp32.",
              ""]
     ref = next((r for r in results if r.provider == REFERENCE and r.ok), None)
     bf = next((r for r in results if r.provider == "torch-bf16" and r.ok), None)

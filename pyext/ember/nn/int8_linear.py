@@ -25,6 +25,7 @@ from torch import nn
 
 from .. import activations
 from ..ops import int8 as int8_ops
+from ..ops._common import as_rows
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _INT8_LINEAR = torch.ops.ember.int8_linear.default
@@ -113,6 +114,14 @@ class Int8Linear(nn.Module):
         # The layer's own buffers were checked when it was built (load_state_dict keeps their shapes), so
         # the call goes straight to the op: at decode a layer is tens of microseconds.
         backend = int8_ops.backend_for(None, x.device, self.mode, self.weight_scale, w.shape[1])
+        wants_grad = torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
+        if backend == "cpu" and x.numel() and not wants_grad and not torch.compiler.is_compiling():
+            # Eager inference on the C++ CPU kernel: call it directly. The ember:: op around it (what
+            # graphs record, and whose autograd kernel raises on a backward) costs ~20 us of dispatch a
+            # call; at decode a 1024 x 256 layer took 49 us through it and 12.6 us in the kernel.
+            y = int8_ops.cpu_kernel(as_rows(x), w, self.weight_scale, self.bias, self.smooth,
+                                    self.activation or "none", self.mode, packed)
+            return y.view(*x.shape[:-1], w.shape[0])
         return _INT8_LINEAR(x, w, self.weight_scale, self.bias, self.smooth, self.activation or "none", self.mode,
                             backend, packed)
 

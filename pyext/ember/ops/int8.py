@@ -155,15 +155,21 @@ def _linear_forward(x, w, w_scale, bias, smooth, act, mode, backend, w_packed=No
         y = tk.int8_linear(x2, w, w_scale, bias, smooth, ACT_IDS[act], mode)
     elif backend == "cuda":
         y = torch.ops.ember_C.int8_linear_w8a8(x2, w, w_scale.reshape(N), bias, smooth, ACT_IDS[act])
-    elif mode == "w8a8":
-        grouped = w_scale.dim() == 2 and w_scale.shape[1] > 1
-        y = torch.ops.ember_C.int8_linear_w8a8(x2, w, w_scale if grouped else w_scale.reshape(N), bias, smooth,
-                                               ACT_IDS[act], w_packed)
     else:
-        if smooth is not None:
-            x2 = x2 * smooth.to(x2.dtype)
-        y = torch.ops.ember_C.int8_linear_w8a16(x2, w, w_scale, bias, ACT_IDS[act])
+        y = cpu_kernel(x2, w, w_scale, bias, smooth, act, mode, w_packed)
     return torch.ops.aten._unsafe_view.default(y, (*x.shape[:-1], N))
+
+
+def cpu_kernel(x2, w, w_scale, bias, smooth, act, mode, w_packed=None) -> torch.Tensor:
+    """The C++ CPU kernel's call on rows x2 (M, K): ember.ops.int8_linear's "cpu" backend, and the direct
+    call Int8Linear makes in eager inference (see its forward)."""
+    if mode == "w8a8":
+        grouped = w_scale.dim() == 2 and w_scale.shape[1] > 1
+        return torch.ops.ember_C.int8_linear_w8a8(x2, w, w_scale if grouped else w_scale.reshape(w.shape[0]), bias,
+                                                  smooth, ACT_IDS[act], w_packed)
+    if smooth is not None:
+        x2 = x2 * smooth.to(x2.dtype)
+    return torch.ops.ember_C.int8_linear_w8a16(x2, w, w_scale, bias, ACT_IDS[act])
 
 
 impl("quantize_per_token")(_quantize_forward)
