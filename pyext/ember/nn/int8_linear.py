@@ -112,7 +112,8 @@ class Int8Linear(nn.Module):
             return int8_ops.int8_linear(x, w, self.weight_scale, self.bias, activation=self.activation,
                                         mode=self.mode, smooth=self.smooth, w_packed=packed)
         # The layer's own buffers were checked when it was built (load_state_dict keeps their shapes), so
-        # the call goes straight to the op: at decode a layer is tens of microseconds.
+        # the call goes straight to the op (or its CPU kernel, below): at decode a layer is tens of
+        # microseconds.
         backend = int8_ops.backend_for(None, x.device, self.mode, self.weight_scale, w.shape[1])
         wants_grad = torch.is_grad_enabled() and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))
         if backend == "cpu" and x.numel() and not wants_grad and not torch.compiler.is_compiling():
