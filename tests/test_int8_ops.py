@@ -424,3 +424,14 @@ def test_quantize_per_token_scale_is_a_true_division(backend_device):
     exact = (amax.double() / 127).float()
     torch.testing.assert_close(s, exact, atol=0, rtol=0)
     assert (amax * (1 / torch.tensor(127.0, device=dev)) != exact).any()
+
+
+def test_w8a8_packed_row_chunks_cover_every_row():
+    """The CPU packed GEMM splits rows into chunks whose activations fit a cache budget (128 KiB: 32 rows
+    at K = 4096); row counts just past one chunk, and many chunks with a remainder, each row exactly once."""
+    w, sw = _weights(48, 4096, torch.device("cpu"))
+    packed = I.int8_prepack(w, sw)
+    for M in (33, 41, 100, 257):
+        x = torch.randn(M, 4096)
+        y = I.int8_linear(x, w, sw, mode="w8a8", w_packed=packed)
+        torch.testing.assert_close(y, I.int8_linear_reference(x, w, sw, None, "none", "w8a8"), atol=1e-3, rtol=1e-4)

@@ -574,8 +574,11 @@ inline bool w8a8_gemm_packed(const uint8_t* qu, const float* sx, const int8_t* w
   const int32_t* corr = reinterpret_cast<const int32_t*>(wp + N * K);
   constexpr int MR = 6, NBMAX = 4, PANEL = NBMAX * 16;
   const int64_t blocks = N / 16, panels = (blocks + NBMAX - 1) / NBMAX;
-  const int64_t chunk = std::max<int64_t>(MR, (int64_t(128) * 1024 / K) / MR * MR);
-  const int64_t chunks = (M + chunk - 1) / chunk;
+  // Chunks of about equal size, each up to 1.25x the cache budget: cutting at the budget itself left
+  // a sliver (M = 128, K = 1024: 126 rows + 2) that streamed every panel again for two rows.
+  const int64_t budget_rows = std::max<int64_t>(MR, int64_t(128) * 1024 / K);
+  const int64_t chunks = std::max<int64_t>(1, (4 * M + 5 * budget_rows - 1) / (5 * budget_rows));
+  const int64_t chunk = ((M + chunks - 1) / chunks + MR - 1) / MR * MR;
   dispatch_float(dtype, [&](auto tag) {
     using T = decltype(tag);
     dispatch_act(act, [&]<Act A, bool HAS_ACT>() {
