@@ -74,24 +74,26 @@ def test_16bit_gemm_report_agrees_with_the_kernel_flags():
 @needs_ext
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_w8a16_prefill_fallback_without_native_16bit_dot(dtype):
-    # Prefill (M > 16) off AMX takes the dequantised-copy fallback. Without a native dot product for
-    # x's dtype it runs in fp32 and rounds once at the end: bit for bit the fp32 result, rounded.
+    # Prefill rows off AMX: AVX-512's row GEMM up to 160 rows, the dequantised-copy fallback beyond (and
+    # on CPUs without AVX-512). Without a native dot product for x's dtype both run in fp32 and round once
+    # at the end: bit for bit the fp32 result, rounded.
     native = native_16bit_gemm(dtype)
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(40, 96, generator=g).to(dtype)
-    w = torch.randn(72, 96, generator=g)
-    b = torch.randn(72, generator=g).to(dtype)
-    qw, sw = I.quantize_weight(w)
     env_isa = os.environ.get("EMBER_CPU_ISA")
     if _amx_on() and env_isa is None:
         pytest.skip("AMX takes these rows; the fallback is not reached")
-    out = I.int8_linear(x, qw, sw, b, mode="w8a16", activation="gelu", backend="cpu")
-    want32 = I.int8_linear(x.float(), qw, sw, b.float(), mode="w8a16", activation="gelu", backend="cpu")
-    assert out.dtype == dtype and out.shape == (40, 72)
-    if not native:
-        assert torch.equal(out, want32.to(dtype))
-    ref = torch.nn.functional.gelu(x.double() @ I.dequantize_weight(qw, sw).double().t() + b.double())
-    assert metrics.sqnr_db(ref, out.double()) > (38 if dtype == torch.bfloat16 else 50)
+    g = torch.Generator().manual_seed(3)
+    for M in (40, 200):
+        x = torch.randn(M, 96, generator=g).to(dtype)
+        w = torch.randn(72, 96, generator=g)
+        b = torch.randn(72, generator=g).to(dtype)
+        qw, sw = I.quantize_weight(w)
+        out = I.int8_linear(x, qw, sw, b, mode="w8a16", activation="gelu", backend="cpu")
+        want32 = I.int8_linear(x.float(), qw, sw, b.float(), mode="w8a16", activation="gelu", backend="cpu")
+        assert out.dtype == dtype and out.shape == (M, 72)
+        if not native:
+            assert torch.equal(out, want32.to(dtype))
+        ref = torch.nn.functional.gelu(x.double() @ I.dequantize_weight(qw, sw).double().t() + b.double())
+        assert metrics.sqnr_db(ref, out.double()) > (38 if dtype == torch.bfloat16 else 50)
 
 
 @needs_ext

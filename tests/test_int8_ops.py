@@ -435,3 +435,59 @@ def test_w8a8_packed_row_chunks_cover_every_row():
         x = torch.randn(M, 4096)
         y = I.int8_linear(x, w, sw, mode="w8a8", w_packed=packed)
         torch.testing.assert_close(y, I.int8_linear_reference(x, w, sw, None, "none", "w8a8"), atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("group_size", [None, 16, 64])
+def test_w8a16_row_gemm_sizes(group_size):
+    """The CPU W8A16 GEMM for 12-160 rows (AVX-512): rows in 16-row blocks padded with zeros, channels in
+    24-channel panels (12-channel halves), k in 128-k panel chunks. Row counts at each end of its range and
+    around block boundaries, channel counts around the panel widths, K across a chunk boundary; strided x,
+    bias and a fused activation; every dtype x takes."""
+    g = torch.Generator().manual_seed(11)
+    for M, K, N in ((11, 64, 24), (12, 64, 25), (16, 128, 7), (17, 192, 36), (32, 320, 49), (47, 64, 12),
+                    (100, 384, 72), (160, 128, 30), (161, 64, 24)):
+        w, sw = I.quantize_weight(torch.randn(N, K, generator=g), group_size)
+        bias = torch.randn(N, generator=g)
+        x = torch.randn(M, 2 * K, generator=g)[:, :K]  # rows 2K apart
+        y = I.int8_linear(x, w, sw, bias, activation="gelu", mode="w8a16", backend="cpu")
+        ref = I.int8_linear_reference(x, w, sw, bias, "gelu", "w8a16")
+        torch.testing.assert_close(y, ref, atol=1e-4, rtol=1e-4, msg=f"M={M} K={K} N={N}")
+        for dtype in (torch.bfloat16, torch.float16):
+            y16 = I.int8_linear(x.to(dtype), w, sw, bias, mode="w8a16", backend="cpu")
+            ref16 = I.int8_linear_reference(x.to(dtype).float(), w, sw, bias, "none", "w8a16")
+            assert y16.dtype == dtype
+            torch.testing.assert_close(y16.float(), ref16, atol=1e-2 * ref16.abs().max().item(), rtol=1e-2)
+
+
+@pytest.mark.parametrize("K", [1, 15, 129])
+def test_w8a16_row_gemm_k_tails_and_rows_apart(K):
+    """K not a multiple of 16 (the panel's masked tail; per-channel scales take any K), and NaN / Inf /
+    zero rows inside a 16-row block staying in their row."""
+    g = torch.Generator().manual_seed(5)
+    M, N = 40, 26
+    w, sw = I.quantize_weight(torch.randn(N, K, generator=g))
+    bias = torch.randn(N, generator=g)
+    x = torch.randn(M, K, generator=g)
+    clean = I.int8_linear(x, w, sw, bias, mode="w8a16", backend="cpu")
+    torch.testing.assert_close(clean, I.int8_linear_reference(x, w, sw, bias, "none", "w8a16"), atol=1e-5, rtol=1e-5)
+    x[3, 0], x[17, K - 1], x[33] = float("nan"), float("inf"), 0
+    y = I.int8_linear(x, w, sw, bias, mode="w8a16", backend="cpu")
+    keep = [i for i in range(M) if i not in (3, 17, 33)]
+    assert torch.equal(y[keep], clean[keep])
+    assert y[3].isnan().all() and not torch.isfinite(y[17]).any()
+    torch.testing.assert_close(y[33], bias, atol=1e-6, rtol=0)
+
+
+def test_w8a16_row_gemm_does_not_depend_on_the_thread_count():
+    g = torch.Generator().manual_seed(9)
+    w, sw = I.quantize_weight(torch.randn(200, 320, generator=g), 64)
+    x, bias = torch.randn(70, 320, generator=g), torch.randn(200, generator=g)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(I.int8_linear(x, w, sw, bias, mode="w8a16", backend="cpu"))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1])

@@ -3,8 +3,9 @@
 //   quantize_per_token(x, mul?)                 -> (q int8 (M, K), scale fp32 (M,))
 //   int8_linear_w8a8(x, w, w_scale, bias?, mul?, act)   dynamic W8A8: fused quantize, ATen's int8
 //       GEMM (torch._int_mm: oneDNN with VNNI / AMX), fused dequant + bias + activation epilogue
-//   int8_linear_w8a16(x, w, w_scale, bias?, act)         weight-only: ember's AMX bf16 tile kernels where
-//       AMX runs (int8_kernels().w8a16_gemm), else a fused GEMV for M <= 16, else one dequantised
+//   int8_linear_w8a16(x, w, w_scale, bias?, act)         weight-only: int8_kernels().w8a16_gemm where it
+//       takes the shape (AMX bf16 tiles; on AVX-512 without AMX, an fp32 GEMM over 12-160 rows that
+//       widens the int8 weight panel by panel), else a fused GEMV for M <= 16, else one dequantised
 //       copy of the weight in x's dtype and ATen's GEMM (compute bound there)
 //   int8_prepack(w, w_scale)     the packed weight int8_linear_w8a8's VNNI GEMM reads (`w_packed`), or
 //       an empty tensor for shapes it cannot take; also a Meta kernel (the size only), which the
@@ -261,7 +262,8 @@ at::Tensor int8_linear_w8a16(const at::Tensor& x, const at::Tensor& w, const at:
   check_act_code(act, "int8_linear_w8a16");
   // The AMX tile kernels take what they can where the CPU has them (isa_amx.cpp: from 3 rows up for a
   // bf16 x, or an fp32 x allowed bf16; 5 for fp32 / fp16), widening the int8 weight to bf16 as they go,
-  // never a whole copy; the GEMV takes the rest of the decode rows, streaming the int8 weight once.
+  // never a whole copy; on AVX-512 without AMX the panel GEMM takes 12 to 160 rows (cpu/int8_impl.h).
+  // The GEMV takes the rest of the decode rows, streaming the int8 weight once.
   if (M > 0 && N > 0) {
     at::Tensor out = at::empty({M, N}, x.options());
     const at::Tensor b = float_or_null(bias);
@@ -279,8 +281,9 @@ at::Tensor int8_linear_w8a16(const at::Tensor& x, const at::Tensor& w, const at:
                               dtype, static_cast<int32_t>(act));
     return out;
   }
-  // Prefill elsewhere: the GEMM costs 2*M*N*K flops against N*K for one dequantised weight copy, so for
-  // M > 16 the copy is a few percent of the time and ATen's GEMM does the rest. A bf16/fp16 x on a CPU
+  // Longer prefills, and CPUs without AVX-512: the GEMM costs 2*M*N*K flops against N*K for one
+  // dequantised weight copy, so from a few hundred rows the copy is a few percent of the time and
+  // ATen's GEMM does the rest. A bf16/fp16 x on a CPU
   // without a native dot product for it runs the GEMM in fp32 (several times faster there, and one
   // rounding fewer), the output rounded to x's dtype once, after the activation.
   const bool in_fp32 = x.scalar_type() != at::kDouble && !native_16bit_gemm(dtype);

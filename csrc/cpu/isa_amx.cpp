@@ -518,9 +518,13 @@ int x_parts(DType dtype, int32_t fp32_parts) {
 
 bool w8a16_gemm_amx(const void* x, int64_t ldx, const int8_t* w, const float* sw, const float* bias, void* out,
                     int64_t M, int64_t N, int64_t K, int64_t group, DType dtype, int32_t act, int32_t fp32_parts) {
-  // Whole 32-k steps and groups, whole 16-column blocks; other shapes return false for int8.cpp's
-  // GEMV / dequantised paths. fp64 x keeps its float64 GEMM (the bf16 parts would stop at fp32 precision).
-  if (K % 32 != 0 || group % 32 != 0 || N % 16 != 0 || dtype == DType::kFloat64) return false;
+  // Whole 32-k steps and groups, whole 16-column blocks; other shapes go to the AVX-512 table's GEMM,
+  // which takes 12-160 rows or returns false for int8.cpp's GEMV / dequantised paths. fp64 x keeps its
+  // float64 GEMM (the bf16 parts would stop at fp32 precision).
+  const auto avx512 = [&] {
+    return kernels_avx512().int8.w8a16_gemm(x, ldx, w, sw, bias, out, M, N, K, group, dtype, act, fp32_parts);
+  };
+  if (K % 32 != 0 || group % 32 != 0 || N % 16 != 0 || dtype == DType::kFloat64) return avx512();
   const int parts = x_parts(dtype, fp32_parts);
   if (M < (parts == 1 ? kNarrowMinRows : kNarrowMinRowsSplit)) return false;
   if (M <= 16) {

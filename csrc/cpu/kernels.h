@@ -134,9 +134,9 @@ struct Int8Kernels {
   // CPU / build has no VNNI kernel or !w8a8_packable(N, K, groups).
   bool (*w8a8_gemm_packed)(const uint8_t* qu, const float* sx, const int8_t* wp, const float* sw, const float* bias,
                            void* out, int64_t M, int64_t N, int64_t K, int64_t groups, DType dtype, int32_t act);
-  // Weight-only int8 GEMM for any M (decode rows and prefill), the same contract as w8a16_gemv without
-  // its M <= 16 limit. Returns false (nothing done) where the table has no such kernel (only the AMX one
-  // has: cpu/isa_amx.cpp) or the shape is not one it takes; the caller then runs its fallback.
+  // Weight-only int8 GEMM, the same contract as w8a16_gemv without its M <= 16 limit. Returns false
+  // (nothing done) where the table has no such kernel (the portable one) or the shape is not one it takes
+  // (AVX-512: 12-160 rows, cpu/int8_impl.h; AMX: cpu/isa_amx.cpp); the caller then runs its fallback.
   // fp32_parts: how many bf16 parts an fp32 x is split into for bf16 tile products (3: fp32's
   // precision, 2: ~16 bits, 1: bf16), from torch's fp32 matmul precision (cpu/int8.cpp).
   bool (*w8a16_gemm)(const void* x, int64_t ldx, const int8_t* w, const float* sw, const float* bias, void* out,

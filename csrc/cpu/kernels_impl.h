@@ -254,7 +254,7 @@ inline const IsaKernels& table() {
                .w8a16_gemv = &w8a16_gemv,
                .w8a8_gemv = &w8a8_gemv,
                .w8a8_gemm_packed = &w8a8_gemm_packed,
-               .w8a16_gemm = &w8a16_gemm_none},
+               .w8a16_gemm = &w8a16_gemm},
   };
   return k;
 }
