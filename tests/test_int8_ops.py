@@ -439,8 +439,9 @@ def test_w8a8_packed_row_chunks_cover_every_row():
 
 @pytest.mark.parametrize("group_size", [None, 16, 64])
 def test_w8a16_row_gemm_sizes(group_size):
-    """The CPU W8A16 GEMM for 12-160 rows (AVX-512): rows in 16-row blocks padded with zeros, channels in
-    24-channel panels (12-channel halves), k in 128-k panel chunks. Row counts at each end of its range and
+    """The CPU W8A16 GEMM for 12-160 rows (AVX-512): rows in 16-row blocks padded with zeros (a tail of 1-4
+    rows past whole blocks on the GEMV), channels in 24-channel panels (12-channel halves), k in 128-k
+    panel chunks. Row counts at each end of its range and
     around block boundaries, channel counts around the panel widths, K across a chunk boundary; strided x,
     bias and a fused activation; every dtype x takes."""
     g = torch.Generator().manual_seed(11)
@@ -459,29 +460,32 @@ def test_w8a16_row_gemm_sizes(group_size):
             torch.testing.assert_close(y16.float(), ref16, atol=1e-2 * ref16.abs().max().item(), rtol=1e-2)
 
 
+@pytest.mark.parametrize("M", [40, 36])
 @pytest.mark.parametrize("K", [1, 15, 129])
-def test_w8a16_row_gemm_k_tails_and_rows_apart(K):
+def test_w8a16_row_gemm_k_tails_and_rows_apart(K, M):
     """K not a multiple of 16 (the panel's masked tail; per-channel scales take any K), and NaN / Inf /
-    zero rows inside a 16-row block staying in their row."""
+    zero rows staying in their row, inside a zero-padded 16-row block (M = 40) or among the last rows
+    the GEMV takes (M = 36: 32 + 4)."""
     g = torch.Generator().manual_seed(5)
-    M, N = 40, 26
+    N = 26
     w, sw = I.quantize_weight(torch.randn(N, K, generator=g))
     bias = torch.randn(N, generator=g)
     x = torch.randn(M, K, generator=g)
     clean = I.int8_linear(x, w, sw, bias, mode="w8a16", backend="cpu")
     torch.testing.assert_close(clean, I.int8_linear_reference(x, w, sw, bias, "none", "w8a16"), atol=1e-5, rtol=1e-5)
-    x[3, 0], x[17, K - 1], x[33] = float("nan"), float("inf"), 0
+    x[3, 0], x[17, K - 1], x[M - 3] = float("nan"), float("inf"), 0
     y = I.int8_linear(x, w, sw, bias, mode="w8a16", backend="cpu")
-    keep = [i for i in range(M) if i not in (3, 17, 33)]
+    keep = [i for i in range(M) if i not in (3, 17, M - 3)]
     assert torch.equal(y[keep], clean[keep])
     assert y[3].isnan().all() and not torch.isfinite(y[17]).any()
-    torch.testing.assert_close(y[33], bias, atol=1e-6, rtol=0)
+    torch.testing.assert_close(y[M - 3], bias, atol=1e-6, rtol=0)
 
 
-def test_w8a16_row_gemm_does_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("M", [70, 68])
+def test_w8a16_row_gemm_does_not_depend_on_the_thread_count(M):
     g = torch.Generator().manual_seed(9)
     w, sw = I.quantize_weight(torch.randn(200, 320, generator=g), 64)
-    x, bias = torch.randn(70, 320, generator=g), torch.randn(200, generator=g)
+    x, bias = torch.randn(M, 320, generator=g), torch.randn(200, generator=g)
     before = torch.get_num_threads()
     outs = []
     try:
