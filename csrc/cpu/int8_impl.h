@@ -644,11 +644,11 @@ constexpr int kW8A16PanelChannels = 24;
 constexpr int64_t kW8A16PanelK = 128;
 // The rows it takes, from interleaved runs against the GEMV below it and against the dequantised copy +
 // ATen's GEMM above it (Xeon, 2 cores; 4096 x 4096, 1024 x 2816, 768 x 3072, 2816 x 1024):
-// - at 12 rows level with the GEMV, at 16 rows 1.2-1.4x faster (one 16-row block costs the same from
+// - at 12 rows level with the GEMV, at 16 rows 1.2-1.5x faster (one 16-row block costs the same from
 //   1 to 16 rows, so below 12 the GEMV, which costs by the row, is faster);
-// - 1.5-2.2x the old path at 17-64 rows, 1.13-1.33x at 128; at 192 one shape (K 2816 -> 1024) is 0.9x,
-//   and at 512 all are 0.8-0.9x: ATen's fp32 GEMM runs at 85-90% of the FMA peak there, against
-//   70-80% here, and the dequantised copy is a small part of its time.
+// - 1.44-2.2x the old path at 17-32 rows, 1.17-1.64x at 64, 1.13-1.33x at 128; at 192 one shape
+//   (K 2816 -> 1024) is 0.9x, and at 512 all are 0.8-0.9x: ATen's fp32 GEMM runs at 85-90% of the FMA
+//   peak there, against 60-80% here, and the dequantised copy is a small part of its time.
 constexpr int64_t kW8A16GemmMinRows = 12;
 constexpr int64_t kW8A16GemmMaxRows = 160;
 constexpr int64_t kW8A16GemmGemvTailRows = 4;
