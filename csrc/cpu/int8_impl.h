@@ -429,13 +429,17 @@ inline void gemv_grid(int64_t M, int64_t N, const B& block) {
   });
 }
 
+// out[m] = act(yf[m] + bias) in T, row by row (16-row chunks in parallel: decode's few rows stay on the
+// calling thread). yf may be out itself for an fp32 out: the rows are then finished in place.
 template <typename T>
 inline void store_rows(float* yf, void* out, int64_t M, int64_t N, const float* bias, DType, int32_t act) {
   dispatch_act(act, [&]<Act A, bool HAS_ACT>() {
-    for (int64_t m = 0; m < M; ++m) {
-      finish_row<A, HAS_ACT>(yf + m * N, N, bias);
-      at::vec::convert<float, T>(yf + m * N, static_cast<T*>(out) + m * N, N);
-    }
+    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        finish_row<A, HAS_ACT>(yf + m * N, N, bias);
+        if (static_cast<void*>(yf) != out) at::vec::convert<float, T>(yf + m * N, static_cast<T*>(out) + m * N, N);
+      }
+    });
   });
 }
 
@@ -728,7 +732,7 @@ inline bool w8a16_gemm(const void* x, int64_t ldx, const int8_t* w, const float*
     using T = decltype(tag);
     const int64_t blocks = (M + 15) / 16, xt_block = K * 16;
     // Neither buffer is zero-filled first (a pass over each): every element is written below. An fp32
-    // out takes the dot products directly, finished in place.
+    // out takes the dot products directly, and store_rows finishes them in place.
     std::unique_ptr<float[]> xt(new float[blocks * xt_block]), yf_buffer;
     float* yf = static_cast<float*>(out);
     if constexpr (!std::is_same_v<T, float>) {
@@ -773,15 +777,7 @@ inline bool w8a16_gemm(const void* x, int64_t ldx, const int8_t* w, const float*
             for (int64_t j = 0; j < channels; ++j) yf[(b * 16 + i) * N + n0 + j] = acc[b * acc_block + j * 16 + i];
       }
     });
-    if constexpr (std::is_same_v<T, float>) {
-      dispatch_act(act, [&]<Act A, bool HAS_ACT>() {
-        at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
-          for (int64_t m = m0; m < m1; ++m) finish_row<A, HAS_ACT>(yf + m * N, N, bias);
-        });
-      });
-    } else {
-      store_rows<T>(yf, out, M, N, bias, dtype, act);
-    }
+    store_rows<T>(yf, out, M, N, bias, dtype, act);
   });
   return true;
 #else
