@@ -315,3 +315,60 @@ def test_eager_inference_calls_the_cpu_kernel_directly_with_the_ops_result(mode)
     assert y.requires_grad
     with pytest.raises(RuntimeError, match="inference-only"):
         y.sum().backward()
+
+
+@needs_c
+@pytest.mark.parametrize("mode", ["w8a8", "w8a16"])
+def test_the_kept_cpu_call_follows_every_change_it_depends_on(mode, monkeypatch):
+    """Int8Linear keeps its eager CPU call from one forward to the next (_CpuCall); every change of
+    what that call was made from makes the next forward take the whole path again."""
+    torch.manual_seed(0)
+    q = Int8Linear.from_linear(nn.Linear(64, 48), mode)
+    x = torch.randn(3, 64)
+
+    def op(**kw):
+        packed = q.weight_packed if q.weight_packed.numel() else None
+        return ember.ops.int8_linear(x, q.weight, q.weight_scale, q.bias, activation=q.activation, mode=mode,
+                                     smooth=q.smooth, w_packed=packed, **kw)
+
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), op(), atol=0, rtol=0)
+        assert q._cpu_call is not None and q._cpu_call.takes(q, x)
+        kept = q._cpu_call
+        torch.testing.assert_close(q(x), op(), atol=0, rtol=0)
+        assert q._cpu_call is kept  # the second call used it
+
+        def reference_runs(why):
+            got = q(x)
+            torch.testing.assert_close(got, op(backend="reference"), atol=0, rtol=0, msg=why)
+            assert not torch.equal(got, op(backend="cpu")), why  # so the comparison tells the two apart
+
+        with ember.backend("reference"):
+            reference_runs("with ember.backend")
+        ember.set_backend("reference")
+        try:
+            reference_runs("set_backend")
+        finally:
+            ember.set_backend(None)
+        monkeypatch.setenv("EMBER_BACKEND", "reference")
+        reference_runs("EMBER_BACKEND")
+        monkeypatch.delenv("EMBER_BACKEND")
+        torch.testing.assert_close(q(x), op(), atol=0, rtol=0)
+
+        for name, change in {
+            "activation set": lambda: setattr(q, "activation", "relu"),
+            "bias replaced": lambda: setattr(q, "bias", q.bias * 2),
+            "bias edited in place": lambda: q.bias.mul_(-1),
+            "weight_scale replaced": lambda: setattr(q, "weight_scale", q.weight_scale * 3),
+            "weight_scale edited in place": lambda: q.weight_scale.mul_(0.5),
+        }.items():
+            before = q(x)
+            change()
+            got = q(x)
+            assert not torch.equal(got, before), name
+            torch.testing.assert_close(got, op(), atol=0, rtol=0, msg=name)
+    x.requires_grad_(True)
+    y = q(x)  # recorded by autograd: through the op, whose backward raises
+    assert y.requires_grad
+    q.to(torch.bfloat16)  # a move drops the kept call with the tensors it held
+    assert q._cpu_call is None

@@ -21,6 +21,7 @@ EXPECTED = {
     "gpt2": {"hf-linear-act": 2, "causal-lm-loss": 1},
     "gpt-neox": {"hf-up-act": 2},
     "gpt-j": {"hf-up-act": 2},
+    "codegen": {"hf-up-act": 2},  # its loss (CodeGenForCausalLM.forward) is not the known form: declined
     "opt": {"hf-up-act": 2},
     "falcon": {"hf-up-act": 2},
     "bloom": {"hf-up-act": 2},
@@ -31,7 +32,12 @@ EXPECTED = {
     "phi3": {"hf-packed-gated": 2, "causal-lm-loss": 1},
     "t5": {"hf-up-act": 4},
     "t5-gated-gelu": {"hf-packed-gated": 4},
+    "t5-gated-silu": {"hf-packed-gated": 4},
+    "mt5": {"hf-up-act": 4},
     "vit": {"hf-up-act": 2},
+    "deit": {"hf-up-act": 2},
+    "beit": {"hf-up-act": 2},
+    "siglip": {"hf-up-act": 3},  # two encoder layers and the attention-pooling head's MLP
     "clip-text": {"hf-up-act": 2},
     "whisper": {"hf-up-act": 4},
     "mixtral": {"moe-experts": 2},

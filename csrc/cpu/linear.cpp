@@ -161,9 +161,13 @@ std::tuple<at::Tensor, at::Tensor> act_grad_and_bias(const at::Tensor& grad, con
   const at::Tensor g = grad.size(1) <= 1 || grad.stride(1) == 1 ? grad : grad.contiguous();
   const at::Tensor p = pre.contiguous();
   at::Tensor dpre = at::empty_like(p);
-  // Enough row chunks to give every thread work when there are few column blocks.
+  // Enough row chunks to give every thread work when there are few column blocks, each chunk at least
+  // 16K elements (the elementwise kernels' grain) so that small tensors stay on one thread. A floor of
+  // 64 rows instead had kept a 64 x 1024 dpre (a ViT-sized MLP) on one thread: 70 us against torch's
+  // 48 us for an exact-GELU backward on a 2-core Xeon.
   const int64_t threads = at::get_num_threads();
-  const int64_t rows_per_chunk = std::max<int64_t>(64, (rows + 4 * threads - 1) / (4 * threads));
+  const int64_t min_rows = std::max<int64_t>(1, (16384 + cols - 1) / std::max<int64_t>(cols, 1));
+  const int64_t rows_per_chunk = std::max<int64_t>(min_rows, (rows + 4 * threads - 1) / (4 * threads));
   const int64_t chunks = std::max<int64_t>(1, (rows + rows_per_chunk - 1) / rows_per_chunk);
   const auto wide = pre.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   at::Tensor partials = need_db ? at::empty({chunks, cols}, pre.options().dtype(wide)) : at::Tensor();

@@ -69,6 +69,18 @@ def get_backend() -> str:
     return _check_name(env("EMBER_BACKEND") or "auto")
 
 
+def ambient() -> tuple:
+    """Everything a call's backend choice reads besides the call's own arguments: the ``with backend``
+    stack, ``set_backend``, EMBER_BACKEND and TRITON_INTERPRET. For a caller that keeps its choice from
+    one call to the next (Int8Linear's decode path): equal tuples, equal choice. A handful of loads,
+    against about a microsecond for ``for_call``'s key and memo lookup (several times that in a model,
+    where the call runs with cold caches)."""
+    data = getattr(os.environ, "_data", None)
+    if data is None:  # not CPython's os.environ
+        return (_stack.get(), _global_choice, env("EMBER_BACKEND"), env("TRITON_INTERPRET"))
+    return (_stack.get(), _global_choice, data.get(_ENV_KEYS["EMBER_BACKEND"]), data.get(_ENV_KEYS["TRITON_INTERPRET"]))
+
+
 @contextlib.contextmanager
 def backend(name: str):
     """Context manager: ops inside run on ``name`` unless a call passes ``backend=`` itself."""

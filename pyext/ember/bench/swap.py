@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from . import report as _report
-from .harness import time_fn
+from .harness import steady_cpu_allocator, time_fn
 
 SUITE = "swap"
 TARGET = 1.0
@@ -99,11 +99,17 @@ def _common(w: Width) -> dict:
                 num_attention_heads=w.heads, vocab_size=w.vocab, max_position_embeddings=max(64, w.seq))
 
 
-def _t5(w: Width, proj: str):
+def _t5(w: Width, proj: str, family: str = "T5"):
     tf = _tf()
-    return tf.T5Model(tf.T5Config(d_model=w.hidden, d_ff=w.intermediate, num_layers=w.layers, num_heads=w.heads,
-                                  d_kv=w.hidden // w.heads, vocab_size=w.vocab, feed_forward_proj=proj,
-                                  decoder_start_token_id=0, pad_token_id=0))
+    config = getattr(tf, family + "Config")(
+        d_model=w.hidden, d_ff=w.intermediate, num_layers=w.layers, num_heads=w.heads, d_kv=w.hidden // w.heads,
+        vocab_size=w.vocab, feed_forward_proj=proj, decoder_start_token_id=0, pad_token_id=0)
+    return getattr(tf, family + "Model")(config)
+
+
+def _vision(w: Width) -> dict:
+    return {**{k: v for k, v in _common(w).items() if k not in ("vocab_size", "max_position_embeddings")},
+            "image_size": 32, "patch_size": 8}
 
 
 ARCHITECTURES: list[Arch] = [
@@ -116,6 +122,9 @@ ARCHITECTURES: list[Arch] = [
     Arch("gpt-neox", lambda w: _tf().GPTNeoXForCausalLM(_tf().GPTNeoXConfig(**_common(w), bos_token_id=0,
                                                                             eos_token_id=0)), _ids),
     Arch("gpt-j", lambda w: _tf().GPTJForCausalLM(_tf().GPTJConfig(
+        n_embd=w.hidden, n_inner=w.intermediate, n_layer=w.layers, n_head=w.heads, vocab_size=w.vocab,
+        n_positions=max(64, w.seq), rotary_dim=8, bos_token_id=0, eos_token_id=0)), _ids),
+    Arch("codegen", lambda w: _tf().CodeGenForCausalLM(_tf().CodeGenConfig(
         n_embd=w.hidden, n_inner=w.intermediate, n_layer=w.layers, n_head=w.heads, vocab_size=w.vocab,
         n_positions=max(64, w.seq), rotary_dim=8, bos_token_id=0, eos_token_id=0)), _ids),
     Arch("opt", lambda w: _tf().OPTForCausalLM(_tf().OPTConfig(
@@ -138,8 +147,12 @@ ARCHITECTURES: list[Arch] = [
                                                                   eos_token_id=0)), _ids),
     Arch("t5", lambda w: _t5(w, "relu"), _seq2seq_ids),
     Arch("t5-gated-gelu", lambda w: _t5(w, "gated-gelu"), _seq2seq_ids),
-    Arch("vit", lambda w: _tf().ViTModel(_tf().ViTConfig(**{k: v for k, v in _common(w).items() if k not in (
-        "vocab_size", "max_position_embeddings")}, image_size=32, patch_size=8), add_pooling_layer=False), _pixels),
+    Arch("t5-gated-silu", lambda w: _t5(w, "gated-silu"), _seq2seq_ids),
+    Arch("mt5", lambda w: _t5(w, "relu", family="MT5"), _seq2seq_ids),
+    Arch("vit", lambda w: _tf().ViTModel(_tf().ViTConfig(**_vision(w)), add_pooling_layer=False), _pixels),
+    Arch("deit", lambda w: _tf().DeiTModel(_tf().DeiTConfig(**_vision(w)), add_pooling_layer=False), _pixels),
+    Arch("beit", lambda w: _tf().BeitModel(_tf().BeitConfig(**_vision(w)), add_pooling_layer=False), _pixels),
+    Arch("siglip", lambda w: _tf().SiglipVisionModel(_tf().SiglipVisionConfig(**_vision(w))), _pixels),
     Arch("clip-text", lambda w: _tf().CLIPTextModel(_tf().CLIPTextConfig(
         **_common(w), hidden_act="gelu", bos_token_id=0, eos_token_id=1, pad_token_id=0)), _ids),
     Arch("whisper", lambda w: _tf().WhisperModel(_tf().WhisperConfig(
@@ -354,6 +367,11 @@ def measure(width: Width, archs: list[str] | None = None, rounds: int = ROUNDS, 
             dtype: torch.dtype = torch.float32) -> list[Row]:
     from tqdm.auto import tqdm
 
+    global _allocator
+    # Fixed malloc thresholds (as the bench CLI's other CPU suites): otherwise whether a step's multi-MB
+    # activations and gradients land on freshly faulted pages depends on what the previous call freed,
+    # and that noise falls on eager and swapped alike but not equally.
+    _allocator = steady_cpu_allocator()
     chosen = [BY_NAME[a] for a in archs] if archs else ARCHITECTURES
     return [measure_one(a, width, rounds, budget_s, dtype) for a in tqdm(chosen, desc="swap", file=sys.stderr)]
 
@@ -392,6 +410,8 @@ def _rounds_cell(row: Row) -> str:
     return f"{len(row.fwd_ratios)} / {len(row.fwd_bwd_ratios or ())}"
 
 
+_allocator: str | None = None  # what measure() set, for the report
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -404,7 +424,8 @@ def markdown(width: Width, rows: list[Row], when: str, dtype: torch.dtype = torc
     rounds = min((len(r.fwd_ratios or ()) for r in rows if r.fwd_ratios), default=rounds)
     lines = [f"# ember swap: coverage and whole-model speed per architecture ({when})", "",
              f"- device: {_report.cpu_name()} (cpu), {torch.get_num_threads()} threads, torch {torch.__version__}, "
-             f"transformers {_tf().__version__}, git {_report.git_sha()}",
+             f"transformers {_tf().__version__}, git {_report.git_sha()}"
+             + (f", allocator: {_allocator}" if _allocator else ""),
              f"- models: random weights from each config, {width.layers} layers, hidden {width.hidden}, "
              f"intermediate {width.intermediate}, batch {width.batch} x {width.seq} tokens (ViT: 32x32 images, "
              f"Whisper: 16 mel bins x 64 frames), {_dtype_name(dtype)}, eval mode",
