@@ -78,7 +78,8 @@ def ambient() -> tuple:
     data = getattr(os.environ, "_data", None)
     if data is None:  # not CPython's os.environ
         return (_stack.get(), _global_choice, env("EMBER_BACKEND"), env("TRITON_INTERPRET"))
-    return (_stack.get(), _global_choice, data.get(_ENV_KEYS["EMBER_BACKEND"]), data.get(_ENV_KEYS["TRITON_INTERPRET"]))
+    return (_stack.get(), _global_choice, data.get(_ENV_KEYS["EMBER_BACKEND"]),
+            data.get(_ENV_KEYS["TRITON_INTERPRET"]))
 
 
 @contextlib.contextmanager

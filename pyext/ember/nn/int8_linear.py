@@ -265,7 +265,8 @@ class _CpuCall:
     def __init__(self, layer: Int8Linear, backend_state: tuple, packed: torch.Tensor | None) -> None:
         b = layer._buffers
         # the C++ kernel's overload itself: the packet (torch.ops.ember_C.x) resolves it on every call
-        self.kernel = (torch.ops.ember_C.int8_linear_w8a8 if layer.mode == "w8a8" else torch.ops.ember_C.int8_linear_w8a16).default
+        ops = torch.ops.ember_C
+        self.kernel = (ops.int8_linear_w8a8 if layer.mode == "w8a8" else ops.int8_linear_w8a16).default
         self.backend_state = backend_state
         self.weight, self.scale, self.bias, self.smooth = b["weight"], b["weight_scale"], b["bias"], b["smooth"]
         # an inference tensor keeps no version counter; no packed copy is made from one (see repack)
@@ -279,9 +280,10 @@ class _CpuCall:
     def takes(self, layer: Int8Linear, x) -> bool:
         b = layer._buffers
         w = self.weight
-        return (not torch.compiler.is_compiling() and type(x) is torch.Tensor and x.is_cpu and x.dtype in _FLOAT_DTYPES and x.ndim > 0
-                and x.shape[-1] == self.in_features and x.numel() > 0
-                and b["weight"] is w and w.data_ptr() == self.ptr and (self.version is None or w._version == self.version)
+        return (not torch.compiler.is_compiling() and type(x) is torch.Tensor and x.is_cpu
+                and x.dtype in _FLOAT_DTYPES and x.ndim > 0 and x.shape[-1] == self.in_features and x.numel() > 0
+                and b["weight"] is w and w.data_ptr() == self.ptr
+                and (self.version is None or w._version == self.version)
                 and b["weight_scale"] is self.scale and b["bias"] is self.bias and b["smooth"] is self.smooth
                 and (self.packed is None or b["weight_packed"] is self.packed)
                 and layer.mode == self.mode and layer.activation == self.activation
@@ -294,6 +296,6 @@ class _CpuCall:
         if self.mode == "w8a8":
             y = self.kernel(x2, self.weight, self.scale, self.bias, self.smooth, self.act_id, self.packed)
         else:
-            y = self.kernel(x2 if self.smooth is None else x2 * self.smooth.to(x2.dtype), self.weight, self.scale,
-                       self.bias, self.act_id)
+            x2 = x2 if self.smooth is None else x2 * self.smooth.to(x2.dtype)
+            y = self.kernel(x2, self.weight, self.scale, self.bias, self.act_id)
         return y if x.ndim == 2 else y.view(*x.shape[:-1], self.out_features)
