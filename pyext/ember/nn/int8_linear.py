@@ -259,14 +259,11 @@ class _CpuCall:
     Anything else takes the whole path again, which remakes the call. Cleared when the layer moves,
     loads or repacks, so it never keeps replaced tensors alive."""
 
-    __slots__ = ("kernel", "backend_state", "weight", "version", "ptr", "scale", "bias", "smooth", "packed", "mode",
-                 "activation", "act_id", "in_features", "out_features")
+    __slots__ = ("backend_state", "weight", "version", "ptr", "scale", "bias", "smooth", "packed", "mode",
+                 "activation", "in_features", "out_features")
 
     def __init__(self, layer: Int8Linear, backend_state: tuple, packed: torch.Tensor | None) -> None:
         b = layer._buffers
-        # the C++ kernel's overload itself: the packet (torch.ops.ember_C.x) resolves it on every call
-        ops = torch.ops.ember_C
-        self.kernel = (ops.int8_linear_w8a8 if layer.mode == "w8a8" else ops.int8_linear_w8a16).default
         self.backend_state = backend_state
         self.weight, self.scale, self.bias, self.smooth = b["weight"], b["weight_scale"], b["bias"], b["smooth"]
         # an inference tensor keeps no version counter; no packed copy is made from one (see repack)
@@ -274,7 +271,6 @@ class _CpuCall:
         self.ptr = self.weight.data_ptr()
         self.packed = b["weight_packed"] if packed is not None else None
         self.mode, self.activation = layer.mode, layer.activation
-        self.act_id = int8_ops.ACT_IDS[layer.activation or "none"]
         self.in_features, self.out_features = self.weight.shape[1], self.weight.shape[0]
 
     def takes(self, layer: Int8Linear, x) -> bool:
@@ -293,9 +289,6 @@ class _CpuCall:
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x if x.ndim == 2 and x.stride(1) == 1 else as_rows(x)
-        if self.mode == "w8a8":
-            y = self.kernel(x2, self.weight, self.scale, self.bias, self.smooth, self.act_id, self.packed)
-        else:
-            x2 = x2 if self.smooth is None else x2 * self.smooth.to(x2.dtype)
-            y = self.kernel(x2, self.weight, self.scale, self.bias, self.act_id)
+        y = int8_ops.cpu_kernel(x2, self.weight, self.scale, self.bias, self.smooth, self.activation or "none",
+                                self.mode, self.packed)
         return y if x.ndim == 2 else y.view(*x.shape[:-1], self.out_features)
