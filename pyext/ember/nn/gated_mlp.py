@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .. import activations, ops
+from ._kept_call import KeptCall
 
 ACTIVATIONS = activations.GATED
 _PROJS = ("gate_proj", "up_proj", "down_proj")
@@ -90,18 +91,26 @@ class GatedMLP(nn.Module):
         # The single-pass op reads the two projections' parameters directly, so it stands in for
         # them only when they are plain nn.Linear modules (not quantized or LoRA-wrapped
         # replacements) that nothing hooks into.
-        return all(
-            type(p) is nn.Linear
-            and "forward" not in p.__dict__
-            and not (p._forward_hooks or p._forward_pre_hooks or p._backward_hooks or p._backward_pre_hooks)
-            for p in (self.gate_proj, self.up_proj)
-        ) and ((self.gate_proj.bias is None) == (self.up_proj.bias is None))
+        m = self._modules
+        g, u = m["gate_proj"], m["up_proj"]
+        return (_plain_linear(g) and _plain_linear(u)
+                and (g._parameters.get("bias") is None) == (u._parameters.get("bias") is None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fusable():
-            # gate and up projections in one GEMM pass, act(gate) * up in its epilogue.
-            g, u = self.gate_proj, self.up_proj
-            h = ops.gated_linear(x, g.weight, u.weight, g.bias, u.bias, activation=self.activation)
+            # gate and up projections in one GEMM pass, act(gate) * up in its epilogue; in eager CPU
+            # inference through the call kept from the last forward (nn/_kept_call.py)
+            m = self._modules
+            gp, up = m["gate_proj"]._parameters, m["up_proj"]._parameters
+            params = (gp["weight"], up["weight"], gp.get("bias"), up.get("bias"))
+            kept = KeptCall.of(self)
+            if kept is not None and kept.takes(x, params, self.activation):
+                h = kept.run(torch.ops.ember_C.gated_linear.default, x)
+            else:
+                h = ops.gated_linear(x, *params, activation=self.activation)
+                w = params[0]
+                KeptCall.keep(self, "gated_linear", x, params, (*params, self.activation, False),
+                              self.activation, w.shape[1], w.shape[0])
             return self.down_proj(h)
         gate, up = self.gate_proj(x), self.up_proj(x)
         if self.activation == "silu":
@@ -109,6 +118,12 @@ class GatedMLP(nn.Module):
         else:
             h = ops.geglu(gate, up, approximate="none" if self.activation == "gelu" else "tanh")
         return self.down_proj(h)
+
+
+def _plain_linear(p: nn.Module) -> bool:
+    """A plain nn.Linear that nothing hooks into and whose forward nobody replaced."""
+    return (type(p) is nn.Linear and "forward" not in p.__dict__
+            and not (p._forward_hooks or p._forward_pre_hooks or p._backward_hooks or p._backward_pre_hooks))
 
 
 def _check_activation(activation: str) -> str:
@@ -135,10 +150,18 @@ class PackedGatedMLP(nn.Module):
         return f"activation={self.activation!r}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.gate_up_proj.weight, self.gate_up_proj.bias
-        i = w.shape[0] // 2
-        h = ops.gated_linear(x, w[:i], w[i:], None if b is None else b[:i], None if b is None else b[i:],
-                             activation=self.activation)
+        p = self._modules["gate_up_proj"]._parameters
+        w, b = p["weight"], p.get("bias")
+        kept = KeptCall.of(self)
+        if kept is not None and kept.takes(x, (w, b), self.activation):
+            h = kept.run(torch.ops.ember_C.gated_linear.default, x)
+        else:
+            i = w.shape[0] // 2
+            halves = (w[:i], w[i:], None if b is None else b[:i], None if b is None else b[i:])
+            h = ops.gated_linear(x, *halves, activation=self.activation)
+            # the kept call holds the halves (views); w and b, checked, say whether they still are w's
+            KeptCall.keep(self, "gated_linear", x, (w, b), (*halves, self.activation, False),
+                          self.activation, w.shape[1], i)
         return self.down_proj(h)
 
 

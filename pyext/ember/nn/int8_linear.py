@@ -25,7 +25,8 @@ from torch import nn
 
 from .. import _backend, activations
 from ..ops import int8 as int8_ops
-from ..ops._common import as_rows
+from . import _kept_call
+from ._kept_call import needs_autograd, plain_cpu_input, rows_of, shaped_as_rows_of
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _INT8_LINEAR = torch.ops.ember.int8_linear.default
@@ -276,19 +277,19 @@ class _CpuCall:
     def takes(self, layer: Int8Linear, x) -> bool:
         b = layer._buffers
         w = self.weight
-        return (not torch.compiler.is_compiling() and type(x) is torch.Tensor and x.is_cpu
-                and x.dtype in _FLOAT_DTYPES and x.ndim > 0 and x.shape[-1] == self.in_features and x.numel() > 0
+        return (plain_cpu_input(x, _FLOAT_DTYPES, self.in_features)
                 and b["weight"] is w and w.data_ptr() == self.ptr
                 and (self.version is None or w._version == self.version)
                 and b["weight_scale"] is self.scale and b["bias"] is self.bias and b["smooth"] is self.smooth
                 and (self.packed is None or b["weight_packed"] is self.packed)
                 and layer.mode == self.mode and layer.activation == self.activation
                 and _backend.ambient() == self.backend_state
-                and not (torch.is_grad_enabled()
-                         and (x.requires_grad or (self.bias is not None and self.bias.requires_grad))))
+                and not needs_autograd(x, (self.bias,)))
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x if x.ndim == 2 and x.stride(1) == 1 else as_rows(x)
-        y = int8_ops.cpu_kernel(x2, self.weight, self.scale, self.bias, self.smooth, self.activation or "none",
+        y = int8_ops.cpu_kernel(rows_of(x), self.weight, self.scale, self.bias, self.smooth, self.activation or "none",
                                 self.mode, self.packed)
-        return y if x.ndim == 2 else y.view(*x.shape[:-1], self.out_features)
+        return shaped_as_rows_of(y, x, self.out_features)
+
+    def __reduce__(self):  # dropped by deepcopy and pickling, as _kept_call.KeptCall is
+        return (_kept_call.dropped, ())

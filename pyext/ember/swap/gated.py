@@ -2,8 +2,11 @@
 ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` -> ember.nn.GatedMLP holding the same Linears."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
+from .. import ops
+from ..nn._kept_call import KeptCall
 from ..nn.gated_mlp import ACTIVATIONS, GatedExperts, GatedMLP, PackedGatedMLP
 from .activations import activation_kind
 from .apply import blocker, is_plain_linear, is_transformers_class
@@ -98,12 +101,15 @@ class T5GatedDense(nn.Module):
         return f"activation={self.activation!r}"
 
     def forward(self, x):
-        import torch
-
-        from .. import ops
-
-        h = ops.gated_linear(x, self.wi_0.weight, self.wi_1.weight, self.wi_0.bias, self.wi_1.bias,
-                             activation=self.activation)
+        w0, w1 = self._modules["wi_0"]._parameters, self._modules["wi_1"]._parameters
+        params = (w0["weight"], w1["weight"], w0.get("bias"), w1.get("bias"))
+        kept = KeptCall.of(self)  # eager CPU inference: the call kept from the last forward
+        if kept is not None and kept.takes(x, params, self.activation):
+            h = kept.run(torch.ops.ember_C.gated_linear.default, x)
+        else:
+            h = ops.gated_linear(x, *params, activation=self.activation)
+            KeptCall.keep(self, "gated_linear", x, params, (*params, self.activation, False),
+                          self.activation, params[0].shape[1], params[0].shape[0])
         h = self.dropout(h)
         if isinstance(self.wo.weight, torch.Tensor) and h.dtype != self.wo.weight.dtype and self.wo.weight.dtype != torch.int8:
             h = h.to(self.wo.weight.dtype)
