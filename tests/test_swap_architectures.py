@@ -20,8 +20,8 @@ EXPECTED = {
     "distilbert": {"hf-up-act": 2},
     "gpt2": {"hf-linear-act": 2, "causal-lm-loss": 1},
     "gpt-neox": {"hf-up-act": 2},
-    "gpt-j": {"hf-up-act": 2},
-    "codegen": {"hf-up-act": 2},  # its loss (CodeGenForCausalLM.forward) is not the known form: declined
+    "gpt-j": {"hf-up-act": 2, "causal-lm-loss": 1},
+    "codegen": {"hf-up-act": 2, "causal-lm-loss": 1},
     "opt": {"hf-up-act": 2},
     "falcon": {"hf-up-act": 2},
     "bloom": {"hf-up-act": 2},

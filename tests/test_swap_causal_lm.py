@@ -22,13 +22,17 @@ def _build(name):
         cfg = tf.GPT2Config(vocab_size=VOCAB, n_embd=48, n_layer=1, n_head=4, resid_pdrop=0.0, embd_pdrop=0.0,
                             attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
         return tf.GPT2LMHeadModel(cfg)
+    if name in ("GPTJForCausalLM", "CodeGenForCausalLM"):
+        cfg_cls = getattr(tf, name.replace("ForCausalLM", "Config"))
+        return getattr(tf, name)(cfg_cls(vocab_size=VOCAB, n_embd=48, n_layer=1, n_head=4, rotary_dim=8, resid_pdrop=0.0,
+                                         embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None))
     cfg_cls = getattr(tf, name.replace("ForCausalLM", "Config"))
     extra = {"head_dim": 12} if name.startswith("Gemma") or name.startswith("Qwen3") else {}
     return getattr(tf, name)(cfg_cls(**SMALL, **extra))
 
 
 FUSED = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "GemmaForCausalLM",
-         "GPT2LMHeadModel"]
+         "GPT2LMHeadModel", "GPTJForCausalLM", "CodeGenForCausalLM"]
 
 
 def _data(batch=2, seq=13):
@@ -92,8 +96,9 @@ def test_logits_come_back_when_asked_for():
     assert isinstance(tup, tuple) and torch.equal(tup[0], model(ids, labels=labels).loss)
 
 
-def test_generate_after_swap_matches():
-    model = _build("LlamaForCausalLM").eval()
+@pytest.mark.parametrize("name", ["LlamaForCausalLM", "GPT2LMHeadModel", "GPTJForCausalLM"])
+def test_generate_after_swap_matches(name):
+    model = _build(name).eval()
     ids, _ = _data(1, 6)
     want = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
     ember.swap(model)

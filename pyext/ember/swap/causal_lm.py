@@ -15,7 +15,7 @@ holds. It sets ``forward`` on the instance (a function with the class forward's 
 signature, plus ``skip_logits``) and ``unswap`` deletes it again. It matches only when it knows the
 original's math:
   - the class lives in transformers and its forward's body is, statement for statement, one of the
-    known ones (the Llama family's, with the loss called by keyword or positionally; GPT-2's),
+    known ones (the Llama family's, with the loss called by keyword or positionally; GPT-2's; GPT-J's and CodeGen's),
     under the known decorators;
   - ``loss_function`` is transformers' own ``ForCausalLMLoss`` (not a user's or a config's other loss);
   - ``lm_head`` is a plain ``nn.Linear`` producing ``config.vocab_size`` logits, with no hooks;
@@ -66,9 +66,20 @@ if labels is not None:
     loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
 return CausalLMOutputWithCrossAttentions(loss=loss, logits=logits, cache=transformer_outputs.cache, hidden_states=transformer_outputs.hidden_states, attentions=transformer_outputs.attentions, cross_attentions=transformer_outputs.cross_attentions)
 """
+# GPT-J's and CodeGen's (the same body): the Llama family's head under a positional input_ids.
+_GPTJ_HEAD = """
+outputs: BaseModelOutputWithPast = self.transformer(input_ids, cache=cache, attention_mask=attention_mask, token_type_ids=token_type_ids, position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
+hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+logits = self.lm_head(hidden_states)
+loss = None
+if labels is not None:
+    loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+return CausalLMOutputWithPast(loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+"""
 _LOSS_ARGS = ("logits=logits, labels=labels, vocab_size=self.config.vocab_size", "logits, labels, self.vocab_size")
 LLAMA_TEMPLATES = tuple(_LLAMA_HEAD.replace("{loss_args}", a) for a in _LOSS_ARGS)
 GPT2_TEMPLATES = (_GPT2_HEAD,)
+GPTJ_TEMPLATES = (_GPTJ_HEAD,)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +152,27 @@ def _gpt2_forward(g: dict):
     return forward
 
 
-_FAMILIES = ((LLAMA_TEMPLATES, _llama_forward), (GPT2_TEMPLATES, _gpt2_forward))
+def _gptj_forward(g: dict):
+    """GPT-J's and CodeGen's forward (their signature: cache second, token_type_ids)."""
+    def forward(self, input_ids=None, cache=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, labels=None, use_cache=None, logits_to_keep=0, skip_logits=None, **kwargs):
+        outputs = self.transformer(input_ids, cache=cache, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                                   position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                   **kwargs)
+        hidden_states = g["slice_logits_to_keep"](outputs.last_hidden_state, logits_to_keep)
+        logits = loss = None
+        if _fused(self, labels, skip_logits):
+            loss = causal_lm_loss(hidden_states, self.lm_head, labels, **kwargs)
+        else:
+            logits = self.lm_head(hidden_states)
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return g["CausalLMOutputWithPast"](loss=loss, logits=logits, cache=outputs.cache,
+                                           hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    return forward
+
+
+_FAMILIES = ((LLAMA_TEMPLATES, _llama_forward), (GPT2_TEMPLATES, _gpt2_forward), (GPTJ_TEMPLATES, _gptj_forward))
 
 
 # ---------------------------------------------------------------------------------------------
