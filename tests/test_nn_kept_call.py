@@ -94,6 +94,11 @@ def test_the_kept_call_is_taken_only_while_nothing_it_depends_on_changed(name, m
         _close(m(x), ref(x), "weight.data replaced")
         assert m._kept is not kept and m._kept is not None
         kept = m._kept
+        if name == "linear-no-bias":  # a view of its first rows: the same address, another shape
+            weight().data = weight().data[: I // 2]
+            _close(m(x), ref(x), "weight.data replaced by a prefix view")
+            assert m._kept is not kept and m(x).shape == (3, 5, I // 2)
+            kept = m._kept
         m.activation = other_activation
         _close(m(x), ref(x), "activation set")
         assert m._kept is not kept
@@ -117,7 +122,7 @@ def test_the_kept_call_is_taken_only_while_nothing_it_depends_on_changed(name, m
 
         with pytest.raises(TypeError, match="dtype"):  # the op's own check, as without a kept call
             m(x.double())
-        assert m(x[:0]).shape == (0, 5, I if name.startswith("linear") else H)
+        assert m(x[:0]).shape == ref(x[:0]).shape
 
         # copies and pickles drop it: it holds the original's tensors
         assert copy.deepcopy(m).__dict__.get("_kept") is None
