@@ -24,8 +24,9 @@ def _build(name):
         return tf.GPT2LMHeadModel(cfg)
     if name in ("GPTJForCausalLM", "CodeGenForCausalLM"):
         cfg_cls = getattr(tf, name.replace("ForCausalLM", "Config"))
-        return getattr(tf, name)(cfg_cls(vocab_size=VOCAB, n_embd=48, n_layer=1, n_head=4, rotary_dim=8, resid_pdrop=0.0,
-                                         embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None))
+        return getattr(tf, name)(cfg_cls(vocab_size=VOCAB, n_embd=48, n_layer=1, n_head=4, rotary_dim=8,
+                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None,
+                                         eos_token_id=None))
     cfg_cls = getattr(tf, name.replace("ForCausalLM", "Config"))
     extra = {"head_dim": 12} if name.startswith("Gemma") or name.startswith("Qwen3") else {}
     return getattr(tf, name)(cfg_cls(**SMALL, **extra))
