@@ -108,6 +108,19 @@ def _fused(self, labels, skip_logits) -> bool:
     return labels is not None and (self.training if skip_logits is None else bool(skip_logits))
 
 
+def _head_and_loss(self, hidden_states, labels, skip_logits, kwargs: dict):
+    """(logits, loss) of every replacement forward: the fused loss and no logits when _fused says so, else
+    the original's lm_head and loss_function (ForCausalLMLoss: problem() checked that, so the keyword call
+    is the same as GPT-2's positional one)."""
+    if _fused(self, labels, skip_logits):
+        return None, causal_lm_loss(hidden_states, self.lm_head, labels, **kwargs)
+    logits = self.lm_head(hidden_states)
+    loss = None
+    if labels is not None:
+        loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+    return logits, loss
+
+
 # ---------------------------------------------------------------------------------------------
 # The replacement forwards: the originals' bodies with the head and loss fused when _fused says so.
 # ---------------------------------------------------------------------------------------------
@@ -118,13 +131,7 @@ def _llama_forward(g: dict):
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              cache=cache, inputs_embeds=inputs_embeds, use_cache=use_cache, **kwargs)
         hidden_states = g["slice_logits_to_keep"](outputs.last_hidden_state, logits_to_keep)
-        logits = loss = None
-        if _fused(self, labels, skip_logits):
-            loss = causal_lm_loss(hidden_states, self.lm_head, labels, **kwargs)
-        else:
-            logits = self.lm_head(hidden_states)
-            if labels is not None:
-                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        logits, loss = _head_and_loss(self, hidden_states, labels, skip_logits, kwargs)
         return g["CausalLMOutputWithPast"](loss=loss, logits=logits, cache=outputs.cache,
                                            hidden_states=outputs.hidden_states, attentions=outputs.attentions)
     return forward
@@ -139,13 +146,7 @@ def _gpt2_forward(g: dict):
                                encoder_hidden_states=encoder_hidden_states,
                                encoder_attention_mask=encoder_attention_mask, use_cache=use_cache, **kwargs)
         hidden_states = g["slice_logits_to_keep"](out.last_hidden_state, logits_to_keep)
-        logits = loss = None
-        if _fused(self, labels, skip_logits):
-            loss = causal_lm_loss(hidden_states, self.lm_head, labels, **kwargs)
-        else:
-            logits = self.lm_head(hidden_states)
-            if labels is not None:
-                loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
+        logits, loss = _head_and_loss(self, hidden_states, labels, skip_logits, kwargs)
         return g["CausalLMOutputWithCrossAttentions"](loss=loss, logits=logits, cache=out.cache,
                                                       hidden_states=out.hidden_states, attentions=out.attentions,
                                                       cross_attentions=out.cross_attentions)
@@ -160,13 +161,7 @@ def _gptj_forward(g: dict):
                                    position_ids=position_ids, inputs_embeds=inputs_embeds, use_cache=use_cache,
                                    **kwargs)
         hidden_states = g["slice_logits_to_keep"](outputs.last_hidden_state, logits_to_keep)
-        logits = loss = None
-        if _fused(self, labels, skip_logits):
-            loss = causal_lm_loss(hidden_states, self.lm_head, labels, **kwargs)
-        else:
-            logits = self.lm_head(hidden_states)
-            if labels is not None:
-                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        logits, loss = _head_and_loss(self, hidden_states, labels, skip_logits, kwargs)
         return g["CausalLMOutputWithPast"](loss=loss, logits=logits, cache=outputs.cache,
                                            hidden_states=outputs.hidden_states, attentions=outputs.attentions)
     return forward
