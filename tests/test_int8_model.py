@@ -16,6 +16,8 @@ from ember.metrics import sqnr_db
 from ember.nn import Int8Linear
 from ember.ops import int8 as I
 
+from backend_routes import under_each_backend_route
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
@@ -343,16 +345,7 @@ def test_the_kept_cpu_call_follows_every_change_it_depends_on(mode, monkeypatch)
             torch.testing.assert_close(got, op(backend="reference"), atol=0, rtol=0, msg=why)
             assert not torch.equal(got, op(backend="cpu")), why  # so the comparison tells the two apart
 
-        with ember.backend("reference"):
-            reference_runs("with ember.backend")
-        ember.set_backend("reference")
-        try:
-            reference_runs("set_backend")
-        finally:
-            ember.set_backend(None)
-        monkeypatch.setenv("EMBER_BACKEND", "reference")
-        reference_runs("EMBER_BACKEND")
-        monkeypatch.delenv("EMBER_BACKEND")
+        under_each_backend_route("reference", monkeypatch, reference_runs)
         torch.testing.assert_close(q(x), op(), atol=0, rtol=0)
 
         for name, change in {

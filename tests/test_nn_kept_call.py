@@ -15,6 +15,8 @@ from ember.nn import GatedMLP, Linear
 from ember.nn.gated_mlp import PackedGatedMLP
 from ember.nn.linear import FusedConv1DMLP
 
+from backend_routes import under_each_backend_route
+
 pytestmark = pytest.mark.skipif(ember._backend.extension() is None, reason="the kept call is the C++ CPU kernels'")
 
 ACT = {"relu": F.relu, "silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh")}
@@ -107,16 +109,7 @@ def test_the_kept_call_is_taken_only_while_nothing_it_depends_on_changed(name, m
             _close(m(x), ref(x), why)
             assert m._kept is None, why  # the reference backend ran, and keeps no call
 
-        with ember.backend("reference"):
-            whole_path("with ember.backend")
-        ember.set_backend("reference")
-        try:
-            whole_path("set_backend")
-        finally:
-            ember.set_backend(None)
-        monkeypatch.setenv("EMBER_BACKEND", "reference")
-        whole_path("EMBER_BACKEND")
-        monkeypatch.delenv("EMBER_BACKEND")
+        under_each_backend_route("reference", monkeypatch, whole_path)
         _close(m(x), ref(x))
         assert m._kept is not None
 
