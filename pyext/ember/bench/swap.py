@@ -42,8 +42,7 @@ from .harness import steady_cpu_allocator, time_fn
 SUITE = "swap"
 TARGET = 1.0
 # 25 rounds of ~0.06 s per model and mode (about 11 minutes for the 28 models on 2 cores with the extra
-# rounds), enough for
-# the median ratio to resolve about 1% on a quiet machine
+# rounds), enough for the median ratio to resolve about 1% on a quiet machine
 ROUNDS, BUDGET_S = 25, 0.06
 EXTRA_ROUNDS = 2  # up to two more batches of ROUNDS for a speed whose interval straddles 1.0
 RTOL, ATOL = 1e-5, 1e-5
